@@ -1,0 +1,257 @@
+"""Qwen3 / Qwen2 / Qwen2.5 decoder as pure functions over a plain params pytree.
+
+Params layout (L = layers, D = hidden, H / KV = query / kv heads, hd = head_dim, F = ffn, V = vocab):
+
+    embed            [V, D]          ("vocab", "embed")
+    layers/          every leaf stacked over a leading L axis, scanned with `lax.scan`
+      attn_norm      [L, D]
+      q_proj         [L, D, H, hd]    k_proj, v_proj [L, D, KV, hd]
+      q_bias         [L, H, hd]       k_bias, v_bias [L, KV, hd]        (qwen2 only)
+      q_norm, k_norm [L, hd]                                            (qwen3 only)
+      o_proj         [L, H, hd, D]
+      mlp_norm       [L, D]
+      gate_proj, up_proj [L, D, F]    down_proj [L, F, D]
+    final_norm       [D]
+    lm_head          [D, V]          (absent when embeddings are tied)
+
+The building blocks (`rms_norm`, `apply_rope`, `project_qkv`, `attention_output`, `mlp`, `unembed`) are
+public so the sampler's KV-cache decode step reuses exactly the same math.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from masa_jax.models.qwen.config import ModelConfig
+from masa_jax.parallel.rules import constrain
+
+Params = dict
+
+# ------------------------------------------------------------------------------------------- params
+
+
+def param_logical_axes(cfg: ModelConfig) -> Params:
+    """Logical axis names of every parameter, in the same tree structure as the params."""
+    layers = {
+        "attn_norm": ("layers", "norm"),
+        "q_proj": ("layers", "embed", "heads", "head_dim"),
+        "k_proj": ("layers", "embed", "kv_heads", "head_dim"),
+        "v_proj": ("layers", "embed", "kv_heads", "head_dim"),
+        "o_proj": ("layers", "heads", "head_dim", "embed"),
+        "mlp_norm": ("layers", "norm"),
+        "gate_proj": ("layers", "embed", "mlp"),
+        "up_proj": ("layers", "embed", "mlp"),
+        "down_proj": ("layers", "mlp", "embed"),
+    }
+    if cfg.qkv_bias:
+        layers.update(q_bias=("layers", "heads", "head_dim"), k_bias=("layers", "kv_heads", "head_dim"),
+                      v_bias=("layers", "kv_heads", "head_dim"))
+    if cfg.qk_norm:
+        layers.update(q_norm=("layers", "norm"), k_norm=("layers", "norm"))
+    axes = {"embed": ("vocab", "embed"), "layers": layers, "final_norm": ("norm",)}
+    if not cfg.tie_word_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """jax.ShapeDtypeStruct of every parameter (no allocation), in the params tree structure."""
+    L, D, H, KV, hd, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                             cfg.intermediate_size, cfg.vocab_size)
+    layers = {
+        "attn_norm": (L, D), "q_proj": (L, D, H, hd), "k_proj": (L, D, KV, hd), "v_proj": (L, D, KV, hd),
+        "o_proj": (L, H, hd, D), "mlp_norm": (L, D), "gate_proj": (L, D, F), "up_proj": (L, D, F),
+        "down_proj": (L, F, D),
+    }
+    if cfg.qkv_bias:
+        layers.update(q_bias=(L, H, hd), k_bias=(L, KV, hd), v_bias=(L, KV, hd))
+    if cfg.qk_norm:
+        layers.update(q_norm=(L, hd), k_norm=(L, hd))
+    shapes = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (D, V)
+    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, cfg.jnp_param_dtype), shapes, is_leaf=is_shape)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, std: float = 0.02) -> Params:
+    """Random params (normal(std) matrices, unit norms, zero biases) in `cfg.param_dtype`.
+
+    Jit it with `out_shardings` (see `masa_jax.parallel.rules.tree_shardings`) to create sharded params
+    without materialising them on one device.
+    """
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten_with_path(shapes)
+    keys = jax.random.split(rng, len(leaves))
+    out = []
+    for (path, s), key in zip(leaves, keys):
+        name = jax.tree_util.keystr(path[-1:])
+        if "norm" in name:
+            out.append(jnp.ones(s.shape, s.dtype))
+        elif "bias" in name:
+            out.append(jnp.zeros(s.shape, s.dtype))
+        else:
+            out.append((std * jax.random.normal(key, s.shape, jnp.float32)).astype(s.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+# ------------------------------------------------------------------------------------- building blocks
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32 (as HF does), result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * y.astype(x.dtype)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """int32 [B, T] positions that count only real tokens, so a left-padded row sees the same
+    positions (0, 1, ...) as the unpadded one; padding gets position 0."""
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """float32 cos/sin [..., head_dim] for the given integer positions (HF's rotate-half layout)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, hd]; cos/sin [B, T, hd]."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def project_qkv(cfg: ModelConfig, lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array):
+    """Normed hidden h [B, T, D] -> q [B, T, H, hd], k / v [B, T, KV, hd], with bias / q-k norm and RoPE."""
+    q = jnp.einsum("btd,dnh->btnh", h, lp["q_proj"])
+    k = jnp.einsum("btd,dnh->btnh", h, lp["k_proj"])
+    v = jnp.einsum("btd,dnh->btnh", h, lp["v_proj"])
+    if cfg.qkv_bias:
+        q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q = constrain(q, ("batch", "seq", "act_heads", None))
+    k = constrain(k, ("batch", "seq", "act_kv_heads", None))
+    v = constrain(v, ("batch", "seq", "act_kv_heads", None))
+    return q, k, v
+
+
+def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q [B, T, H, hd]; k, v [B, S, KV, hd]; mask bool [B, T, S]."""
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], scale=cfg.head_dim ** -0.5,
+                                       implementation=None if cfg.attention_impl == "xla" else
+                                       cfg.attention_impl)
+    return constrain(out, ("batch", "seq", "act_heads", None))
+
+
+def attention_output(lp: Params, attn: jax.Array) -> jax.Array:
+    return jnp.einsum("btnh,nhd->btd", attn, lp["o_proj"])
+
+
+def mlp(lp: Params, h: jax.Array) -> jax.Array:
+    gate = jnp.einsum("btd,df->btf", h, lp["gate_proj"])
+    up = jnp.einsum("btd,df->btf", h, lp["up_proj"])
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
+    return jnp.einsum("btf,fd->btd", act, lp["down_proj"])
+
+
+def cast_layer(cfg: ModelConfig, lp: Params) -> Params:
+    """Layer params in the compute dtype; norms and biases too (HF applies them in the input dtype)."""
+    return jax.tree.map(lambda w: w.astype(cfg.jnp_dtype), lp)
+
+
+def embed(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
+    x = jnp.take(params["embed"], tokens, axis=0).astype(cfg.jnp_dtype)
+    return constrain(x, ("batch", "seq", "act_embed"))
+
+
+def unembed_matrix(cfg: ModelConfig, params: Params) -> jax.Array:
+    """[D, V] output projection (the transposed embedding when tied)."""
+    return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+
+
+def unembed(cfg: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
+    """Final-normed hidden [..., D] -> float32 logits [..., V] (f32 accumulation from compute dtype)."""
+    w = unembed_matrix(cfg, params).astype(cfg.jnp_dtype)
+    logits = jnp.einsum("...d,dv->...v", h.astype(cfg.jnp_dtype), w, preferred_element_type=jnp.float32)
+    return logits
+
+
+def remat_policy(name: str):
+    if name == "none":
+        return None
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if name == "save_dots":
+        # Keep the weight matmuls' outputs, recompute attention and elementwise ops.
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    raise ValueError(f"unknown remat policy {name!r}")
+
+
+def decoder_layer(cfg: ModelConfig, x: jax.Array, lp: Params, cos: jax.Array, sin: jax.Array,
+                  mask: jax.Array) -> jax.Array:
+    """One pre-norm transformer block on x [B, T, D] (full-sequence, no cache)."""
+    lp = cast_layer(cfg, lp)
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = project_qkv(cfg, lp, h, cos, sin)
+    x = x + attention_output(lp, attention(cfg, q, k, v, mask))
+    x = constrain(x, ("batch", "seq", "act_embed"))
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    x = x + mlp(lp, h)
+    return constrain(x, ("batch", "seq", "act_embed"))
+
+
+def causal_mask(attention_mask: jax.Array) -> jax.Array:
+    """bool [B, T, T]: query t sees real keys s <= t. A padding query sees itself only, which keeps its
+    softmax finite without affecting real tokens."""
+    T = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    valid = attention_mask.astype(bool)
+    return (causal[None] & valid[:, None, :]) | jnp.eye(T, dtype=bool)[None]
+
+
+# ----------------------------------------------------------------------------------------- forward
+
+
+def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, attention_mask: jax.Array | None = None,
+                  positions: jax.Array | None = None) -> jax.Array:
+    """Final-normed hidden states [B, T, D] in the compute dtype. tokens int32 [B, T]; attention_mask
+    bool [B, T] (True = real token; left padding supported); positions default to the mask's count."""
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, bool)
+    if positions is None:
+        positions = positions_from_mask(attention_mask)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    mask = causal_mask(attention_mask)
+    x = embed(cfg, params, tokens)
+
+    layer = functools.partial(decoder_layer, cfg)
+    policy = remat_policy(cfg.remat)
+    if cfg.remat != "none":
+        layer = jax.checkpoint(layer, policy=policy)
+
+    def body(x, lp):
+        return layer(x, lp, cos, sin, mask), None
+
+    x, _ = jax.lax.scan(body, x, params["layers"])
+    return rms_norm(x, params["final_norm"].astype(cfg.jnp_dtype), cfg.rms_norm_eps)
+
+
+def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, attention_mask: jax.Array | None = None,
+            positions: jax.Array | None = None) -> jax.Array:
+    """float32 logits [B, T, V]. Materialises the full logits: use `logprobs.token_logprobs` for
+    training-size batches."""
+    h = hidden_states(cfg, params, tokens, attention_mask, positions)
+    return constrain(unembed(cfg, params, h), ("batch", "seq", "act_vocab"))

@@ -1,0 +1,52 @@
+"""masa_jax: MASA (Meta-Awareness via Self-Alignment) RL for Qwen models in JAX."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.12",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "ml_collections>=1.1,<2",
+    "grain>=0.2.18,<0.3",
+    "numpy>=1.26",
+    "safetensors>=0.4",
+    "tokenizers>=0.20",
+    "transformers>=5.0,<6",  # tokenizer + chat template loading only; never imported for modelling
+    "pyarrow>=14",
+    "sympy==1.14.*",
+    "math-verify==0.9.*",
+    # math-verify's LaTeX path goes through sympy's antlr parser, which needs exactly this runtime.
+    "antlr4-python3-runtime==4.11.0",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
+    "matplotlib>=3.8",
+    "absl-py>=2.0",
+]
+
+setup(
+    name="masa_jax",
+    version="0.1.0",
+    description="MASA (Meta-Awareness via Self-Alignment) reinforcement learning for Qwen LLMs in JAX",
+    packages=find_packages(include=["masa_jax", "masa_jax.*"]),
+    package_data={"masa_jax": ["toy/assets/**/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "tpu": ["jax[tpu]>=0.10.2,<0.12"],
+        "gpu": ["jax[cuda12]>=0.10.2,<0.12"],
+        "tfds": ["tensorflow-datasets>=4.9.10", "array_record>=0.5"],
+        "dev": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "hypothesis>=6.100",
+            # torch is a reference implementation for parity tests only (CPU build on disk here).
+            "torch==2.13.0",
+            "transformers>=5.0,<6",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+            "pandas>=2.0",
+        ],
+    },
+)
