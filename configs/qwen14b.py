@@ -1,0 +1,20 @@
+"""Qwen3-14B-Base with the paper's MASA-efficient recipe on a larger pod slice (v5p-128 / v4-128)."""
+from masa_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.algorithm = "masa_efficient"
+    c.model.path = "/path/to/Qwen3-14B-Base"
+    c.model.preset = "qwen3-14b"               # for --dry_run without the checkpoint
+    c.model.dtype = "bfloat16"
+    c.model.remat = "full"
+    # 64 chips: FSDP over 8, tensor-parallel over 8 (40 q-heads / 8 kv-heads shard over 8).
+    c.mesh.device_memory_gib = 95.0
+    c.mesh.shape = (1, 8, 8)
+    c.mesh.tpu_pod = True
+    c.data.train_files = ("/path/to/deepscaler/train.parquet",)
+    c.rollout.num_slots = 512
+    c.rl.micro_batch_size = 8
+    c.rl.chunk_size = 1024
+    return c

@@ -1,0 +1,19 @@
+"""Qwen3-1.7B-Base on a single host: one TPU v4-8 (4 chips of 32 GiB) or one 80 GB GPU."""
+from masa_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.algorithm = "masa_efficient"
+    c.model.path = "/path/to/Qwen3-1.7B-Base"
+    c.model.preset = "qwen3-1.7b"               # for --dry_run without the checkpoint
+    c.model.dtype = "bfloat16"
+    c.model.remat = "full"
+    c.mesh.device_memory_gib = 32.0
+    c.mesh.shape = (1, -1, 1)          # pure FSDP over the host's chips
+    c.data.train_files = ("/path/to/deepscaler/train.parquet",)
+    c.data.problems_per_step = 64
+    c.rollout.max_response_length = 4096
+    c.rollout.num_slots = 128
+    c.rl.micro_batch_size = 8
+    return c

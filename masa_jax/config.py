@@ -1,0 +1,146 @@
+"""The run configuration: one ml_collections ConfigDict with every knob, and the algorithm switch.
+
+`configs/*.py` start from `base_config()` and override; the command line overrides any field
+(`--config.rl.lr=2e-6`). Defaults are the paper's (method doc section 5) unless a comment says otherwise.
+Unknown / mistyped fields are rejected by ml_collections (ConfigDicts are locked).
+"""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+ALGORITHMS = ("grpo", "dapo", "masa", "masa_efficient")
+
+
+def base_config() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.algorithm = "masa"          # grpo | dapo | masa | masa_efficient
+    c.seed = 0
+    c.total_steps = 314           # paper: 1 epoch of DeepScaleR at 128 problems / step
+
+    c.model = mlc.ConfigDict()
+    c.model.path = ""             # local HF directory (config.json, safetensors, tokenizer files)
+    c.model.tokenizer_path = ""   # defaults to model.path
+    c.model.preset = ""           # architecture for --dry_run without a checkpoint (see qwen/presets.py)
+    c.model.param_dtype = "float32"
+    c.model.dtype = "bfloat16"    # compute dtype
+    c.model.remat = "full"        # none | full | save_dots
+    c.model.attention_impl = "xla"  # xla | cudnn
+
+    c.mesh = mlc.ConfigDict()
+    c.mesh.shape = (1, -1, 1)     # (data, fsdp, tensor); -1 = the remaining devices
+    c.mesh.coordinator_address = ""   # multi-process start-up outside TPU pods ("host:port")
+    c.mesh.num_processes = 1
+    c.mesh.process_id = 0
+    c.mesh.tpu_pod = False        # jax.distributed.initialize() with auto-discovery
+    c.mesh.device_memory_gib = 0.0  # for --dry_run's fit verdict (e.g. 95 for TPU v5p)
+
+    c.data = mlc.ConfigDict()
+    c.data.train_files = ("",)    # verl parquet / JSONL files, or "tfds:name:split"
+    c.data.problems_per_step = 128
+    c.data.max_prompt_length = 2048
+    c.data.on_error = "raise"     # raise | skip (malformed rows)
+    c.data.shuffle = True
+
+    c.rollout = mlc.ConfigDict()
+    c.rollout.num_solutions = 16  # G
+    c.rollout.num_meta = 16       # M
+    c.rollout.max_response_length = 8192
+    c.rollout.meta_max_new_tokens = 2048
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0
+    c.rollout.num_slots = 256     # decode slots of the refill sampler
+
+    c.prompts = mlc.ConfigDict()
+    c.prompts.meta_template = ""      # "" = the default templates of masa_jax.rewards.prompts
+    c.prompts.solution_template = ""
+    c.prompts.min_solution_length = 128
+
+    c.meta = mlc.ConfigDict()
+    c.meta.k = 8                  # pass_rate is an integer 0..k
+    c.meta.base = 0.01            # b of the difficulty reward b ** |d_pred - d_sol|
+    c.meta.weights = (1 / 3, 1 / 3, 1 / 3)  # (length, difficulty, notion): Figure-6 ablations
+
+    c.efficient = mlc.ConfigDict()
+    c.efficient.switch_step = 120     # k: from this step on, meta first, then gating / cutoff / hints
+    c.efficient.auto_switch_threshold = -1.0  # > 0: switch once the meta-reward moving average passes it
+    c.efficient.auto_switch_window = 10
+    c.efficient.gate_std = 0.1
+    c.efficient.gate_tol = 0.0
+    c.efficient.cutoff_factor = 2.0
+    c.efficient.gating = True
+    c.efficient.cutoff = True
+    c.efficient.hints = True
+    c.efficient.max_hint_notions = 5
+
+    c.bc = mlc.ConfigDict()
+    c.bc.enabled = True
+    c.bc.buffer_size = 128        # N_expert
+    c.bc.steps = 5                # E_bc
+    c.bc.lr = 1e-6
+    c.bc.min_notion_reward = 0.2
+
+    c.rl = mlc.ConfigDict()
+    c.rl.lr = 1e-6
+    c.rl.warmup_steps = 20
+    c.rl.weight_decay = 0.1
+    c.rl.clip_norm = 1.0
+    c.rl.clip_low = 0.2
+    c.rl.clip_high = 0.28
+    c.rl.clip_c = 10.0
+    c.rl.loss_agg = "token-mean"
+    c.rl.advantage = "grpo"
+    c.rl.adv_eps = 1e-6
+    c.rl.kl_coef = 0.0
+    c.rl.kl_estimator = "low_var_kl"
+    c.rl.updates_per_step = 1     # policy updates on each rollout batch
+    c.rl.micro_batch_size = 8     # sequences per gradient-accumulation micro-batch
+    c.rl.chunk_size = 512         # log-prob chunk along the sequence
+
+    c.dapo = mlc.ConfigDict()
+    c.dapo.dynamic_sampling = False   # drop zero-variance solution groups, resample to fill the batch
+    c.dapo.max_rounds = 3             # cap on extra sampling rounds per step
+
+    c.reward = mlc.ConfigDict()
+    c.reward.num_workers = 2
+    c.reward.per_item_timeout_s = 5.0
+    c.reward.batch_budget_s = 120.0
+    c.reward.answer_fallback = "boxed"   # boxed | answer_is | last_number (authors' code)
+
+    c.checkpoint = mlc.ConfigDict()
+    c.checkpoint.every = 20
+    c.checkpoint.max_to_keep = 3
+
+    c.log = mlc.ConfigDict()
+    c.log.tensorboard = True
+    c.log.wandb = False
+    c.log.wandb_project = "masa_jax"
+    c.log.figures = True
+    c.log.heldout_eval_size = 0     # >0: calibration figure on this many held-out problems
+    return c
+
+
+def resolve(config: mlc.ConfigDict) -> mlc.ConfigDict:
+    """Checks the algorithm switch and fills derived defaults; returns a locked copy.
+
+    grpo: solution path only. masa: both paths, meta rewards, BC. masa_efficient: masa, then from the
+    switch-over on meta first with gating / cutoff / hints. dapo: grpo with dynamic sampling,
+    clip-higher and token-mean (paper Table 4).
+    """
+    c = mlc.ConfigDict(config.to_dict())
+    if c.algorithm not in ALGORITHMS:
+        raise ValueError(f"config.algorithm must be one of {ALGORITHMS}, got {c.algorithm!r}")
+    if c.algorithm == "dapo":
+        c.dapo.dynamic_sampling = True
+    if not c.model.tokenizer_path:
+        c.model.tokenizer_path = c.model.path
+    if abs(sum(c.meta.weights) - 1.0) > 1e-6 or len(c.meta.weights) != 3:
+        raise ValueError(f"config.meta.weights must be 3 weights summing to 1, got {c.meta.weights}")
+    if c.rl.loss_agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+        raise ValueError(f"config.rl.loss_agg {c.rl.loss_agg!r} unknown")
+    c.lock()
+    return c
+
+
+def uses_meta(config) -> bool:
+    return config.algorithm in ("masa", "masa_efficient")

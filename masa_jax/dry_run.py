@@ -1,0 +1,110 @@
+"""`--dry_run`: does the configured model fit the configured mesh? Nothing is allocated.
+
+Params are built abstractly (`jax.eval_shape`), sharded by the rules table onto an AbstractMesh of the
+configured shape (so an 8B pod config can be checked on a laptop), and the per-device bytes of params,
+optimizer state, the sampler's KV cache and the train step's activations are estimated.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+
+from masa_jax.models.qwen import model as qwen_model
+from masa_jax.models.qwen.config import ModelConfig
+from masa_jax.models.qwen.presets import preset
+from masa_jax.parallel.mesh import MESH_AXES
+from masa_jax.parallel.rules import SAMPLING_RULES, TRAIN_RULES, logical_to_spec
+
+GiB = 1024 ** 3
+
+
+def model_config_for(config) -> ModelConfig:
+    """The run's ModelConfig from the checkpoint's config.json, or from `model.preset` without one."""
+    overrides = dict(param_dtype=config.model.param_dtype, dtype=config.model.dtype, remat=config.model.remat,
+                     attention_impl=config.model.attention_impl)
+    cfg_path = os.path.join(config.model.path, "config.json")
+    if config.model.path and os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            return ModelConfig.from_hf_dict(json.load(f), **overrides)
+    if config.model.preset:
+        return preset(config.model.preset, **overrides)
+    raise FileNotFoundError(f"{cfg_path} not found and config.model.preset is empty")
+
+
+def _mesh_shape(config, num_devices: int | None) -> tuple[int, ...]:
+    shape = list(config.mesh.shape)
+    if -1 in shape:
+        if num_devices is None:
+            raise ValueError("mesh.shape has -1: pass the device count (--dry_run_devices)")
+        shape[shape.index(-1)] = num_devices // int(np.prod([s for s in shape if s != -1]))
+    return tuple(int(s) for s in shape)
+
+
+def _per_device_bytes(shapes, axes, mesh, rules) -> int:
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    total = 0
+    is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+    for s, a in zip(jax.tree.leaves(shapes), jax.tree.leaves(axes, is_leaf=is_axes)):
+        spec = logical_to_spec(a, rules, mesh, s.shape)
+        shards = 1
+        for entry in spec:
+            for ax in ((entry,) if isinstance(entry, str) else (entry or ())):
+                shards *= sizes[ax]
+        total += math.prod(s.shape) * s.dtype.itemsize // shards
+    return total
+
+
+def estimate(config, num_devices: int | None = None) -> dict:
+    """Per-device memory estimate (bytes) of the run described by `config`."""
+    cfg = model_config_for(config)
+    shape = _mesh_shape(config, num_devices)
+    mesh = jax.sharding.AbstractMesh(shape, MESH_AXES)
+    sizes = dict(zip(MESH_AXES, shape))
+    shapes = jax.eval_shape(lambda k: qwen_model.init_params(cfg, k), jax.random.key(0))
+    axes = qwen_model.param_logical_axes(cfg)
+    n_params = sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
+    params_b = _per_device_bytes(shapes, axes, mesh, TRAIN_RULES)
+    opt_b = 2 * _per_device_bytes(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32), shapes),
+                                  axes, mesh, TRAIN_RULES)  # AdamW: two float32 moments
+    compute = np.dtype(cfg.dtype).itemsize
+    sampling_params_b = _per_device_bytes(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.dtype), shapes),
+                                          axes, mesh, SAMPLING_RULES)
+    # KV cache: slots are spread over data x fsdp, kv-heads over tensor (when they divide).
+    T = config.data.max_prompt_length + config.rollout.max_response_length
+    slots_per_dev = math.ceil(config.rollout.num_slots / (sizes["data"] * sizes["fsdp"]))
+    kv_shards = sizes["tensor"] if cfg.num_kv_heads % sizes["tensor"] == 0 else 1
+    kv_b = 2 * cfg.num_layers * slots_per_dev * T * (cfg.num_kv_heads // kv_shards) * cfg.head_dim * compute
+    # Train step, per micro-batch and device: with full remat the scan saves one [mb, T, D] per layer,
+    # one layer's working set is live at a time, and one logits chunk [mb, C, V] in float32.
+    mb = max(1, math.ceil(config.rl.micro_batch_size / (sizes["data"] * sizes["fsdp"])))
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    saved = cfg.num_layers * mb * T * D * compute
+    layer_ws = mb * T * (4 * D + 3 * F // sizes["tensor"] + 2 * cfg.num_heads * cfg.head_dim // sizes["tensor"]) * compute
+    logits_chunk = mb * config.rl.chunk_size * V * 4 * 2 // sizes["tensor"]
+    act_b = saved + layer_ws + logits_chunk
+    grads_b = params_b if cfg.param_dtype == "float32" else 2 * params_b
+    return dict(model=cfg, mesh=dict(zip(MESH_AXES, shape)), num_devices=int(np.prod(shape)), num_params=n_params,
+                params=params_b, grads=grads_b, optimizer=opt_b, sampling_params=sampling_params_b, kv_cache=kv_b,
+                activations=act_b, train_total=params_b + grads_b + opt_b + act_b,
+                rollout_total=params_b + opt_b + sampling_params_b + kv_b)
+
+
+def report(config, num_devices: int | None = None, device_memory_gib: float | None = None) -> str:
+    e = estimate(config, num_devices)
+    cfg = e["model"]
+    lines = [f"model: {cfg.family} {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}: "
+             f"{e['num_params'] / 1e9:.2f} B params",
+             f"mesh: {e['mesh']} ({e['num_devices']} devices)",
+             "per-device memory estimate:"]
+    for key in ("params", "grads", "optimizer", "activations", "train_total", "sampling_params", "kv_cache",
+                "rollout_total"):
+        lines.append(f"  {key:<16} {e[key] / GiB:8.2f} GiB")
+    if device_memory_gib:
+        peak = max(e["train_total"], e["rollout_total"]) / GiB
+        verdict = "fits" if peak <= 0.9 * device_memory_gib else "DOES NOT FIT"
+        lines.append(f"peak {peak:.2f} GiB of {device_memory_gib:.0f} GiB per device: {verdict}")
+    return "\n".join(lines)

@@ -1,0 +1,25 @@
+"""Architectures of released Qwen3 base models (their HF config.json numbers), for dry runs and
+benchmarks where no checkpoint is on disk. Real runs read config.json from the checkpoint."""
+from __future__ import annotations
+
+from masa_jax.models.qwen.config import ModelConfig
+
+_QWEN3 = dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+              max_position_embeddings=40960, head_dim=128, num_key_value_heads=8, bos_token_id=151643,
+              eos_token_id=151643)
+
+PRESETS: dict[str, dict] = {
+    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, tie_word_embeddings=True),
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, tie_word_embeddings=False),
+    "qwen3-14b": dict(_QWEN3, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                      num_attention_heads=40, tie_word_embeddings=False),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """ModelConfig of a released architecture by name (see PRESETS)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return ModelConfig.from_hf_dict(PRESETS[name], **overrides)

@@ -1,0 +1,318 @@
+"""Tests for masa_jax.data.sources: verl parquet (struct / JSON / Python-literal), JSONL, TFDS, errors.
+
+math_sample.parquet holds rows 0..31 of the MATH train split in verl format (MIT license; see
+tests/data/README.md), with its nested struct schema unchanged.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from masa_jax.data import sources
+from masa_jax.data.sources import DataError, Problem
+
+SAMPLE = os.path.join(os.path.dirname(__file__), "math_sample.parquet")
+
+
+@pytest.fixture(scope="module")
+def sample_rows():
+    return pq.read_table(SAMPLE).to_pylist()
+
+
+def _write(path, rows, schema=None):
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return str(path)
+
+
+def _stringify_gt(rows, fmt):
+    """Copies rows with reward_model.ground_truth serialised as JSON or as a Python literal."""
+    out = []
+    for r in rows:
+        gt = r["reward_model"]["ground_truth"]
+        text = json.dumps(gt) if fmt == "json" else repr(gt)
+        out.append({**r, "reward_model": {"ground_truth": text, "style": "rule"}})
+    return out
+
+
+def test_struct_sample_reads_every_field(sample_rows):
+    loaded = sources.load_verl_parquet(SAMPLE)
+    assert loaded.num_skipped == 0
+    assert len(loaded.problems) == 32
+    p0, p1 = loaded.problems[0], loaded.problems[1]
+    assert p0 == Problem(
+        uid="math_sample:0",
+        question=sample_rows[0]["reward_model"]["ground_truth"]["question"],
+        answer="0",
+        solution=sample_rows[0]["reward_model"]["ground_truth"]["solution"],
+        source=SAMPLE,
+        row=0,
+        difficulty=5,
+    )
+    assert p0.question.startswith("Let \\[f(x) = \\left\\{")
+    assert p0.solution.endswith("$a+b=-3+3=\\boxed{0}$.")
+    assert p1.answer == "98" and p1.uid == "math_sample:1" and p1.row == 1
+    assert [p.row for p in loaded.problems] == list(range(32))
+    # The same 32 targets as the raw file, in order.
+    assert [p.answer for p in loaded.problems] == [
+        r["reward_model"]["ground_truth"]["target"].strip() for r in sample_rows
+    ]
+    assert {p.difficulty for p in loaded.problems} <= {1, 2, 3, 4, 5, None}
+
+
+@pytest.mark.parametrize("fmt", ["json", "literal"])
+def test_string_ground_truth_matches_struct(tmp_path, sample_rows, fmt):
+    path = _write(tmp_path / f"gt_{fmt}.parquet", _stringify_gt(sample_rows, fmt))
+    got = sources.load_verl_parquet(path).problems
+    want = sources.load_verl_parquet(SAMPLE).problems
+    assert len(got) == 32
+    for g, w in zip(got, want):
+        assert (g.question, g.answer, g.solution, g.difficulty) == (w.question, w.answer, w.solution, w.difficulty)
+        assert g.uid == f"gt_{fmt}:{g.row}"
+
+
+def test_whole_reward_model_and_prompt_as_strings(tmp_path, sample_rows):
+    rows = [
+        {"prompt": json.dumps(r["prompt"]), "reward_model": repr(r["reward_model"])} for r in sample_rows[:4]
+    ]
+    got = sources.load_verl_parquet(_write(tmp_path / "s.parquet", rows)).problems
+    assert [p.answer for p in got] == ["0", "98", "4", "17"]
+    assert got[0].difficulty is None  # no level column
+
+
+def test_question_falls_back_to_last_user_message(tmp_path):
+    suffix = " Let's think step by step and output the final answer within \\boxed{}."
+    rows = [
+        {
+            "prompt": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is 2+3?" + suffix},
+                {"role": "assistant", "content": "ok"},
+            ],
+            "reward_model": {"ground_truth": {"target": "5", "solution": "2+3=5"}, "style": "rule"},
+        },
+        {
+            "prompt": json.dumps([{"role": "user", "content": "Find x if x+1=2."}]),
+            "reward_model": {"ground_truth": {"target": "1", "solution": None}, "style": "rule"},
+        },
+    ]
+    # A column is either nested or string-typed, so the two layouts go in two files.
+    got = sources.load_verl_parquet(_write(tmp_path / "fb.parquet", rows[:1])).problems
+    got += sources.load_verl_parquet(_write(tmp_path / "fb_str.parquet", rows[1:])).problems
+    assert got[0].question == "What is 2+3?"
+    assert got[0].solution == "2+3=5"
+    assert got[1].question == "Find x if x+1=2."
+    assert got[1].solution is None
+
+
+def test_plain_string_ground_truth_is_the_target(tmp_path):
+    # verl's GSM8K / DeepScaleR layout: ground_truth is just the answer.
+    rows = [
+        {"prompt": [{"role": "user", "content": f"Q{i}"}], "reward_model": {"ground_truth": gt, "style": "rule"}}
+        for i, gt in enumerate(["72", "{A,D}", "(3,-1)", "{1,2}", "[0,3)"])
+    ]
+    got = sources.load_verl_parquet(_write(tmp_path / "plain.parquet", rows)).problems
+    assert [p.answer for p in got] == ["72", "{A,D}", "(3,-1)", "{1,2}", "[0,3)"]
+    assert [p.question for p in got] == ["Q0", "Q1", "Q2", "Q3", "Q4"]
+    assert all(p.solution is None for p in got)
+
+
+def test_missing_target_names_file_row_and_field(tmp_path, sample_rows):
+    rows = [dict(r) for r in sample_rows]
+    gt = dict(rows[17]["reward_model"]["ground_truth"], target=None)
+    rows[17] = {**rows[17], "reward_model": {"ground_truth": gt, "style": "rule"}}
+    path = _write(tmp_path / "train.parquet", rows, schema=pq.read_schema(SAMPLE))
+    with pytest.raises(ValueError) as info:
+        sources.load_verl_parquet(path)
+    assert str(info.value) == f"{path} row 17: field reward_model.ground_truth.target: missing"
+    assert isinstance(info.value, DataError)
+    assert (info.value.row, info.value.field) == (17, "reward_model.ground_truth.target")
+
+    loaded = sources.load_verl_parquet(path, on_error="skip")
+    assert len(loaded.problems) == 31 and loaded.num_skipped == 1
+    assert 17 not in [p.row for p in loaded.problems]
+    assert loaded.skipped == (f"{path} row 17: field reward_model.ground_truth.target: missing",)
+
+
+@pytest.mark.parametrize(
+    "gt, field, reason",
+    [
+        ({"question": "q", "target": ""}, "reward_model.ground_truth.target", "empty"),
+        ({"question": "q", "target": "   "}, "reward_model.ground_truth.target", "empty"),
+        ('{"question": "q", "target": "1"', "reward_model.ground_truth", "not a JSON or Python-literal value"),
+        ("{'question': 'q', 'target': __import__('os').getcwd()}", "reward_model.ground_truth", "not a JSON"),
+        ('{"question": "q", "target": true}', "reward_model.ground_truth.target", "expected a string, got bool"),
+        ('{"question": "q", "target": ["1"]}', "reward_model.ground_truth.target", "expected a string, got list"),
+        ('{"question": "", "target": "1"}', "reward_model.ground_truth.question", "empty"),
+    ],
+)
+def test_malformed_ground_truth(tmp_path, gt, field, reason):
+    good = {"question": "ok", "target": "1"}
+    rows = [{"reward_model": json.dumps({"ground_truth": g})} for g in (good, good, gt)]
+    if not isinstance(gt, dict):
+        rows[2] = {"reward_model": json.dumps({"ground_truth": "PLACEHOLDER"}).replace('"PLACEHOLDER"', json.dumps(gt))}
+    path = _write(tmp_path / "bad.parquet", rows)
+    with pytest.raises(DataError) as info:
+        sources.load_verl_parquet(path)
+    assert info.value.row == 2 and info.value.field == field
+    assert info.value.reason.startswith(reason)
+    assert str(info.value).startswith(f"{path} row 2: field {field}: {reason}")
+    loaded = sources.load_verl_parquet(path, on_error="skip")
+    assert [p.row for p in loaded.problems] == [0, 1] and loaded.num_skipped == 1
+
+
+def test_literal_eval_never_executes(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "getcwd", lambda: calls.append(1) or "/x")
+    rows = [{"reward_model": {"ground_truth": "{'question': 'q', 'target': os.getcwd()}", "style": "rule"}}]
+    with pytest.raises(DataError, match="field reward_model.ground_truth: not a JSON"):
+        sources.load_verl_parquet(_write(tmp_path / "evil.parquet", rows))
+    assert calls == []
+
+
+def test_missing_reward_model_column_and_missing_prompt(tmp_path):
+    path = _write(tmp_path / "nocol.parquet", [{"prompt": [{"role": "user", "content": "q"}]}])
+    with pytest.raises(DataError, match="nocol.parquet row 0: field reward_model: missing column"):
+        sources.load_verl_parquet(path)
+    rows = [{"reward_model": {"ground_truth": {"target": "1"}}}]
+    with pytest.raises(DataError, match="row 0: field reward_model.ground_truth.question: missing"):
+        sources.load_verl_parquet(_write(tmp_path / "noq.parquet", rows))
+    rows = [{"prompt": [{"role": "system", "content": "s"}], "reward_model": {"ground_truth": {"target": "1"}}}]
+    with pytest.raises(DataError, match="row 0: field prompt: no user message"):
+        sources.load_verl_parquet(_write(tmp_path / "nouser.parquet", rows))
+
+
+def test_on_error_must_be_known(tmp_path):
+    with pytest.raises(ValueError, match="on_error must be"):
+        sources.load_verl_parquet(SAMPLE, on_error="ignore")
+
+
+# --------------------------------------------------------------------------- JSONL
+
+
+def _jsonl(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_jsonl_fields_ids_and_rows(tmp_path):
+    path = _jsonl(
+        tmp_path / "aime.jsonl",
+        [
+            json.dumps({"problem": "What is 1+1?", "answer": "2", "solution": "1+1=2", "id": "p-a"}),
+            "",
+            json.dumps({"problem": "What is 6*7?", "answer": 42}),
+            json.dumps({"question": "Alias?", "target": " 3 ", "level": "Level 2", "id": 9}),
+        ],
+    )
+    got = sources.load_jsonl(path).problems
+    assert got == (
+        Problem("aime:p-a", "What is 1+1?", "2", "1+1=2", path, 0, None),
+        Problem("aime:2", "What is 6*7?", "42", None, path, 2, None),
+        Problem("aime:9", "Alias?", "3", None, path, 3, 2),
+    )
+    assert sources.load_problems(path).problems == got
+
+
+def test_jsonl_malformed_lines(tmp_path):
+    path = _jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            json.dumps({"problem": "ok", "answer": "1"}),
+            json.dumps({"problem": "no answer"}),
+            "{not json",
+            json.dumps(["a", "list"]),
+            json.dumps({"problem": "nan", "answer": float("nan")}),
+            json.dumps({"problem": "ok2", "answer": "2", "id": [1]}),
+            json.dumps({"problem": "ok3", "answer": 2.5}),
+        ],
+    )
+    with pytest.raises(DataError) as info:
+        sources.load_jsonl(path)
+    assert str(info.value) == f"{path} row 1: field answer: missing"
+    loaded = sources.load_jsonl(path, on_error="skip")
+    assert [(p.row, p.answer) for p in loaded.problems] == [(0, "1"), (6, "2.5")]
+    assert loaded.num_skipped == 5
+    assert loaded.skipped[1].startswith(f"{path} row 2: field (line): invalid JSON")
+    assert loaded.skipped[2] == f"{path} row 3: field (line): expected a JSON object, got list"
+    assert loaded.skipped[3] == f"{path} row 4: field answer: non-finite number nan"
+    assert loaded.skipped[4] == f"{path} row 5: field id: expected a string or integer, got list"
+
+
+def test_load_problems_dispatch_errors(tmp_path):
+    with pytest.raises(ValueError, match="expected \\*.parquet, \\*.jsonl or tfds:<name>"):
+        sources.load_problems(str(tmp_path / "x.csv"))
+    assert len(sources.load_problems(SAMPLE).problems) == 32
+
+
+# --------------------------------------------------------------------------- TFDS
+
+
+def _fake_tfds(records, calls):
+    def data_source(name, *, split=None, data_dir=None, download=True):
+        calls.append({"name": name, "split": split, "data_dir": data_dir, "download": download})
+        return records
+
+    return types.SimpleNamespace(data_source=data_source)
+
+
+def test_tfds_through_data_source(monkeypatch):
+    records = [
+        {"problem": np.bytes_(b"What is 2+2?"), "answer": np.array(b"4"), "solution": b"2+2=4"},
+        {"problem": b"What is 3+3?", "answer": np.array(b"6", dtype=object), "solution": b""},
+        {"question": b"Missing answer"},
+    ]
+    calls = []
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", _fake_tfds(records, calls))
+    with pytest.raises(DataError, match=r"^tfds:toy_math/test row 2: field answer: missing$"):
+        sources.load_problems("tfds:toy_math:test")
+    loaded = sources.load_problems("tfds:toy_math:test", on_error="skip", data_dir="/d")
+    assert calls[-1] == {"name": "toy_math", "split": "test", "data_dir": "/d", "download": False}
+    assert loaded.problems == (
+        Problem("toy_math/test:0", "What is 2+2?", "4", "2+2=4", "tfds:toy_math/test", 0, None),
+        Problem("toy_math/test:1", "What is 3+3?", "6", None, "tfds:toy_math/test", 1, None),
+    )
+    assert loaded.num_skipped == 1
+    # The default split and custom keys.
+    calls.clear()
+    records[:] = [{"q": b"Q", "a": 5}]
+    got = sources.load_tfds("other", question_key="q", answer_key="a").problems
+    assert calls[0]["split"] == "train" and got[0].question == "Q" and got[0].answer == "5"
+
+
+def test_tfds_missing_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
+    with pytest.raises(ImportError, match=r"pip install 'masa_jax\[tfds\]'"):
+        sources.load_problems("tfds:gsm8k")
+
+
+# --------------------------------------------------------------------------- misc
+
+
+def test_filter_overlong_counts():
+    problems = [Problem(f"u{i}", "x" * i, "1") for i in range(10)]
+    kept, dropped = sources.filter_overlong(problems, lambda p: len(p.question) + 2, max_prompt_length=6)
+    assert [p.uid for p in kept] == ["u0", "u1", "u2", "u3", "u4"]
+    assert dropped == 5
+
+
+def test_problem_is_frozen():
+    p = Problem("u", "q", "a")
+    with pytest.raises(Exception):
+        p.answer = "b"  # type: ignore[misc]
+    assert (p.solution, p.source, p.row, p.difficulty) == (None, "", -1, None)
+
+
+def test_sources_import_without_jax_or_pyarrow():
+    code = (
+        "import sys, masa_jax.data, masa_jax.data.sources, masa_jax.toy; "
+        "print(sorted(m for m in ('jax', 'grain', 'pyarrow', 'tensorflow') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
