@@ -79,6 +79,7 @@ class Rollouts:
     train_sampler_logprobs: list[np.ndarray]
     train_advantages: np.ndarray
     train_kind: np.ndarray
+    train_problem: np.ndarray                       # int [N]: index of the sequence's problem
     metrics: dict[str, float]
 
 
@@ -174,7 +175,7 @@ def run_rollouts(problems: Sequence[Problem], *, generate: GenerateFn, codec: Te
 
     # ---- advantages and the flat training sequences
     adv_fn = grpo.ADVANTAGES[cfg.advantage]
-    train_prompt, train_resp, train_lp, train_adv, train_kind = [], [], [], [], []
+    train_prompt, train_resp, train_lp, train_adv, train_kind, train_prob = [], [], [], [], [], []
     if len(sol_idx):
         a_sol = np.asarray(adv_fn(r_sol[sol_idx], eps=cfg.adv_eps))
         for n, (toks, lps) in enumerate(zip(sol_out.tokens, sol_out.logprobs)):
@@ -184,6 +185,7 @@ def run_rollouts(problems: Sequence[Problem], *, generate: GenerateFn, codec: Te
             train_lp.append(np.asarray(lps, np.float32))
             train_adv.append(a_sol[n // G, g])
             train_kind.append(0)
+            train_prob.append(p)
         if cfg.use_meta:
             a_meta = np.asarray(adv_fn(meta_rewards["total"][sol_idx], eps=cfg.adv_eps))
             for i, p in enumerate(sol_idx):
@@ -194,6 +196,7 @@ def run_rollouts(problems: Sequence[Problem], *, generate: GenerateFn, codec: Te
                     train_lp.append(np.asarray(meta_out.logprobs[n], np.float32))
                     train_adv.append(a_meta[i, j])
                     train_kind.append(1)
+                    train_prob.append(int(p))
 
     metrics.update(_rollout_metrics(problems, preds, meta_rewards, ctrl, applied, rolled_out, correct, lengths,
                                     finish_budget, cfg, sol_out, meta_out))
@@ -203,7 +206,67 @@ def run_rollouts(problems: Sequence[Problem], *, generate: GenerateFn, codec: Te
         solution_texts=solution_texts, correct=correct, lengths=lengths, finish_budget=finish_budget,
         train_prompt_ids=train_prompt, train_response_ids=train_resp, train_sampler_logprobs=train_lp,
         train_advantages=np.asarray(train_adv, np.float32), train_kind=np.asarray(train_kind, np.int32),
-        metrics=metrics)
+        train_problem=np.asarray(train_prob, np.int64), metrics=metrics)
+
+
+# ------------------------------------------------------------------ DAPO dynamic sampling helpers
+
+
+def zero_variance(ro: Rollouts) -> np.ndarray:
+    """bool [P]: rolled-out problems whose solution group is all right or all wrong (no GRPO signal)."""
+    acc = ro.correct.mean(axis=1)
+    return ro.rolled_out & ((acc == 0.0) | (acc == 1.0))
+
+
+def select(ro: Rollouts, keep: np.ndarray) -> Rollouts:
+    """The rollouts of the problems where `keep` (bool [P]) is set, with their training sequences."""
+    idx = np.flatnonzero(keep)
+    remap = -np.ones(len(ro.problems), np.int64)
+    remap[idx] = np.arange(len(idx))
+    seq = np.flatnonzero(keep[ro.train_problem]) if len(ro.train_problem) else np.zeros(0, np.int64)
+    pick = lambda xs: None if xs is None else [xs[i] for i in idx]
+    ctrl = ro.controls
+    if ctrl is not None:
+        ctrl = controls_lib.Controls(ctrl.gated[idx], ctrl.budgets[idx], tuple(ctrl.hints[i] for i in idx),
+                                     ctrl.pred_pass_mean[idx], ctrl.pred_length_mean[idx])
+    return dataclasses.replace(
+        ro, problems=pick(ro.problems), meta_prompt_ids=pick(ro.meta_prompt_ids), meta_texts=pick(ro.meta_texts),
+        preds=pick(ro.preds), meta_rewards=None if ro.meta_rewards is None else
+        {k: v[idx] for k, v in ro.meta_rewards.items()}, controls=ctrl, rolled_out=ro.rolled_out[idx],
+        solution_texts=pick(ro.solution_texts), correct=ro.correct[idx], lengths=ro.lengths[idx],
+        finish_budget=ro.finish_budget[idx], train_prompt_ids=[ro.train_prompt_ids[i] for i in seq],
+        train_response_ids=[ro.train_response_ids[i] for i in seq],
+        train_sampler_logprobs=[ro.train_sampler_logprobs[i] for i in seq],
+        train_advantages=ro.train_advantages[seq], train_kind=ro.train_kind[seq],
+        train_problem=remap[ro.train_problem[seq]], metrics=dict(ro.metrics))
+
+
+def concat(a: Rollouts, b: Rollouts) -> Rollouts:
+    """a's problems followed by b's; metrics are a's (the first round describes the sampling) with the
+    generated-token counts summed."""
+    cat_list = lambda x, y: None if x is None else list(x) + list(y)
+    ctrl = a.controls
+    if ctrl is not None:
+        ctrl = controls_lib.Controls(*(np.concatenate([getattr(a.controls, f), getattr(b.controls, f)])
+                                       if f != "hints" else a.controls.hints + b.controls.hints
+                                       for f in ("gated", "budgets", "hints", "pred_pass_mean", "pred_length_mean")))
+    metrics = dict(a.metrics)
+    for key in ("tokens/solution", "tokens/meta"):
+        metrics[key] = a.metrics.get(key, 0.0) + b.metrics.get(key, 0.0)
+    return dataclasses.replace(
+        a, problems=a.problems + b.problems, meta_prompt_ids=a.meta_prompt_ids + b.meta_prompt_ids,
+        meta_texts=cat_list(a.meta_texts, b.meta_texts), preds=cat_list(a.preds, b.preds),
+        meta_rewards=None if a.meta_rewards is None else
+        {k: np.concatenate([a.meta_rewards[k], b.meta_rewards[k]]) for k in a.meta_rewards}, controls=ctrl,
+        rolled_out=np.concatenate([a.rolled_out, b.rolled_out]), solution_texts=a.solution_texts + b.solution_texts,
+        correct=np.concatenate([a.correct, b.correct]), lengths=np.concatenate([a.lengths, b.lengths]),
+        finish_budget=np.concatenate([a.finish_budget, b.finish_budget]),
+        train_prompt_ids=a.train_prompt_ids + b.train_prompt_ids,
+        train_response_ids=a.train_response_ids + b.train_response_ids,
+        train_sampler_logprobs=a.train_sampler_logprobs + b.train_sampler_logprobs,
+        train_advantages=np.concatenate([a.train_advantages, b.train_advantages]),
+        train_kind=np.concatenate([a.train_kind, b.train_kind]),
+        train_problem=np.concatenate([a.train_problem, b.train_problem + len(a.problems)]), metrics=metrics)
 
 
 def _rollout_metrics(problems, preds, meta_rewards, ctrl, applied, rolled_out, correct, lengths, finish_budget,

@@ -513,7 +513,7 @@ def heldout(n: int, seed: int = 1234, levels: Sequence[int] = tuple(LEVELS)) -> 
         level = levels[i % len(levels)]
         rng = random.Random(f"masa-toy/heldout/{seed}/{i}")
         question = generate_question(level, rng)
-        for _ in range(64):  # bounded: a small level may have run out of new questions
+        for _ in range(1000):  # bounded: a small level may have run out of new questions
             if question not in seen:
                 break
             question = generate_question(level, rng)

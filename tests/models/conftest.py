@@ -1,7 +1,9 @@
-"""Tiny random HF Qwen checkpoints, built offline once per session, and shared helpers.
+"""Shared fixtures for the model tests: tiny random HF Qwen checkpoints built offline once per session,
+and the reference helpers (transformers logits, left-padded batches, a reference sharded writer).
 
 Every param (biases and norms included) is perturbed away from HF's init so that a mis-mapped bias or
-norm changes the logits; torch is the float32 CPU reference.
+norm changes the logits; torch is the float32 CPU reference. Helpers are handed out as fixtures because
+the suite runs with --import-mode=importlib (test modules cannot import each other or this file).
 """
 from __future__ import annotations
 
@@ -77,6 +79,20 @@ def write_sharded(state: dict, directory, n_files: int, config: dict) -> list[st
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (directory / "config.json").write_text(json.dumps(config))
     return files
+
+@pytest.fixture(scope="session")
+def hf_logits_fn():
+    return hf_logits
+
+
+@pytest.fixture(scope="session")
+def padded_batch():
+    return left_padded_batch
+
+
+@pytest.fixture(scope="session")
+def write_sharded_fn():
+    return write_sharded
 
 
 @pytest.fixture(scope="session")

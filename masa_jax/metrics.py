@@ -1,0 +1,527 @@
+"""Observability: a JSONL metric log, TensorBoard / W&B scalars, a console bar, figures, statistics.
+
+Metric records
+--------------
+One record per RL step: ``{"step": s, "<group>/<name>": value, ...}`` where ``step`` is the number
+of steps *completed* (the same number ``checkpointing.RunCheckpointer`` saves under), so the first
+logged step of a run is 1 and a run resumed from the checkpoint at step s logs s + 1 next. Values are
+plain JSON: numpy / jax scalars become numbers, small arrays lists, and NaN / ±inf become ``null``.
+
+Keys this module reads by name (the trainer should emit them, as fractions in [0, 1] where noted):
+
+==============================  ===============================================================
+``reward/solution_mean``        mean solution reward of the step's rollouts
+``acc/solution``                fraction of correct solution rollouts                (fraction)
+``reward/meta_total``           mean meta (self-alignment) reward
+``reward/meta_length``          its length part
+``reward/meta_difficulty``      its difficulty part
+``reward/meta_notion``          its notion part
+``gate/fraction``               fraction of problems whose solution rollouts were gated (fraction)
+``throughput/tokens_per_s``     generated tokens per second
+==============================  ===============================================================
+
+Only JAX process 0 should write (``is_primary``); the other hosts get a writer that does nothing.
+Figures use matplotlib's object API with the Agg canvas (no pyplot, no global backend switch), so
+they are safe in headless jobs and do not disturb a notebook's backend.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tb"
+
+# (metric key, console label, formatter) for the progress bar, in display order.
+PROGRESS_KEYS: tuple[tuple[str, str, str], ...] = (
+    ("reward/solution_mean", "reward", "{:.3f}"),
+    ("acc/solution", "acc", "{:.1%}"),
+    ("reward/meta_total", "meta", "{:.3f}"),
+    ("gate/fraction", "gated", "{:.0%}"),
+    ("throughput/tokens_per_s", "tok/s", "{:,.0f}"),
+)
+META_REWARD_KEYS = ("reward/meta_total", "reward/meta_length", "reward/meta_difficulty",
+                    "reward/meta_notion")
+SUMMARY_KEYS = ("reward/solution_mean", "acc/solution", *META_REWARD_KEYS, "gate/fraction",
+                "throughput/tokens_per_s")
+
+
+# --------------------------------------------------------------------------------------------
+# JSON conversion and the JSONL file
+# --------------------------------------------------------------------------------------------
+
+
+def to_json_value(value: Any) -> Any:
+    """Returns ``value`` as plain JSON; non-finite floats become None. Never raises.
+
+    numpy / jax scalars become Python numbers, arrays nested lists; an object JSON cannot hold is
+    written as its ``str`` (a metric log must not kill a week-long run).
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): to_json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_value(v) for v in value]
+    if isinstance(value, np.generic) or hasattr(value, "__array__"):  # numpy and jax arrays
+        array = np.asarray(value)
+        if array.dtype.kind in "biuf":
+            return to_json_value(array.tolist())
+        if array.dtype.kind == "V":  # ml_dtypes such as bfloat16 (kind "V") convert to float64
+            try:
+                return to_json_value(array.astype(np.float64).tolist())
+            except (TypeError, ValueError):
+                logger.debug("metric of dtype %s written as text", array.dtype)
+    return str(value)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Reads a metric history: one dict per line. A missing file is an empty history.
+
+    A line that does not parse (the half-written last line of a crashed run) is skipped with a
+    WARNING rather than failing the resumed run.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    with path.open() as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                logger.warning("%s:%d: skipping unparseable metric line (%s)", path, number, err)
+    return records
+
+
+def truncate_jsonl(path: str | os.PathLike, last_step: int | None) -> int:
+    """Keeps only the records with ``step <= last_step`` (all are dropped when None).
+
+    The file is rewritten through a temporary file and ``os.replace``, so a crash here leaves either
+    the old or the new file, never a mix. Returns the number of records kept.
+    """
+    path = Path(path)
+    records = read_jsonl(path)
+    kept = [r for r in records if last_step is not None and _record_step(r) <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in kept)
+    os.replace(tmp, path)
+    if len(kept) != len(records):
+        logger.info("%s: dropped %d records after step %s", path, len(records) - len(kept), last_step)
+    return len(kept)
+
+
+def _record_step(record: Mapping[str, Any]) -> float:
+    step = record.get("step")
+    return step if isinstance(step, (int, float)) else math.inf
+
+
+def _scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numeric entries of a sanitised record (what TensorBoard / W&B can plot)."""
+    return {k: float(v) for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+# --------------------------------------------------------------------------------------------
+# The writer
+# --------------------------------------------------------------------------------------------
+
+
+class MetricsWriter:
+    """Writes one record per step to ``workdir/metrics.jsonl``, TensorBoard and (optionally) W&B.
+
+    Args:
+      workdir: run directory; created if missing.
+      use_tensorboard: also write scalars with tensorboardX to ``workdir/tb``.
+      use_wandb: also log scalars to Weights & Biases (``wandb`` must be installed). The run id is
+        kept in ``workdir/wandb_run_id`` so a resumed run continues the same W&B run.
+      wandb_project: W&B project name.
+      is_primary: whether this process writes; defaults to ``jax.process_index() == 0``.
+      resume_step: the step the run resumes from. Records with a larger step (written by the
+        interrupted run after its last checkpoint) are dropped from the JSONL file and purged from
+        TensorBoard, so a resumed run's file equals an uninterrupted run's. None means a fresh run:
+        an existing file is emptied.
+      wandb_config: config dict recorded with the W&B run.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, use_tensorboard: bool = True,
+                 use_wandb: bool = False, wandb_project: str | None = None, *,
+                 is_primary: bool | None = None, resume_step: int | None = None,
+                 wandb_config: Mapping[str, Any] | None = None):
+        if is_primary is None:
+            import jax  # deferred: the rest of this module does not need a JAX backend
+
+            is_primary = jax.process_index() == 0
+        self.is_primary = is_primary
+        self.workdir = Path(workdir)
+        self.path = self.workdir / METRICS_FILE
+        self._tb = None
+        self._wandb_run = None
+        if not is_primary:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(self.path, resume_step)
+        if use_tensorboard:
+            from tensorboardX import SummaryWriter  # deferred: protobuf import is slow
+
+            # purge_step tells TensorBoard to hide the interrupted run's events from here on.
+            self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR),
+                                     purge_step=(resume_step or 0) + 1)
+        if use_wandb:
+            self._wandb_run = _init_wandb(self.workdir, wandb_project, wandb_config)
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Appends the record for ``step`` and returns it (sanitised) — also on non-primary hosts."""
+        record = {"step": int(step)}
+        record.update((k, v) for k, v in to_json_value(dict(metrics)).items() if k != "step")
+        if not self.is_primary:
+            return record
+        # Open per write: one line per RL step is cheap, and each line is on disk when this returns.
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        scalars = _scalars(record)
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, global_step=record["step"])
+        if self._wandb_run is not None:
+            self._wandb_run.log(scalars, step=record["step"])
+        return record
+
+    def flush(self) -> None:
+        """Pushes buffered TensorBoard events to disk (the JSONL file is never buffered)."""
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        """Flushes and closes TensorBoard and W&B."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _init_wandb(workdir: Path, project: str | None, config: Mapping[str, Any] | None) -> Any:
+    try:
+        import wandb
+    except ImportError as err:
+        raise ImportError("use_wandb=True needs the wandb package (pip install wandb), which is not "
+                          "installed; or set use_wandb=False") from err
+    id_file = workdir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    # W&B drops steps below its last logged one, so after a resume the re-run steps between the
+    # checkpoint and the crash keep their first values there (the JSONL file is the record).
+    return wandb.init(project=project, dir=str(workdir), id=run_id, resume="allow",
+                      config=dict(config or {}))
+
+
+# --------------------------------------------------------------------------------------------
+# Console
+# --------------------------------------------------------------------------------------------
+
+
+def format_progress(metrics: Mapping[str, Any]) -> str:
+    """The progress bar's postfix: the ``PROGRESS_KEYS`` present in ``metrics``, short labels."""
+    parts = []
+    for key, label, fmt in PROGRESS_KEYS:
+        value = to_json_value(metrics.get(key))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(f"{label}={fmt.format(value)}")
+    return " ".join(parts)
+
+
+class ProgressBar:
+    """A tqdm bar over RL steps: step / total, ETA, and the headline metrics of the last step.
+
+    ``initial`` is the step the run resumes from, so the ETA counts only the steps left.
+    """
+
+    def __init__(self, total_steps: int, initial: int = 0, *, enabled: bool = True,
+                 file: Any = None):
+        from tqdm.auto import tqdm  # deferred: only the trainer's console needs it
+
+        self._bar = tqdm(total=total_steps, initial=initial, unit="step", dynamic_ncols=True,
+                         smoothing=0.1, disable=not enabled, file=file or sys.stderr)
+
+    def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
+        """Moves the bar to ``step`` completed steps and shows ``metrics``' headline values."""
+        if metrics:
+            self._bar.set_postfix_str(format_progress(metrics), refresh=False)
+        self._bar.update(step - self._bar.n)
+
+    def close(self) -> None:
+        """Closes the bar (leaves the last line on the console)."""
+        self._bar.close()
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------
+
+
+def pearson(x: Any, y: Any) -> float:
+    """Pearson correlation of paired samples; NaN when it is undefined.
+
+    Pairs where either value is missing or non-finite (None / NaN, e.g. an unparseable meta
+    prediction) are dropped. Undefined — fewer than two pairs, or either side constant — gives NaN,
+    not 0: "no linear relation can be measured" is not "uncorrelated", and a 0 would bias averages
+    over steps. NaN is logged as null by ``MetricsWriter`` and skipped by the plots.
+    """
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"pearson needs paired samples, got {x.size} and {y.size} values")
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    # ptp == 0 tests constancy exactly; a variance test would mistake rounding noise for signal.
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    dx, dy = x - x.mean(), y - y.mean()
+    r = float(np.dot(dx, dy) / math.sqrt(float(np.dot(dx, dx)) * float(np.dot(dy, dy))))
+    return min(1.0, max(-1.0, r))
+
+
+def pass_at_k(n: Any, c: Any, k: Any) -> Any:
+    """Unbiased pass@k estimator 1 − C(n−c, k) / C(n, k), elementwise over broadcast arrays.
+
+    n: samples drawn per problem, c: how many of them are correct, k: the k of pass@k (k <= n).
+    Computed as 1 − prod_{j<k} (1 − c / (n − j)) — the same ratio term by term — which never forms
+    the huge binomials (n = 1024 would overflow float64). Returns a float for scalar inputs,
+    otherwise a float64 array of the broadcast shape.
+    """
+    n, c, k = np.broadcast_arrays(*(np.asarray(a, dtype=np.int64) for a in (n, c, k)))
+    if np.any(k < 1) or np.any(k > n) or np.any(c < 0) or np.any(c > n):
+        raise ValueError("pass_at_k needs 1 <= k <= n and 0 <= c <= n")
+    j = np.arange(int(k.max()) if k.size else 0)
+    active = j < k[..., None]
+    # Where j >= k the factor is 1; the guard keeps n - j positive there too (no division warnings).
+    denom = np.where(active, n[..., None] - j, 1)
+    factors = np.where(active, 1.0 - c[..., None] / denom, 1.0)
+    # A zero factor (at j = n - c, when n - c < k) makes the product exactly 0, i.e. pass@k = 1.
+    result = 1.0 - np.prod(factors, axis=-1)
+    return float(result) if result.ndim == 0 else result
+
+
+# --------------------------------------------------------------------------------------------
+# History helpers and figures
+# --------------------------------------------------------------------------------------------
+
+
+def history_series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of ``key`` over a history, skipping records where it is missing or null."""
+    pairs = [(r["step"], r[key]) for r in history
+             if isinstance(r.get(key), (int, float)) and "step" in r]
+    steps, values = zip(*pairs) if pairs else ((), ())
+    return np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
+
+
+def _new_figure(ncols: int = 1, width: float = 5.0, height: float = 3.6) -> tuple[Figure, list]:
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, format="png")
+    return path
+
+
+def plot_calibration(pred_pass: Any, true_pass: Any, path: str | os.PathLike, title: str = "",
+                     *, panel_titles: Sequence[str] | None = None,
+                     xlabel: str = "predicted pass rate", ylabel: str = "actual pass rate",
+                     lims: tuple[float, float] | None = (0.0, 1.0)) -> Path:
+    """Scatter of predicted vs actual pass rate with the y = x line (the paper's Figure 2).
+
+    ``pred_pass`` / ``true_pass`` are either one 1-D array each (one panel), or equally long
+    sequences of 1-D arrays — e.g. ``(pred_start, pred_end), (true_start, true_end)`` — drawn side by
+    side (``panel_titles`` defaults to "start" / "end" for two panels). Each panel also shows the
+    mean actual rate per predicted-rate bin and Pearson's r. ``lims=None`` scales the axes to the
+    data (for predicted vs actual *length*). Returns the PNG path.
+    """
+    preds, trues = _as_panels(pred_pass), _as_panels(true_pass)
+    if len(preds) != len(trues):
+        raise ValueError(f"{len(preds)} predicted sets but {len(trues)} actual sets")
+    if panel_titles is None:
+        panel_titles = ("start", "end") if len(preds) == 2 else [""] * len(preds)
+    fig, axes = _new_figure(ncols=len(preds), width=4.2, height=4.2)
+    for ax, pred, true, name in zip(axes, preds, trues, panel_titles):
+        if pred.shape != true.shape:
+            raise ValueError(f"panel {name!r}: {pred.size} predictions but {true.size} actual values")
+        keep = np.isfinite(pred) & np.isfinite(true)
+        pred, true = pred[keep], true[keep]
+        low, high = lims if lims is not None else _data_range(pred, true)
+        ax.plot([low, high], [low, high], "--", color="0.5", lw=1, label="y = x")
+        ax.scatter(pred, true, s=14, alpha=0.35, edgecolors="none", label="problems")
+        centres, means = _binned_means(pred, true, low, high)
+        ax.plot(centres, means, "o-", color="C3", ms=4, lw=1.5, label="bin mean")
+        r = pearson(pred, true)
+        ax.set_title(f"{name}  (r = {r:.2f}, n = {pred.size})" if name else f"r = {r:.2f}, n = {pred.size}")
+        ax.set(xlim=(low, high), ylim=(low, high), xlabel=xlabel, ylabel=ylabel)
+        ax.set_aspect("equal")
+        ax.legend(loc="upper left", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _as_panels(data: Any) -> list[np.ndarray]:
+    """One array -> [array]; a list/tuple of 1-D arrays (possibly ragged) -> one per panel."""
+    if isinstance(data, (list, tuple)) and data and np.ndim(data[0]) == 1:
+        return [np.asarray(d, dtype=np.float64).ravel() for d in data]
+    return [np.asarray(data, dtype=np.float64).ravel()]
+
+
+def _data_range(*arrays: np.ndarray) -> tuple[float, float]:
+    values = np.concatenate(arrays) if arrays else np.zeros(0)
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = float(values.min()), float(values.max())
+    pad = 0.05 * (high - low) or 1.0
+    return low - pad, high + pad
+
+
+def _binned_means(pred: np.ndarray, true: np.ndarray, low: float, high: float, bins: int = 10
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    edges = np.linspace(low, high, bins + 1)
+    index = np.clip(np.digitize(pred, edges) - 1, 0, bins - 1)
+    filled = [b for b in range(bins) if np.any(index == b)]
+    centres = np.array([(edges[b] + edges[b + 1]) / 2 for b in filled])
+    means = np.array([true[index == b].mean() for b in filled])
+    return centres, means
+
+
+def plot_meta_rewards(history: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+                      title: str = "meta reward") -> Path | None:
+    """Meta reward total and its length / difficulty / notion parts over steps.
+
+    Returns the PNG path, or None (with a WARNING, nothing written) when the history has none of
+    ``META_REWARD_KEYS`` — e.g. a GRPO run — so an end-of-run report does not crash over it.
+    """
+    return _plot_history_keys(history, META_REWARD_KEYS, path, title, ylabel="reward",
+                              ylim=(0.0, 1.02))
+
+
+def plot_gating(history: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+                title: str = "predictive gating", keys: Sequence[str] = ("gate/fraction",)
+                ) -> Path | None:
+    """Fraction of problems gated (no solution rollouts) over steps; None if never logged."""
+    return _plot_history_keys(history, keys, path, title, ylabel="fraction of problems",
+                              ylim=(0.0, 1.02))
+
+
+def _plot_history_keys(history, keys, path, title, ylabel, ylim) -> Path | None:
+    series = {key: history_series(history, key) for key in keys}
+    series = {key: xy for key, xy in series.items() if xy[0].size}
+    if not series:
+        logger.warning("no %s in the history; %s not written", ", ".join(keys), path)
+        return None
+    fig, (ax,) = _new_figure()
+    for key, (steps, values) in series.items():
+        ax.plot(steps, values, lw=2 if key == keys[0] else 1.2, label=key)
+    ax.set(xlabel="step", ylabel=ylabel, ylim=ylim, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_curves(series: Mapping[str, tuple], xlabel: str, ylabel: str, path: str | os.PathLike,
+                title: str = "", *, logx: bool = False) -> Path:
+    """Line per named series, with a shaded ± band where a spread is given.
+
+    ``series[name]`` is ``(x, y)`` or ``(x, y, yerr)`` (yerr: e.g. the std over seeds, or None) — for
+    accuracy against step, wall-clock or tokens across methods. Returns the PNG path.
+    """
+    if not series:
+        raise ValueError("plot_curves needs at least one series")
+    fig, (ax,) = _new_figure(width=6.0, height=4.0)
+    for name, data in series.items():
+        if len(data) not in (2, 3):
+            raise ValueError(f"series {name!r}: expected (x, y) or (x, y, yerr)")
+        x, y = (np.asarray(v, dtype=np.float64) for v in data[:2])
+        if x.shape != y.shape:
+            raise ValueError(f"series {name!r}: x has {x.size} values, y has {y.size}")
+        (line,) = ax.plot(x, y, lw=1.8, label=name)
+        yerr = data[2] if len(data) == 3 else None
+        if yerr is not None:
+            yerr = np.broadcast_to(np.asarray(yerr, dtype=np.float64), y.shape)
+            ax.fill_between(x, y - yerr, y + yerr, color=line.get_color(), alpha=0.2, lw=0)
+    if logx:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def summary_table(history: Sequence[Mapping[str, Any]], keys: Sequence[str] | None = None) -> str:
+    """A short end-of-run table: each key's first and last logged value and the change.
+
+    ``keys`` defaults to the ``SUMMARY_KEYS`` present in the history, or every numeric key if none
+    of those is. The first / last values are the first and last non-null ones (their steps are
+    shown when they differ from the history's first / last step).
+    """
+    if keys is None:
+        keys = [k for k in SUMMARY_KEYS if history_series(history, k)[0].size]
+        if not keys:
+            keys = sorted({k for r in history for k, v in r.items()
+                           if k != "step" and isinstance(v, (int, float))
+                           and not isinstance(v, bool)})
+    steps = [r["step"] for r in history if isinstance(r.get("step"), (int, float))]
+    if not steps or not keys:
+        return "(no metrics logged)"
+    first_step, last_step = min(steps), max(steps)
+    header = ("metric", f"first (step {first_step})", f"last (step {last_step})", "change")
+    rows = []
+    for key in keys:
+        key_steps, values = history_series(history, key)
+        if not values.size:
+            rows.append((key, "-", "-", "-"))
+            continue
+        first = _fmt(values[0]) + ("" if key_steps[0] == first_step else f" @{key_steps[0]:g}")
+        last = _fmt(values[-1]) + ("" if key_steps[-1] == last_step else f" @{key_steps[-1]:g}")
+        rows.append((key, first, last, f"{values[-1] - values[0]:+.4g}"))
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths))) for row in (header, *rows)]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"

@@ -1,0 +1,52 @@
+"""Behaviour cloning on expert meta-trajectories (method doc section 4, MASA-efficient).
+
+The BC step is the RL step's machinery (`train_step.make_update_step`) with the cross-entropy loss and
+its own constant learning rate (`OptimConfig.bc_learning_rate`) on the same optimizer state; it does not
+advance `TrainState.step`. Batch: tokens, attention_mask, loss_mask as in `train_step`'s layout, with
+the loss mask on the rewritten meta output only (prompt and padding masked).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from masa_jax.models.qwen.config import ModelConfig
+from masa_jax.models.qwen.logprobs import token_logprobs
+from masa_jax.rl import grpo
+from masa_jax.rl.train_step import OptimConfig, make_update_step
+
+
+def bc_loss(logp: jax.Array, mask: jax.Array, *, num_tokens: jax.Array | None = None):
+    """Mean token cross-entropy: -sum(logp * mask) / num_tokens; returns (loss, metrics).
+
+    logp: float [N, T] log-probs of the target tokens; mask: bool [N, T] (output tokens only).
+    `num_tokens` defaults to the mask's count; pass the whole batch's count for a micro-batch.
+    Metrics: bc_loss (the same value, for logging).
+    """
+    maskf = jnp.asarray(mask).astype(logp.dtype)
+    if num_tokens is None:
+        num_tokens, _ = grpo.batch_counts(maskf)
+    loss = -jnp.sum(logp * maskf) / num_tokens
+    return loss, {"bc_loss": jax.lax.stop_gradient(loss)}
+
+
+def bc_microbatch_loss(model_cfg: ModelConfig, chunk_size: int, params, ref_params, mb, num_tokens,
+                       num_seqs):
+    """`bc_loss` of one micro-batch at temperature 1 (the loss_fn of `make_update_step`)."""
+    del ref_params, num_seqs
+    logp = token_logprobs(model_cfg, params, mb["tokens"], mb["attention_mask"], chunk_size=chunk_size)
+    return bc_loss(logp, mb["loss_mask"], num_tokens=num_tokens)
+
+
+def make_bc_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.sharding.Mesh,
+                 micro_batch_size: int, *, keep_reference: bool = False, chunk_size: int = 512):
+    """Jitted `(state, batch) -> (state, metrics)`: one AdamW step on `bc_loss` at the constant
+    `optim_cfg.bc_learning_rate`, micro-batched like the RL step. `keep_reference` must match the state
+    (`LossConfig.keep_reference`); the reference params pass through unchanged.
+    """
+    lr = jnp.float32(optim_cfg.bc_learning_rate)
+    return make_update_step(model_cfg, optim_cfg, mesh, micro_batch_size,
+                            functools.partial(bc_microbatch_loss, model_cfg, chunk_size),
+                            lr_fn=lambda step: lr, advance_step=False, keep_reference=keep_reference)

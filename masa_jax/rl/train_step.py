@@ -1,0 +1,387 @@
+"""The jitted RL update: `(train_state, batch) -> (train_state, metrics)`, and the old-log-prob pass.
+
+Batch layout (a dict of arrays; N sequences of T tokens):
+
+    tokens            int32 [N, T]   prompt + response; left-padded prompts and right padding are fine
+    attention_mask    bool  [N, T]   True on real tokens (prompt and response)
+    loss_mask         bool  [N, T]   True on response tokens only. Aligned with `token_logprobs`:
+                                     entry t scores tokens[t] given tokens[:t], so it is never True at t=0
+    advantages        f32   [N] or [N, T]   (`grpo.group_advantages`, one value per rollout)
+    old_logprobs      f32   [N, T]   from `make_compute_logprobs` with the pre-update params
+    sampler_logprobs  f32   [N, T]   optional, read by `make_compute_logprobs` only (gap metric)
+
+The BC step (`masa_jax.rl.bc.make_bc_step`) reads tokens, attention_mask and loss_mask only.
+N must be a multiple of `micro_batch_size`, and `micro_batch_size` a multiple of the data-parallel size
+(mesh data x fsdp). Fill a batch up with `pad_batch`: all-False rows change no loss, gradient or metric.
+
+Design:
+- Mixed precision: float32 master params and AdamW state; the model computes in `ModelConfig.dtype`
+  (bfloat16 on accelerators); log-probs, losses and gradient sums are float32. Log-probs come from the
+  chunked `token_logprobs`, so no [B, T, V] logits tensor exists.
+- Gradient accumulation: a `lax.scan` over micro-batches inside the jitted step. Every loss is divided
+  by the token / sequence counts of the WHOLE batch (computed before the scan), so the summed
+  micro-batch gradients equal the one-batch gradient exactly, for every loss aggregation.
+- Micro-batch m takes the rows m, m + M, m + 2M, ... (M micro-batches): with the batch sharded in
+  contiguous blocks over the data-parallel devices, each micro-batch is then spread evenly over all of
+  them and splitting needs no communication.
+- Optimiser: optax `clip_by_global_norm -> scale_by_adam -> add_decayed_weights` (exactly optax.adamw
+  after global-norm clipping), with the learning rate applied by the step itself. RL uses the warm-up
+  schedule of `state.step`; BC uses its own constant `bc_learning_rate` on the SAME optimizer state.
+  Why shared: a second AdamW state costs two more float32 copies of the params (64 GB for 8B), the
+  gradients Adam sees are global-norm clipped to the same bound in both cases, and BC steps do not
+  advance `state.step`, so they leave the RL warm-up untouched.
+- A non-finite loss or gradient norm keeps params, optimizer state and step; `num_skipped` counts it.
+- The reference policy (for kl_coef > 0) lives in `state.ref_params` in the compute dtype; with
+  kl_coef = 0 it is None and no reference forward is traced.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from masa_jax.models.qwen.config import ModelConfig
+from masa_jax.models.qwen.logprobs import token_logprobs
+from masa_jax.models.qwen.model import param_logical_axes, param_shapes
+from masa_jax.parallel.rules import constrain, logical_to_spec, tree_shardings
+from masa_jax.rl import grpo
+
+Params = Any
+Batch = dict[str, jax.Array]
+# loss_fn(params, ref_params, micro_batch, num_tokens, num_seqs) -> (loss, metrics)
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The RL loss (method doc section 3). Names follow masa_jax.config's `rl` section."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    clip_c: float | None = 10.0        # dual clip for A < 0; None disables it
+    agg: str = "token-mean"            # a key of grpo.LOSS_AGGREGATIONS
+    kl_coef: float = 0.0               # > 0 keeps a frozen reference policy in the train state
+    kl_estimator: str = "low_var_kl"   # a key of grpo.KL_ESTIMATORS
+    temperature: float = 1.0           # the sampler's temperature: score tokens where they were drawn
+    chunk_size: int = 512              # sequence chunk of the log-prob scan
+    entropy_metric: bool = False       # report the policy entropy from inside the update forward
+
+    @property
+    def keep_reference(self) -> bool:
+        return self.kl_coef > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up and global-norm clipping (paper: 1e-6, 20 steps, wd 0.1, clip 1.0)."""
+
+    learning_rate: float = 1e-6
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    bc_learning_rate: float = 1e-6     # constant, for BC steps on the same optimizer state
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array              # int32 []: applied RL updates (drives the warm-up); BC does not count
+    params: Params               # float32 master weights, training layout
+    opt_state: optax.OptState    # AdamW moments, sharded like params
+    num_skipped: jax.Array       # int32 []: updates (RL or BC) skipped for a non-finite loss / gradient
+    ref_params: Params | None = None  # frozen reference policy in compute dtype; only when kl_coef > 0
+
+
+# ----------------------------------------------------------------------------------------- optimiser
+
+
+def make_optimizer(optim_cfg: OptimConfig) -> optax.GradientTransformation:
+    """Clip -> Adam -> decoupled weight decay; the step multiplies the result by -learning_rate.
+
+    Weight decay applies to every parameter, as torch AdamW in verl does.
+    """
+    return optax.chain(
+        optax.clip_by_global_norm(optim_cfg.clip_norm),
+        optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps),
+        optax.add_decayed_weights(optim_cfg.weight_decay),
+    )
+
+
+def learning_rate(optim_cfg: OptimConfig, step: jax.Array) -> jax.Array:
+    """RL learning rate at update `step` (0-based): lr * min(1, (step + 1) / warmup_steps).
+
+    (step + 1) so the first update already moves; with warmup_steps=20 update 19 is the first at full lr.
+    """
+    lr = jnp.float32(optim_cfg.learning_rate)
+    if optim_cfg.warmup_steps <= 0:
+        return lr
+    frac = (jnp.asarray(step, jnp.float32) + 1.0) / optim_cfg.warmup_steps
+    return lr * jnp.minimum(frac, 1.0)
+
+
+# ----------------------------------------------------------------------------------------- shardings
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Sharding of every batch array: leading (sequence) dim over the data-parallel mesh axes."""
+    return NamedSharding(mesh, logical_to_spec(("batch",), mesh=mesh))
+
+
+def param_shardings(model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Params:
+    """NamedShardings of the params in the training layout (TRAIN_RULES)."""
+    return tree_shardings(param_logical_axes(model_cfg), param_shapes(model_cfg), mesh)
+
+
+def state_shardings(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.sharding.Mesh,
+                    keep_reference: bool = False) -> TrainState:
+    """A TrainState of NamedShardings: optimizer moments (and reference params) sharded like the params,
+    counters replicated."""
+    psh = param_shardings(model_cfg, mesh)
+    repl = NamedSharding(mesh, P())
+    tx = make_optimizer(optim_cfg)
+    opt_shapes = jax.eval_shape(tx.init, param_shapes(model_cfg))
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, psh, transform_non_params=lambda _: repl,
+                                   is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    return TrainState(step=repl, params=psh, opt_state=opt_sh, num_skipped=repl,
+                      ref_params=psh if keep_reference else None)
+
+
+def create_train_state(model_cfg: ModelConfig, params: Params, optim_cfg: OptimConfig,
+                       mesh: jax.sharding.Mesh, *, keep_reference: bool = False) -> TrainState:
+    """Places `params` (float32 master weights; host or device arrays) in the training layout and builds
+    a fresh AdamW state sharded like them. With `keep_reference` (kl_coef > 0) a copy in the compute
+    dtype becomes the frozen reference policy. The train step donates the state: device arrays passed
+    in that already have the right sharding are taken over, not copied.
+    """
+    sh = state_shardings(model_cfg, optim_cfg, mesh, keep_reference)
+    params = jax.device_put(params, sh.params)
+    opt_state = jax.jit(make_optimizer(optim_cfg).init, out_shardings=sh.opt_state)(params)
+    ref = None
+    if keep_reference:
+        # jnp.copy so the reference never aliases the (donated) master params, even in float32.
+        to_ref = lambda p: jax.tree.map(lambda x: jnp.copy(x.astype(model_cfg.jnp_dtype)), p)
+        ref = jax.jit(to_ref, out_shardings=sh.ref_params)(params)
+    zero = jax.device_put(jnp.zeros((), jnp.int32), sh.step)
+    return TrainState(step=zero, params=params, opt_state=opt_state, num_skipped=zero, ref_params=ref)
+
+
+# ------------------------------------------------------------------------------------ micro-batching
+
+
+def split_microbatches(batch: Batch, num_micro: int) -> Batch:
+    """[N, ...] -> [num_micro, N / num_micro, ...]; micro-batch m holds rows m, m + M, m + 2M, ..."""
+    def split(x):
+        x = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]).swapaxes(0, 1)
+        return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+    return jax.tree.map(split, batch)
+
+
+def merge_microbatches(x: jax.Array) -> jax.Array:
+    """Inverse of `split_microbatches` for one array: [M, N / M, ...] -> [N, ...]."""
+    return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
+
+
+def _num_micro(batch: Batch, micro_batch_size: int) -> int:
+    n = batch["tokens"].shape[0]
+    if micro_batch_size <= 0 or n % micro_batch_size:
+        raise ValueError(f"batch of {n} sequences is not a multiple of micro_batch_size={micro_batch_size}; "
+                         "fill it up with pad_batch")
+    return n // micro_batch_size
+
+
+def _combine(acc: dict, new: dict) -> dict:
+    out = {}
+    for k, v in new.items():
+        op = jnp.maximum if k.endswith("_max") else jnp.minimum if k.endswith("_min") else jnp.add
+        out[k] = op(acc[k], v.astype(jnp.float32))
+    return out
+
+
+def _metric_init(shape: jax.ShapeDtypeStruct, key: str) -> jax.Array:
+    fill = -jnp.inf if key.endswith("_max") else jnp.inf if key.endswith("_min") else 0.0
+    return jnp.full(shape.shape, fill, jnp.float32)
+
+
+def accumulate_gradients(loss_fn: LossFn, params: Params, batch: Batch, micro_batch_size: int, *,
+                         ref_params: Params | None = None, grad_shardings: Params | None = None):
+    """Sum of the micro-batch gradients of `loss_fn` and its metrics, via `lax.scan`.
+
+    loss_fn(params, ref_params, micro_batch, num_tokens, num_seqs) -> (loss, metrics) must normalise by
+    the given counts, which are those of the whole batch (`grpo.batch_counts(batch["loss_mask"])`), so
+    the result equals the gradient of the one-batch loss. Returns (grads: float32 tree like params,
+    metrics: dict of float32 scalars including "loss"); metrics sum over micro-batches, `_max` / `_min`
+    keys take the max / min.
+    """
+    num_micro = _num_micro(batch, micro_batch_size)
+    num_tokens, num_seqs = grpo.batch_counts(batch["loss_mask"])
+    micro = split_microbatches(batch, num_micro)
+
+    def loss_and_metrics(p, mb):
+        loss, metrics = loss_fn(p, ref_params, mb, num_tokens, num_seqs)
+        return loss, dict(metrics, loss=loss)
+
+    grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+    _, metric_shapes = jax.eval_shape(loss_and_metrics, params, jax.tree.map(lambda x: x[0], micro))
+
+    def shard_grads(g):
+        return g if grad_shardings is None else jax.lax.with_sharding_constraint(g, grad_shardings)
+
+    def body(carry, mb):
+        g_acc, m_acc = carry
+        mb = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
+        (_, metrics), g = grad_fn(params, mb)
+        g_acc = shard_grads(jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g))
+        return (g_acc, _combine(m_acc, metrics)), None
+
+    g0 = shard_grads(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+    m0 = {k: _metric_init(s, k) for k, s in metric_shapes.items()}
+    (grads, metrics), _ = jax.lax.scan(body, (g0, m0), micro)
+    return grads, metrics
+
+
+# -------------------------------------------------------------------------------------- update steps
+
+
+def make_update_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.sharding.Mesh,
+                     micro_batch_size: int, loss_fn: LossFn, *, lr_fn: Callable[[jax.Array], jax.Array],
+                     advance_step: bool, keep_reference: bool = False):
+    """The shared machinery of the RL and BC steps: a jitted `(state, batch) -> (state, metrics)` that
+    accumulates `loss_fn`'s gradient over micro-batches, applies AdamW with learning rate
+    `lr_fn(state.step)`, and skips non-finite updates. The state is donated; state, batch and metrics
+    have explicit shardings on `mesh`, so one compilation serves every call with the same shapes.
+
+    Metrics: those of `loss_fn` plus loss, grad_norm (before clipping), lr, skipped (0/1),
+    num_skipped, num_tokens, num_seqs.
+    """
+    tx = make_optimizer(optim_cfg)
+    sh = state_shardings(model_cfg, optim_cfg, mesh, keep_reference)
+    repl = NamedSharding(mesh, P())
+
+    def step(state: TrainState, batch: Batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            grads, metrics = accumulate_gradients(loss_fn, state.params, batch, micro_batch_size,
+                                                  ref_params=state.ref_params, grad_shardings=sh.params)
+            grad_norm = optax.global_norm(grads)
+            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            lr = lr_fn(state.step)
+            params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
+            # jnp.where rather than lax.cond: it fuses into the update and never holds two states.
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+            new_state = state.replace(
+                step=state.step + (ok & advance_step).astype(jnp.int32),
+                params=keep(params, state.params),
+                opt_state=keep(opt_state, state.opt_state),
+                num_skipped=state.num_skipped + (~ok).astype(jnp.int32))
+            num_tokens, num_seqs = grpo.batch_counts(batch["loss_mask"])
+        metrics.update(grad_norm=grad_norm, lr=lr, skipped=(~ok).astype(jnp.float32),
+                       num_skipped=new_state.num_skipped.astype(jnp.float32), num_tokens=num_tokens,
+                       num_seqs=num_seqs)
+        return new_state, metrics
+
+    return jax.jit(step, in_shardings=(sh, batch_sharding(mesh)), out_shardings=(sh, repl),
+                   donate_argnums=0)
+
+
+def rl_loss(model_cfg: ModelConfig, loss_cfg: LossConfig, params: Params, ref_params: Params | None,
+            mb: Batch, num_tokens: jax.Array, num_seqs: jax.Array):
+    """Policy loss (+ kl_coef * KL to the reference) of one micro-batch, normalised by whole-batch
+    counts. Returns (loss, metrics)."""
+    out = token_logprobs(model_cfg, params, mb["tokens"], mb["attention_mask"],
+                         temperature=loss_cfg.temperature, chunk_size=loss_cfg.chunk_size,
+                         return_entropy=loss_cfg.entropy_metric)
+    logp, entropy = out if loss_cfg.entropy_metric else (out, None)
+    loss, metrics = grpo.policy_loss(logp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
+                                     loss_cfg.clip_low, loss_cfg.clip_high, loss_cfg.clip_c, loss_cfg.agg,
+                                     num_tokens=num_tokens, num_seqs=num_seqs, entropy=entropy)
+    if loss_cfg.keep_reference:
+        ref_logp = jax.lax.stop_gradient(token_logprobs(
+            model_cfg, ref_params, mb["tokens"], mb["attention_mask"], temperature=loss_cfg.temperature,
+            chunk_size=loss_cfg.chunk_size))
+        kl = grpo.aggregate_loss(grpo.kl_penalty(logp, ref_logp, loss_cfg.kl_estimator), mb["loss_mask"],
+                                 loss_cfg.agg, num_tokens=num_tokens, num_seqs=num_seqs)
+        loss = loss + loss_cfg.kl_coef * kl
+        metrics["kl_loss"] = jax.lax.stop_gradient(kl)
+    return loss, metrics
+
+
+def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optim_cfg: OptimConfig,
+                    mesh: jax.sharding.Mesh, micro_batch_size: int):
+    """The jitted RL step `(state, batch) -> (state, metrics)` (batch layout: module docstring).
+
+    One AdamW update on the clipped policy loss over the whole batch, accumulated over micro-batches of
+    `micro_batch_size` sequences; the state must come from `create_train_state(...,
+    keep_reference=loss_cfg.keep_reference)`. Metrics: `grpo.policy_loss`'s, kl_loss when kl_coef > 0,
+    and those of `make_update_step`.
+    """
+    for name, table in (("agg", grpo.LOSS_AGGREGATIONS), ("kl_estimator", grpo.KL_ESTIMATORS)):
+        if getattr(loss_cfg, name) not in table:
+            raise ValueError(f"LossConfig.{name}={getattr(loss_cfg, name)!r} unknown; known: {sorted(table)}")
+    return make_update_step(model_cfg, optim_cfg, mesh, micro_batch_size,
+                            functools.partial(rl_loss, model_cfg, loss_cfg),
+                            lr_fn=functools.partial(learning_rate, optim_cfg), advance_step=True,
+                            keep_reference=loss_cfg.keep_reference)
+
+
+# --------------------------------------------------------------------------------- old log-probs
+
+
+def make_compute_logprobs(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, micro_batch_size: int, *,
+                          temperature: float = 1.0, chunk_size: int = 512):
+    """Jitted `(params, batch) -> (logprobs f32 [N, T], metrics)`: the old log-probs for the update.
+
+    Runs the chunked forward micro-batch by micro-batch (no gradient) with the same shardings as the
+    train step; `params` may be the master params or the reference params. logprobs are 0 off
+    `loss_mask`. Metrics: entropy (token mean over the loss mask), and when the batch has
+    `sampler_logprobs`, logprob_gap_mean / logprob_gap_max = mean / max |logprobs - sampler_logprobs|
+    over the loss mask (sampler vs trainer numerics; large values mean the update is off-policy).
+    """
+    repl = NamedSharding(mesh, P())
+    bsh = batch_sharding(mesh)
+
+    def fn(params, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            micro = split_microbatches({k: batch[k] for k in ("tokens", "attention_mask")},
+                                       _num_micro(batch, micro_batch_size))
+
+            def body(_, mb):
+                return None, token_logprobs(model_cfg, params, mb["tokens"], mb["attention_mask"],
+                                            temperature=temperature, chunk_size=chunk_size,
+                                            return_entropy=True)
+
+            _, (logp, ent) = jax.lax.scan(body, None, micro)
+            mask = batch["loss_mask"].astype(bool)
+            logp = jnp.where(mask, merge_microbatches(logp), 0.0)
+            ent = merge_microbatches(ent)
+            num_tokens, _ = grpo.batch_counts(mask)
+            metrics = {"entropy": jnp.sum(jnp.where(mask, ent, 0.0)) / num_tokens}
+            if "sampler_logprobs" in batch:
+                gap = jnp.where(mask, jnp.abs(logp - batch["sampler_logprobs"]), 0.0)
+                metrics["logprob_gap_mean"] = jnp.sum(gap) / num_tokens
+                metrics["logprob_gap_max"] = jnp.max(gap)
+        return logp, metrics
+
+    return jax.jit(fn, in_shardings=(param_shardings(model_cfg, mesh), bsh), out_shardings=(bsh, repl))
+
+
+# --------------------------------------------------------------------------------------- host helpers
+
+
+def pad_batch(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+    """Host-side: appends all-zero rows (False masks, token 0, advantage 0) so N is a multiple of
+    `multiple`. Padding rows contribute nothing to any loss, gradient, normaliser or metric."""
+    n = next(iter(batch.values())).shape[0]
+    extra = -n % multiple
+    if not extra:
+        return dict(batch)
+    return {k: np.concatenate([np.asarray(v), np.zeros((extra,) + np.shape(v)[1:], np.asarray(v).dtype)])
+            for k, v in batch.items()}

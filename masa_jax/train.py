@@ -1,0 +1,333 @@
+"""`python -m masa_jax.train --config=configs/<name>.py [--config.<field>=<value>] [--workdir=DIR]`.
+
+Runs GRPO / DAPO / MASA / MASA-efficient (config.algorithm). One step, as in the paper's Algorithm 1:
+
+    problems -> meta rollouts (M each) -> [after the switch-over: gating, cutoff budgets, hints]
+             -> solution rollouts (G each) -> verify answers, parse meta outputs, self-alignment rewards
+             -> group advantages -> old log-probs -> policy update(s)
+             -> expert meta-trajectories into the buffer -> BC steps when it is full
+             -> metrics; every N steps an Orbax checkpoint
+
+Starting again in the same workdir resumes from the newest checkpoint; SIGTERM saves and exits.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from masa_jax import checkpointing
+from masa_jax import config as config_lib
+from masa_jax import metrics as metrics_lib
+from masa_jax.data import pipeline, sources
+from masa_jax.dry_run import model_config_for
+from masa_jax.models import qwen
+from masa_jax.parallel import mesh as mesh_lib
+from masa_jax.rewards import math as math_reward
+from masa_jax.rewards import prompts
+from masa_jax.rl import controls as controls_lib
+from masa_jax.rl import expert_buffer as expert_lib
+from masa_jax.rl import rollout as rollout_lib
+from masa_jax.rl import update as update_lib
+from masa_jax.sampling import generate as sampling_generate
+from masa_jax.sampling import reshard_for_sampling
+from masa_jax.tokenization import ChatCodec, load_codec
+
+log = logging.getLogger("masa_jax.train")
+
+# Metrics that depend on wall-clock time; everything else is a deterministic function of (seed, step).
+TIMING_PREFIXES = ("time/", "throughput/")
+
+
+@dataclasses.dataclass
+class Run:
+    """The components of one training run (built once by `build_run`, then only read by the loop)."""
+    config: object
+    workdir: str
+    mesh: jax.sharding.Mesh
+    model_cfg: qwen.ModelConfig
+    codec: ChatCodec
+    data: pipeline.BatchIterator
+    verifier: math_reward.MathVerifier
+    updater: update_lib.Updater
+    rollout_cfg: rollout_lib.RolloutConfig
+    checkpointer: checkpointing.RunCheckpointer
+    writer: metrics_lib.MetricsWriter
+    generate_fn: Callable | None = None  # injected policy for tests; None = the sampler
+
+
+def rollout_config(config) -> rollout_lib.RolloutConfig:
+    e = config.efficient
+    return rollout_lib.RolloutConfig(
+        num_meta=config.rollout.num_meta, num_solutions=config.rollout.num_solutions,
+        max_response_length=config.rollout.max_response_length,
+        meta_max_new_tokens=config.rollout.meta_max_new_tokens, use_meta=config_lib.uses_meta(config),
+        k=config.meta.k, base=config.meta.base, weights=tuple(config.meta.weights),
+        min_solution_length=config.prompts.min_solution_length, meta_template=config.prompts.meta_template,
+        solution_template=config.prompts.solution_template, advantage=config.rl.advantage,
+        adv_eps=config.rl.adv_eps,
+        control=controls_lib.ControlConfig(gate_std=e.gate_std, gate_tol=e.gate_tol, cutoff_factor=e.cutoff_factor,
+                                           max_hint_notions=e.max_hint_notions),
+        gating=e.gating, cutoff=e.cutoff, hints=e.hints)
+
+
+def load_training_problems(config, codec: ChatCodec, rcfg: rollout_lib.RolloutConfig) -> tuple[list, dict]:
+    """All training problems of the configured files, overlong prompts filtered (counted)."""
+    problems, stats = [], collections.Counter()
+    for spec in config.data.train_files:
+        if spec.startswith("toy:"):
+            from masa_jax.toy import world
+            problems.extend(world.training_problems(spec, seed=config.seed))
+            continue
+        loaded = sources.load_problems(spec, on_error=config.data.on_error)
+        stats["skipped_malformed"] += loaded.num_skipped
+        for msg in loaded.skipped[:5]:
+            log.warning("skipped malformed row: %s", msg)
+        problems.extend(loaded.problems)
+
+    def prompt_len(p):
+        meta = codec.encode_chat(prompts.meta_prompt(
+            p.question, max_length=rcfg.max_response_length, k=rcfg.k, template=rcfg.meta_template or None))
+        sol = codec.encode_chat(prompts.solution_prompt(p.question, template=rcfg.solution_template or None))
+        return max(len(meta), len(sol))
+
+    kept, dropped = sources.filter_overlong(problems, prompt_len, config.data.max_prompt_length)
+    stats["dropped_overlong"] = dropped
+    if dropped:
+        log.warning("dropped %d problems whose prompt exceeds %d tokens", dropped, config.data.max_prompt_length)
+    if not kept:
+        raise ValueError(f"no training problems left from {list(config.data.train_files)}")
+    return kept, dict(stats)
+
+
+def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
+    """Everything the loop needs: mesh, model, tokenizer, data, verifier, train step, checkpoints, logs."""
+    m = config.mesh
+    mesh_lib.initialize_distributed(m.coordinator_address or None, m.num_processes, m.process_id, auto=m.tpu_pod)
+    mesh = mesh_lib.make_mesh(m.shape)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2, default=str)
+    codec = load_codec(config.model.tokenizer_path)
+    model_cfg = model_config_for(config)
+    model_cfg, params = qwen.from_pretrained(config.model.path, dtype=model_cfg.param_dtype, mesh=mesh,
+                                             compute_dtype=model_cfg.dtype, remat=model_cfg.remat,
+                                             attention_impl=model_cfg.attention_impl)
+    rcfg = rollout_config(config)
+    problems, data_stats = load_training_problems(config, codec, rcfg)
+    per_host = pipeline.per_host_batch_size(config.data.problems_per_step, jax.process_count())
+    data = pipeline.batches(problems, batch_size=per_host, seed=config.seed, shuffle=config.data.shuffle)
+    log.info("training problems: %d (%s)", len(problems), data_stats)
+    verifier = math_reward.MathVerifier(num_workers=config.reward.num_workers,
+                                        per_item_timeout_s=config.reward.per_item_timeout_s,
+                                        batch_budget_s=config.reward.batch_budget_s,
+                                        fallback=config.reward.answer_fallback)
+    updater = update_lib.Updater.create(config, model_cfg, params, mesh, pad_id=codec.pad_id)
+    checkpointer = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"),
+                                                 max_to_keep=config.checkpoint.max_to_keep)
+    writer = metrics_lib.MetricsWriter(workdir, use_tensorboard=config.log.tensorboard, use_wandb=config.log.wandb,
+                                       wandb_project=config.log.wandb_project, is_primary=jax.process_index() == 0)
+    return Run(config, workdir, mesh, model_cfg, codec, data, verifier, updater, rcfg, checkpointer, writer,
+               generate_fn)
+
+
+def make_generate(run: Run, params) -> Callable:
+    """The rollout policy for this step: the refill sampler over the sampling-layout weights."""
+    if run.generate_fn is not None:
+        return run.generate_fn
+    c = run.config.rollout
+    sampling_params = reshard_for_sampling(params, run.model_cfg, run.mesh)
+
+    def generate(prompt_ids, budgets, max_new_tokens, rng):
+        return sampling_generate(run.model_cfg, sampling_params, prompt_ids, rng=rng, max_new_tokens=max_new_tokens,
+                                 budgets=None if budgets is None else [int(b) for b in budgets],
+                                 temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, eos_ids=run.codec.eos_ids,
+                                 num_slots=c.num_slots)
+    return generate
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Host-side state that checkpoints carry next to the train state."""
+    step: int = 0
+    switched_at: int = -1                      # step of the MASA-efficient switch-over (-1: not yet)
+    meta_reward_history: list = dataclasses.field(default_factory=list)
+    buffer: expert_lib.ExpertBuffer | None = None
+
+
+def efficient_active(config, loop: LoopState) -> bool:
+    """MASA-efficient's switch-over: at step k, or earlier once the meta-reward moving average passes
+    the configured threshold (when one is set)."""
+    if config.algorithm != "masa_efficient":
+        return False
+    if loop.switched_at >= 0:
+        return True
+    e = config.efficient
+    hist = loop.meta_reward_history[-e.auto_switch_window:]
+    auto = (e.auto_switch_threshold > 0 and len(hist) >= e.auto_switch_window
+            and float(np.mean(hist)) >= e.auto_switch_threshold)
+    if loop.step >= e.switch_step or auto:
+        loop.switched_at = loop.step
+        return True
+    return False
+
+
+def collect_rollouts(run: Run, generate: Callable, active: bool, rng: jax.Array) -> rollout_lib.Rollouts:
+    """One step's rollouts; with DAPO's dynamic sampling, more problems are rolled out (up to
+    `dapo.max_rounds` extra rounds) until the batch has `problems_per_step` groups with reward variance."""
+    verify = run.verifier.verify
+    problems = next(run.data)
+    ro = rollout_lib.run_rollouts(problems, generate=generate, codec=run.codec, verify=verify, cfg=run.rollout_cfg,
+                                  efficient_active=active, rng=rng)
+    if not run.config.dapo.dynamic_sampling:
+        return ro
+    target = len(problems)
+    first_kept = ~rollout_lib.zero_variance(ro)
+    kept = rollout_lib.select(ro, first_kept)
+    rounds = 0
+    while len(kept.problems) < target and rounds < run.config.dapo.max_rounds:
+        rounds += 1
+        more = rollout_lib.run_rollouts(next(run.data), generate=generate, codec=run.codec, verify=verify,
+                                        cfg=run.rollout_cfg, efficient_active=active,
+                                        rng=jax.random.fold_in(rng, rounds))
+        kept = rollout_lib.concat(kept, rollout_lib.select(more, ~rollout_lib.zero_variance(more)))
+    keep = np.arange(len(kept.problems)) < target
+    kept = rollout_lib.select(kept, keep)
+    kept.metrics.update({"dapo/rounds": float(rounds), "dapo/kept_groups": float(len(kept.problems)),
+                         "dapo/first_round_kept_fraction": float(first_kept.mean())})
+    return kept
+
+
+def train_one_step(run: Run, state, loop: LoopState, rng: jax.Array):
+    """One RL step (rollouts, update, BC). Returns (state, metrics)."""
+    t_step = time.perf_counter()
+    active = efficient_active(run.config, loop)
+    generate = make_generate(run, state.params)
+    ro = collect_rollouts(run, generate, active, rng)
+    metrics = dict(ro.metrics)
+    metrics["efficient/active"] = float(active)
+
+    t0 = time.perf_counter()
+    state, upd = run.updater.policy_update(state, ro)
+    metrics.update(upd)
+    metrics["time/update_s"] = time.perf_counter() - t0
+
+    if run.rollout_cfg.use_meta:
+        if "reward/meta_total" in metrics:
+            loop.meta_reward_history.append(metrics["reward/meta_total"])
+        if run.config.bc.enabled:
+            experts = expert_lib.select_experts(
+                ro.meta_texts, ro.preds, np.nan_to_num(ro.meta_rewards["notion"], nan=-1.0), ro.correct, ro.lengths,
+                ro.meta_prompt_ids, [p.uid for p in ro.problems], ro.rolled_out, k=run.config.meta.k,
+                min_notion_reward=run.config.bc.min_notion_reward)
+            loop.buffer.add(experts)
+            metrics["bc/new_experts"] = float(len(experts))
+            metrics["bc/buffer_size"] = float(len(loop.buffer.items))
+            if loop.buffer.full:
+                t0 = time.perf_counter()
+                state, bc = run.updater.bc_update(state, loop.buffer.drain(), run.codec)
+                metrics.update(bc)
+                metrics["time/bc_s"] = time.perf_counter() - t0
+
+    elapsed = time.perf_counter() - t_step
+    tokens = metrics.get("tokens/solution", 0.0) + metrics.get("tokens/meta", 0.0)
+    metrics["time/step_s"] = elapsed
+    metrics["throughput/tokens_per_s"] = tokens / max(elapsed, 1e-9)
+    return state, metrics
+
+
+def _extras(run: Run, loop: LoopState, history: list) -> dict:
+    return {"data": run.data.get_state(), "loop": {"step": loop.step, "switched_at": loop.switched_at,
+                                                   "meta_reward_history": loop.meta_reward_history},
+            "buffer": loop.buffer.to_json(), "history": history}
+
+
+def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_after: int | None = None) -> list[dict]:
+    """Runs (or resumes) training in `workdir`; returns the metric history (one dict per step).
+
+    stop_after: stop (with a checkpoint) after this many steps of *this* invocation — for tests that
+    interrupt and resume. generate_fn: a scripted rollout policy (tests); None uses the sampler.
+    """
+    config = config_lib.resolve(config)
+    run = build_run(config, workdir, generate_fn)
+    state = run.updater.state
+    loop = LoopState(buffer=expert_lib.ExpertBuffer(config.bc.buffer_size))
+    history: list[dict] = []
+    restored = run.checkpointer.restore_latest(state)
+    if restored is not None:
+        state, extras, step = restored
+        run.data.set_state(extras["data"])
+        loop = LoopState(step=int(extras["loop"]["step"]), switched_at=int(extras["loop"]["switched_at"]),
+                         meta_reward_history=list(extras["loop"]["meta_reward_history"]),
+                         buffer=expert_lib.ExpertBuffer.from_json(extras["buffer"]))
+        history = list(extras["history"])
+        run.writer.truncate_after(loop.step)
+        log.info("resumed from step %d", loop.step)
+    run.updater.state = None  # the loop owns the state from here on
+    base_rng = jax.random.key(config.seed)
+    bar = metrics_lib.ProgressBar(config.total_steps, initial=loop.step)
+    guard = checkpointing.PreemptionGuard()
+    steps_this_run = 0
+    try:
+        with guard, jax.set_mesh(run.mesh):
+            while loop.step < config.total_steps:
+                state, m = train_one_step(run, state, loop, jax.random.fold_in(base_rng, loop.step))
+                loop.step += 1
+                steps_this_run += 1
+                m["step"] = loop.step
+                history.append(m)
+                run.writer.write(loop.step, m)
+                bar.update(loop.step, m)
+                stop = guard.should_stop or (stop_after is not None and steps_this_run >= stop_after)
+                if loop.step % config.checkpoint.every == 0 or loop.step == config.total_steps or stop:
+                    run.checkpointer.save(loop.step, state, _extras(run, loop, history), force=True)
+                if stop:
+                    log.info("stopping at step %d (%s)", loop.step, "SIGTERM" if guard.should_stop else "stop_after")
+                    break
+    finally:
+        bar.close()
+        run.checkpointer.wait()
+        run.checkpointer.close()
+        run.writer.close()
+        run.verifier.close()
+    if jax.process_index() == 0:
+        print(metrics_lib.summary_table(history))
+    return history
+
+
+def main(argv):
+    from absl import flags
+    del argv
+    FLAGS = flags.FLAGS
+    config = FLAGS.config
+    if FLAGS.dry_run:
+        from masa_jax import dry_run
+        print(dry_run.report(config, FLAGS.dry_run_devices or None, config.mesh.device_memory_gib or None))
+        return
+    workdir = FLAGS.workdir or os.path.join("runs", f"{config.algorithm}")
+    train(config, workdir)
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)", lock_config=True)
+    flags.DEFINE_string("workdir", "", "run directory (checkpoints, metrics, figures); resumed when it exists")
+    flags.DEFINE_boolean("dry_run", False, "build the model abstractly and print the per-device memory estimate")
+    flags.DEFINE_integer("dry_run_devices", 0, "device count for a mesh with -1 in --dry_run (0: this host's)")
+    flags.mark_flags_as_required(["config"])
+
+
+if __name__ == "__main__":
+    from absl import app
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _define_flags()
+    app.run(main)
