@@ -2,22 +2,23 @@
 
 One checkpoint step directory holds two items:
 
-- ``state``: a pytree of ``jax.Array`` (params, optimizer state, step, rng — possibly sharded over a
-  multi-host mesh), written with ``StandardSave`` (tensorstore / OCDBT, every host writes its shards);
+- ``state``: a pytree of ``jax.Array`` (params, optimizer state, step, rng — possibly sharded over
+  a multi-host mesh), written with ``StandardSave`` (tensorstore / OCDBT; each host writes its
+  shards);
 - ``extras``: a JSON-serialisable dict (data-iterator state, expert buffer, metric history, ...),
   written with ``JsonSave`` by the primary host.
 
 Conventions the trainer relies on
 ---------------------------------
-- ``step`` is the number of RL steps *completed*; the checkpoint at step s holds the state after step
-  s, so a resumed run continues with step s + 1 (the same number ``metrics.MetricsWriter`` logs).
+- ``step`` is the number of RL steps *completed*; the checkpoint at step s holds the state after
+  step s, so a resumed run continues with step s + 1 (the number ``metrics.MetricsWriter`` logs).
 - Saving cadence is decided by the manager: ``save(step, ...)`` writes only when
   ``step % save_interval_steps == 0`` (or on a JAX preemption sync point on TPU pods), unless
   ``force=True`` (pre-emption, end of run). Call ``should_save(step)`` first to skip building the
   extras on steps that will not be written.
-- Saves are asynchronous: ``save`` returns once the arrays are copied off the device (it is then safe
-  to donate or delete them), files are written in a background thread. ``wait()`` blocks until the
-  write is durable; ``close()`` waits too — call it before the process exits.
+- Saves are asynchronous: ``save`` returns once the arrays are copied off the device (it is then
+  safe to donate or delete them), files are written in a background thread. ``wait()`` blocks
+  until the write is durable; ``close()`` waits too — call it before the process exits.
 - Every method is a collective in multi-host runs: call it on all hosts, in the same order.
 
 Atomicity (orbax 0.12.8, verified): on POSIX file systems a step is written under
@@ -27,12 +28,12 @@ unfinished steps, so a crash mid-save leaves nothing that ``restore_latest`` wou
 temporary directories are removed when the next ``RunCheckpointer`` opens the directory.
 
 That does not protect against damage *after* the commit (a truncated or deleted file on a flaky
-disk). ``restore_latest`` therefore tries the steps newest first; an unreadable step is logged with a
-WARNING, moved to ``<directory>/corrupt/`` (so the resumed run can save that step number again), and
-the previous step is used. Keep ``max_to_keep >= 2`` so there is a previous step to fall back to.
+disk). ``restore_latest`` therefore tries the steps newest first; an unreadable step is logged with
+a WARNING, moved to ``<directory>/corrupt/`` (so the resumed run can save that step number
+again), and the previous step is used. Keep ``max_to_keep >= 2`` so there is a previous step to fall back to.
 
-``PreemptionGuard`` turns SIGTERM (TPU pre-emption notice) into a flag the loop polls, so the loop can
-save and exit cleanly instead of dying mid-step.
+``PreemptionGuard`` turns SIGTERM (TPU pre-emption notice) into a flag the loop polls, so the loop
+can save and exit cleanly instead of dying mid-step.
 """
 
 from __future__ import annotations
@@ -66,10 +67,10 @@ def abstract_state(template: Any, shardings: Any = None) -> Any:
     """Returns the restore target: a pytree of ``jax.ShapeDtypeStruct`` with shardings.
 
     ``template`` is the train state (concrete arrays, e.g. freshly initialised, or already abstract
-    ``ShapeDtypeStruct``s / ``jax.eval_shape`` output). ``shardings`` is a pytree of ``Sharding`` with
-    the same structure, one per leaf; when None, each leaf keeps its own ``.sharding`` (a concrete
-    array's placement or the struct's sharding). Leaves without any sharding land on the default
-    device. The saved layout does not matter: orbax reshards on restore.
+    ``ShapeDtypeStruct``s / ``jax.eval_shape`` output). ``shardings`` is a pytree of ``Sharding``
+    with the same structure, one per leaf; when None, each leaf keeps its own ``.sharding`` (a
+    concrete array's placement or the struct's sharding). Leaves without any sharding land on the
+    default device. The saved layout does not matter: orbax reshards on restore.
     """
     if shardings is None:
         return jax.tree.map(_leaf_to_struct, template)
@@ -82,7 +83,7 @@ def _leaf_to_struct(leaf: Any, sharding: Any = None) -> jax.ShapeDtypeStruct:
 
 
 def to_json_compatible(extras: Mapping[str, Any]) -> dict[str, Any]:
-    """Returns ``extras`` as plain JSON types (numpy / jax scalars and arrays become numbers / lists).
+    """Returns ``extras`` as plain JSON types (numpy / jax scalars and arrays: numbers / lists).
 
     Raises ``TypeError`` at the call site for anything JSON cannot hold, instead of failing later in
     the background writer thread where the error would surface one save late.
@@ -93,7 +94,8 @@ def to_json_compatible(extras: Mapping[str, Any]) -> dict[str, Any]:
             return np.asarray(obj).tolist()
         if isinstance(obj, (set, frozenset, tuple)):
             return list(obj)
-        raise TypeError(f"checkpoint extras: {type(obj).__name__} is not JSON-serialisable: {obj!r}")
+        raise TypeError(
+            f"checkpoint extras: {type(obj).__name__} is not JSON-serialisable: {obj!r}")
 
     return json.loads(json.dumps(dict(extras), default=default))
 
@@ -116,8 +118,8 @@ class RunCheckpointer:
         save_interval_steps: int = 1,
     ):
         if max_to_keep < 1 or save_interval_steps < 1:
-            raise ValueError(f"need max_to_keep >= 1 and save_interval_steps >= 1, got {max_to_keep}, "
-                             f"{save_interval_steps}")
+            raise ValueError("need max_to_keep >= 1 and save_interval_steps >= 1, got "
+                             f"{max_to_keep}, {save_interval_steps}")
         if max_to_keep < 2:
             logger.warning("max_to_keep=1: a damaged newest checkpoint has no fallback")
         self.directory = epath.Path(directory)
@@ -183,9 +185,9 @@ class RunCheckpointer:
         """Restores the newest readable checkpoint: (state, extras, step), or None if there is none.
 
         Steps are tried newest first. A step that fails to restore is logged (WARNING, naming its
-        path) and, once an older step restored fine, moved to ``<directory>/corrupt/``. If every step
-        fails, ``CheckpointError`` is raised rather than returning None: failing everywhere usually
-        means the template does not match the run (e.g. a different model config), and silently
+        path) and, once an older step restored fine, moved to ``<directory>/corrupt/``. If every
+        step fails, ``CheckpointError`` is raised rather than returning None: failing everywhere
+        usually means the template does not match the run (e.g. a different model config), and silently
         starting from scratch would overwrite a good run.
         """
         self.wait()  # a save still in flight would otherwise be invisible or half-listed
@@ -241,7 +243,8 @@ class RunCheckpointer:
             corrupt_dir.mkdir(parents=True, exist_ok=True)
             for step in steps:
                 target = corrupt_dir / f"{step}-{int(time.time())}"
-                logger.warning("moving unreadable checkpoint %s to %s", self._step_path(step), target)
+                logger.warning("moving unreadable checkpoint %s to %s", self._step_path(step),
+                               target)
                 self._step_path(step).rename(target)
         if jax.process_count() > 1:
             ocp.multihost.sync_global_processes("masa_jax_checkpoint_quarantine")

@@ -4,8 +4,9 @@ Metric records
 --------------
 One record per RL step: ``{"step": s, "<group>/<name>": value, ...}`` where ``step`` is the number
 of steps *completed* (the same number ``checkpointing.RunCheckpointer`` saves under), so the first
-logged step of a run is 1 and a run resumed from the checkpoint at step s logs s + 1 next. Values are
-plain JSON: numpy / jax scalars become numbers, small arrays lists, and NaN / ±inf become ``null``.
+logged step of a run is 1 and a run resumed from the checkpoint at step s logs s + 1 next. Values
+are plain JSON: numpy / jax scalars become numbers, small arrays lists, and NaN / ±inf become
+``null``.
 
 Keys this module reads by name (the trainer should emit them, as fractions in [0, 1] where noted):
 
@@ -127,7 +128,8 @@ def truncate_jsonl(path: str | os.PathLike, last_step: int | None) -> int:
         f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in kept)
     os.replace(tmp, path)
     if len(kept) != len(records):
-        logger.info("%s: dropped %d records after step %s", path, len(records) - len(kept), last_step)
+        logger.info("%s: dropped %d records after step %s", path, len(records) - len(kept),
+                    last_step)
     return len(kept)
 
 
@@ -138,8 +140,8 @@ def _record_step(record: Mapping[str, Any]) -> float:
 
 def _scalars(record: Mapping[str, Any]) -> dict[str, float]:
     """The finite numeric entries of a sanitised record (what TensorBoard / W&B can plot)."""
-    return {k: float(v) for k, v in record.items()
-            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+    numbers = {k: _number(v) for k, v in record.items() if k != "step"}
+    return {k: v for k, v in numbers.items() if v is not None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,10 +159,10 @@ class MetricsWriter:
         kept in ``workdir/wandb_run_id`` so a resumed run continues the same W&B run.
       wandb_project: W&B project name.
       is_primary: whether this process writes; defaults to ``jax.process_index() == 0``.
-      resume_step: the step the run resumes from. Records with a larger step (written by the
-        interrupted run after its last checkpoint) are dropped from the JSONL file and purged from
-        TensorBoard, so a resumed run's file equals an uninterrupted run's. None means a fresh run:
-        an existing file is emptied.
+      resume_step: if given, ``truncate_after(resume_step)`` at once. None leaves an existing file
+        alone (records are appended); the trainer then calls ``truncate_after`` itself once it
+        knows the step it restored — 0 for a fresh run, so stale lines of an earlier attempt that
+        crashed before its first checkpoint go too.
       wandb_config: config dict recorded with the W&B run.
     """
 
@@ -175,23 +177,37 @@ class MetricsWriter:
         self.is_primary = is_primary
         self.workdir = Path(workdir)
         self.path = self.workdir / METRICS_FILE
+        self._use_tensorboard = use_tensorboard
         self._tb = None
         self._wandb_run = None
         if not is_primary:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        truncate_jsonl(self.path, resume_step)
         if use_tensorboard:
-            from tensorboardX import SummaryWriter  # deferred: protobuf import is slow
-
-            # purge_step tells TensorBoard to hide the interrupted run's events from here on.
-            self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR),
-                                     purge_step=(resume_step or 0) + 1)
+            self._tb = _open_tensorboard(self.workdir / TENSORBOARD_DIR, purge_step=None)
         if use_wandb:
             self._wandb_run = _init_wandb(self.workdir, wandb_project, wandb_config)
+        if resume_step is not None:
+            self.truncate_after(resume_step)
+
+    def truncate_after(self, step: int) -> None:
+        """Forgets what an interrupted run logged after ``step`` (the checkpoint it resumes from).
+
+        Drops JSONL records with a larger step and tells TensorBoard to hide its events from
+        ``step + 1`` on, so a resumed run's log equals an uninterrupted run's. (W&B cannot rewind;
+        see ``_init_wandb``.)
+        """
+        if not self.is_primary:
+            return
+        truncate_jsonl(self.path, step)
+        if self._use_tensorboard:
+            # purge_step is only honoured when a writer opens, so reopen the writer.
+            if self._tb is not None:
+                self._tb.close()
+            self._tb = _open_tensorboard(self.workdir / TENSORBOARD_DIR, purge_step=step + 1)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        """Appends the record for ``step`` and returns it (sanitised) — also on non-primary hosts."""
+        """Appends the record for ``step``; returns it sanitised (also on non-primary hosts)."""
         record = {"step": int(step)}
         record.update((k, v) for k, v in to_json_value(dict(metrics)).items() if k != "step")
         if not self.is_primary:
@@ -228,12 +244,18 @@ class MetricsWriter:
         self.close()
 
 
+def _open_tensorboard(logdir: Path, purge_step: int | None) -> Any:
+    from tensorboardX import SummaryWriter  # deferred: protobuf import is slow
+
+    return SummaryWriter(str(logdir), purge_step=purge_step)
+
+
 def _init_wandb(workdir: Path, project: str | None, config: Mapping[str, Any] | None) -> Any:
     try:
         import wandb
     except ImportError as err:
-        raise ImportError("use_wandb=True needs the wandb package (pip install wandb), which is not "
-                          "installed; or set use_wandb=False") from err
+        raise ImportError("use_wandb=True needs the wandb package (pip install wandb), which is "
+                          "not installed; or set use_wandb=False") from err
     id_file = workdir / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
@@ -252,8 +274,8 @@ def format_progress(metrics: Mapping[str, Any]) -> str:
     """The progress bar's postfix: the ``PROGRESS_KEYS`` present in ``metrics``, short labels."""
     parts = []
     for key, label, fmt in PROGRESS_KEYS:
-        value = to_json_value(metrics.get(key))
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = _number(metrics.get(key))
+        if value is not None:
             parts.append(f"{label}={fmt.format(value)}")
     return " ".join(parts)
 
@@ -341,12 +363,25 @@ def pass_at_k(n: Any, c: Any, k: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def history_series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of ``key`` over a history, skipping records where it is missing or null."""
-    pairs = [(r["step"], r[key]) for r in history
-             if isinstance(r.get(key), (int, float)) and "step" in r]
+def history_series(history: Sequence[Mapping[str, Any]], key: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of ``key`` over a history, skipping records where it is missing or null.
+
+    Accepts records read back from JSONL and the trainer's in-memory records alike (numpy / jax
+    scalars, NaN), so end-of-run reports need not round-trip through the file.
+    """
+    pairs = [(_number(r.get("step")), _number(r.get(key))) for r in history]
+    pairs = [(s, v) for s, v in pairs if s is not None and v is not None]
     steps, values = zip(*pairs) if pairs else ((), ())
     return np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
+
+
+def _number(value: Any) -> float | None:
+    """A finite metric value as float; None for missing, null, non-finite, bool or text."""
+    value = to_json_value(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def _new_figure(ncols: int = 1, width: float = 5.0, height: float = 3.6) -> tuple[Figure, list]:
@@ -369,8 +404,8 @@ def plot_calibration(pred_pass: Any, true_pass: Any, path: str | os.PathLike, ti
     """Scatter of predicted vs actual pass rate with the y = x line (the paper's Figure 2).
 
     ``pred_pass`` / ``true_pass`` are either one 1-D array each (one panel), or equally long
-    sequences of 1-D arrays — e.g. ``(pred_start, pred_end), (true_start, true_end)`` — drawn side by
-    side (``panel_titles`` defaults to "start" / "end" for two panels). Each panel also shows the
+    sequences of 1-D arrays — e.g. ``(pred_start, pred_end), (true_start, true_end)`` — drawn side
+    by side (``panel_titles`` defaults to "start" / "end" for two panels). Each panel also shows the
     mean actual rate per predicted-rate bin and Pearson's r. ``lims=None`` scales the axes to the
     data (for predicted vs actual *length*). Returns the PNG path.
     """
@@ -382,7 +417,8 @@ def plot_calibration(pred_pass: Any, true_pass: Any, path: str | os.PathLike, ti
     fig, axes = _new_figure(ncols=len(preds), width=4.2, height=4.2)
     for ax, pred, true, name in zip(axes, preds, trues, panel_titles):
         if pred.shape != true.shape:
-            raise ValueError(f"panel {name!r}: {pred.size} predictions but {true.size} actual values")
+            raise ValueError(
+                f"panel {name!r}: {pred.size} predictions but {true.size} actual values")
         keep = np.isfinite(pred) & np.isfinite(true)
         pred, true = pred[keep], true[keep]
         low, high = lims if lims is not None else _data_range(pred, true)
@@ -391,8 +427,11 @@ def plot_calibration(pred_pass: Any, true_pass: Any, path: str | os.PathLike, ti
         centres, means = _binned_means(pred, true, low, high)
         ax.plot(centres, means, "o-", color="C3", ms=4, lw=1.5, label="bin mean")
         r = pearson(pred, true)
-        ax.set_title(f"{name}  (r = {r:.2f}, n = {pred.size})" if name else f"r = {r:.2f}, n = {pred.size}")
-        ax.set(xlim=(low, high), ylim=(low, high), xlabel=xlabel, ylabel=ylabel)
+        stats = f"r = {r:.2f}, n = {pred.size}"
+        ax.set_title(f"{name}  ({stats})" if name else stats)
+        pad = 0.02 * (high - low)  # points on the 0 / 1 edges stay whole
+        ax.set(xlim=(low - pad, high + pad), ylim=(low - pad, high + pad), xlabel=xlabel,
+               ylabel=ylabel)
         ax.set_aspect("equal")
         ax.legend(loc="upper left", fontsize=8)
     if title:
@@ -464,8 +503,8 @@ def plot_curves(series: Mapping[str, tuple], xlabel: str, ylabel: str, path: str
                 title: str = "", *, logx: bool = False) -> Path:
     """Line per named series, with a shaded ± band where a spread is given.
 
-    ``series[name]`` is ``(x, y)`` or ``(x, y, yerr)`` (yerr: e.g. the std over seeds, or None) — for
-    accuracy against step, wall-clock or tokens across methods. Returns the PNG path.
+    ``series[name]`` is ``(x, y)`` or ``(x, y, yerr)`` (yerr: e.g. the std over seeds, or None) —
+    for accuracy against step, wall-clock or tokens across methods. Returns the PNG path.
     """
     if not series:
         raise ValueError("plot_curves needs at least one series")
@@ -500,13 +539,12 @@ def summary_table(history: Sequence[Mapping[str, Any]], keys: Sequence[str] | No
         keys = [k for k in SUMMARY_KEYS if history_series(history, k)[0].size]
         if not keys:
             keys = sorted({k for r in history for k, v in r.items()
-                           if k != "step" and isinstance(v, (int, float))
-                           and not isinstance(v, bool)})
-    steps = [r["step"] for r in history if isinstance(r.get("step"), (int, float))]
+                           if k != "step" and _number(v) is not None})
+    steps = [s for s in (_number(r.get("step")) for r in history) if s is not None]
     if not steps or not keys:
         return "(no metrics logged)"
     first_step, last_step = min(steps), max(steps)
-    header = ("metric", f"first (step {first_step})", f"last (step {last_step})", "change")
+    header = ("metric", f"first (step {first_step:g})", f"last (step {last_step:g})", "change")
     rows = []
     for key in keys:
         key_steps, values = history_series(history, key)

@@ -15,6 +15,7 @@ class ChatCodec:
     tokenizer: Any
     eos_ids: tuple[int, ...]
     pad_id: int
+    end_of_turn: int  # appended to behaviour-cloning targets: where an assistant turn stops
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Prompt ids of a conversation with the generation prompt appended (chat template)."""
@@ -43,4 +44,5 @@ def load_codec(path: str, extra_eos: Sequence[int] = ()) -> ChatCodec:
     if not eos:
         raise ValueError(f"tokenizer at {path} defines no end-of-sequence token")
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    return ChatCodec(tok, eos, int(pad))
+    end_of_turn = vocab.get("<|im_end|>", eos[0])
+    return ChatCodec(tok, eos, int(pad), int(end_of_turn))

@@ -82,10 +82,6 @@ def load_training_problems(config, codec: ChatCodec, rcfg: rollout_lib.RolloutCo
     """All training problems of the configured files, overlong prompts filtered (counted)."""
     problems, stats = [], collections.Counter()
     for spec in config.data.train_files:
-        if spec.startswith("toy:"):
-            from masa_jax.toy import world
-            problems.extend(world.training_problems(spec, seed=config.seed))
-            continue
         loaded = sources.load_problems(spec, on_error=config.data.on_error)
         stats["skipped_malformed"] += loaded.num_skipped
         for msg in loaded.skipped[:5]:
@@ -94,7 +90,8 @@ def load_training_problems(config, codec: ChatCodec, rcfg: rollout_lib.RolloutCo
 
     def prompt_len(p):
         meta = codec.encode_chat(prompts.meta_prompt(
-            p.question, max_length=rcfg.max_response_length, k=rcfg.k, template=rcfg.meta_template or None))
+            p.question, max_length=rcfg.max_response_length, k=rcfg.k, min_length=rcfg.min_solution_length,
+            template=rcfg.meta_template or None))
         sol = codec.encode_chat(prompts.solution_prompt(p.question, template=rcfg.solution_template or None))
         return max(len(meta), len(sol))
 
@@ -269,8 +266,8 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
                          meta_reward_history=list(extras["loop"]["meta_reward_history"]),
                          buffer=expert_lib.ExpertBuffer.from_json(extras["buffer"]))
         history = list(extras["history"])
-        run.writer.truncate_after(loop.step)
         log.info("resumed from step %d", loop.step)
+    run.writer.truncate_after(loop.step)  # also on a fresh run: a reused workdir must not keep old lines
     run.updater.state = None  # the loop owns the state from here on
     base_rng = jax.random.key(config.seed)
     bar = metrics_lib.ProgressBar(config.total_steps, initial=loop.step)
@@ -286,11 +283,11 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
                 history.append(m)
                 run.writer.write(loop.step, m)
                 bar.update(loop.step, m)
-                stop = guard.should_stop or (stop_after is not None and steps_this_run >= stop_after)
+                stop = guard.should_stop_all() or (stop_after is not None and steps_this_run >= stop_after)
                 if loop.step % config.checkpoint.every == 0 or loop.step == config.total_steps or stop:
                     run.checkpointer.save(loop.step, state, _extras(run, loop, history), force=True)
                 if stop:
-                    log.info("stopping at step %d (%s)", loop.step, "SIGTERM" if guard.should_stop else "stop_after")
+                    log.info("stopping at step %d (%s)", loop.step, "SIGTERM" if guard.should_stop_all() else "stop_after")
                     break
     finally:
         bar.close()

@@ -1,4 +1,4 @@
-"""Tests for masa_jax.checkpointing: round trips onto shardings, fallback, atomicity, pre-emption."""
+"""Tests for masa_jax.checkpointing: round trips onto shardings, fallback, atomicity, SIGTERM."""
 
 import logging
 import os
@@ -113,7 +113,8 @@ def _truncate_files(paths):
 
 
 DAMAGE = {
-    "truncated-array-data": lambda step_dir: _truncate_files(list((step_dir / "state" / "d").iterdir())),
+    "truncated-array-data": lambda step_dir: _truncate_files(
+        list((step_dir / "state" / "d").iterdir())),
     "deleted-extras": lambda step_dir: os.remove(step_dir / "extras" / "metadata"),
 }
 

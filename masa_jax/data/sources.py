@@ -8,6 +8,15 @@ row. Malformed rows raise `DataError` (a `ValueError`) naming the file, the row 
 unless the caller passes `on_error="skip"`, in which case the row is left out and its message is
 kept in `Loaded.skipped` so the trainer can log the count. Nothing is dropped silently.
 
+Formats (details in each loader's docstring):
+  * verl parquet: `reward_model.ground_truth.{question, solution, target}` as nested structs, JSON
+    strings or Python-literal strings (read with `ast.literal_eval`, never `eval`). A row without
+    `ground_truth.question` takes the last user message of `prompt` as its question (minus a known
+    trailing verl instruction). A plain-string ground_truth is the target itself (verl GSM8K).
+  * JSONL: one object per line with `problem`, `answer`, optional `solution`, `id`, `level`.
+  * TFDS: "tfds:<name>[:<split>]" through `tfds.data_source` (extra `masa_jax[tfds]`).
+  * the toy world: "toy:<n>[:<mix>]", "toy-heldout:<n>[:<seed>]" (masa_jax.toy.world.load_spec).
+
 This module imports neither jax nor TensorFlow; pyarrow and tensorflow_datasets are imported only
 by the loaders that need them.
 """
@@ -473,13 +482,19 @@ _TFDS_SPEC = re.compile(r"^tfds:(?P<name>[^:\[\]]+(?::\d+\.\d+\.\d+)?)(?::(?P<sp
 def load_problems(
     spec: str | os.PathLike[str], *, on_error: OnError = "raise", split: str = "train", **tfds_kwargs: Any
 ) -> Loaded:
-    """Loads problems from `spec`: a `.parquet` (verl), a `.jsonl` file, or "tfds:<name>[:<split>]".
+    """Loads problems from `spec`: a `.parquet` (verl), a `.jsonl` file, "tfds:<name>[:<split>]", or a
+    toy-world spec ("toy:<n>[:<mix>]" with seed 0, "toy-heldout:<n>[:<seed>]"; see
+    `masa_jax.toy.world.load_spec`).
 
     For TFDS the name may carry a config and version ("tfds:math/algebra:1.0.0:test"); `split` is
     used when the spec names none, and `tfds_kwargs` go to `load_tfds`. Raises ValueError for an
     unknown kind.
     """
     spec = os.fspath(spec)
+    if spec.startswith(("toy:", "toy-heldout:")):
+        from masa_jax.toy import world  # lazy: the toy world imports this module
+
+        return Loaded(tuple(world.load_spec(spec)))
     if spec.startswith("tfds:"):
         m = _TFDS_SPEC.match(spec)
         if not m:
@@ -489,7 +504,29 @@ def load_problems(
         return load_verl_parquet(spec, on_error=on_error)
     if spec.endswith(".jsonl"):
         return load_jsonl(spec, on_error=on_error)
-    raise ValueError(f"don't know how to read {spec!r}: expected *.parquet, *.jsonl or tfds:<name>")
+    raise ValueError(f"don't know how to read {spec!r}: expected *.parquet, *.jsonl, tfds:<name> or toy:<n>")
+
+
+def load_all(specs: Iterable[str | os.PathLike[str]], *, on_error: OnError = "raise", **kwargs: Any) -> Loaded:
+    """Loads and concatenates several sources (the config's `data.train_files`), in order.
+
+    Raises ValueError when two sources produce the same uid (e.g. two files named train.parquet),
+    since uids key per-problem statistics. Empty strings in `specs` are ignored.
+    """
+    problems: list[Problem] = []
+    skipped: list[str] = []
+    for spec in specs:
+        if not os.fspath(spec):
+            continue
+        loaded = load_problems(spec, on_error=on_error, **kwargs)
+        problems.extend(loaded.problems)
+        skipped.extend(loaded.skipped)
+    seen: dict[str, str] = {}
+    for p in problems:
+        if p.uid in seen:
+            raise ValueError(f"duplicate uid {p.uid!r} from {seen[p.uid]} and {p.source}; rename one file")
+        seen[p.uid] = p.source
+    return Loaded(tuple(problems), tuple(skipped))
 
 
 def filter_overlong(

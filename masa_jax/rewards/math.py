@@ -116,13 +116,17 @@ def last_boxed(text: str, max_chars: int = 1000) -> str | None:
     "Last" means the command that starts last (an unclosed last box gives None: a truncated rollout has
     no final answer). Content longer than ``max_chars`` gives None. O(len(text)).
     """
-    pos, cmd = max((text.rfind(c), c) for c in _BOX_CMDS)
-    if pos < 0:
-        return None
-    i = pos + len(cmd)
     n = len(text)
-    if i < n and text[i].isalpha():  # e.g. "\boxedA" is another command, look further left
-        return last_boxed(text[:pos], max_chars)
+    end = n
+    while True:
+        pos, cmd = max((text.rfind(c, 0, end), c) for c in _BOX_CMDS)
+        if pos < 0:
+            return None
+        i = pos + len(cmd)
+        if i < n and text[i].isalpha():  # "\boxedA" is another command: look further left
+            end = pos
+            continue
+        break
     while i < n and text[i] in " \t":
         i += 1
     if i < n and text[i] == "{":

@@ -13,6 +13,7 @@ from typing import Callable, Protocol, Sequence
 import jax
 import numpy as np
 
+from masa_jax import metrics as metrics_lib
 from masa_jax.data.sources import Problem
 from masa_jax.rewards import meta as meta_lib
 from masa_jax.rewards import prompts
@@ -174,7 +175,7 @@ def run_rollouts(problems: Sequence[Problem], *, generate: GenerateFn, codec: Te
                 meta_rewards[k][sol_idx] = r[k]
 
     # ---- advantages and the flat training sequences
-    adv_fn = grpo.ADVANTAGES[cfg.advantage]
+    adv_fn = grpo.get_advantage_estimator(cfg.advantage)
     train_prompt, train_resp, train_lp, train_adv, train_kind, train_prob = [], [], [], [], [], []
     if len(sol_idx):
         a_sol = np.asarray(adv_fn(r_sol[sol_idx], eps=cfg.adv_eps))
@@ -294,21 +295,16 @@ def _rollout_metrics(problems, preds, meta_rewards, ctrl, applied, rolled_out, c
         ok = rolled & np.isfinite(pm)
         if ok.any():
             m["calib/pass_rate_mae"] = float(np.abs(pm[ok] - actual[ok]).mean())
-            m["calib/pass_rate_corr"] = _pearson(pm[ok], actual[ok])
+            m["calib/pass_rate_corr"] = metrics_lib.pearson(pm[ok], actual[ok])
         lm = ctrl.pred_length_mean
         n_correct = correct.sum(axis=1)
         true_len = np.where(n_correct > 0, (lengths * correct).sum(axis=1) / np.maximum(n_correct, 1), np.nan)
         okl = rolled & np.isfinite(lm) & np.isfinite(true_len)
         if okl.any():
             m["calib/length_mae"] = float(np.abs(lm[okl] - true_len[okl]).mean())
-            m["calib/length_corr"] = _pearson(lm[okl], true_len[okl])
+            m["calib/length_corr"] = metrics_lib.pearson(lm[okl], true_len[okl])
         m.update(controls_lib.control_metrics(ctrl, correct, lengths, finish_budget, cfg.max_response_length,
                                               applied))
     return m
 
 
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Correlation; 0 when either side is constant (no linear relation can be measured)."""
-    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
-        return 0.0
-    return float(np.corrcoef(x, y)[0, 1])

@@ -170,8 +170,9 @@ def create_train_state(model_cfg: ModelConfig, params: Params, optim_cfg: OptimC
         # jnp.copy so the reference never aliases the (donated) master params, even in float32.
         to_ref = lambda p: jax.tree.map(lambda x: jnp.copy(x.astype(model_cfg.jnp_dtype)), p)
         ref = jax.jit(to_ref, out_shardings=sh.ref_params)(params)
-    zero = jax.device_put(jnp.zeros((), jnp.int32), sh.step)
-    return TrainState(step=zero, params=params, opt_state=opt_state, num_skipped=zero, ref_params=ref)
+    # Two separate buffers: the step donates the state, and one buffer cannot be donated twice.
+    zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), sh.step)
+    return TrainState(step=zero(), params=params, opt_state=opt_state, num_skipped=zero(), ref_params=ref)
 
 
 # ------------------------------------------------------------------------------------ micro-batching
@@ -270,7 +271,7 @@ def make_update_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.s
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             grads, metrics = accumulate_gradients(loss_fn, state.params, batch, micro_batch_size,
                                                   ref_params=state.ref_params, grad_shardings=sh.params)
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             lr = lr_fn(state.step)

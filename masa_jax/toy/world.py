@@ -4,29 +4,18 @@ A CPU-sized task on which a 1-5 M parameter Qwen3-architecture model can show MA
 problems span trivial to hard (so pass rates vary), every problem has a known answer, and every
 worked solution names the notions it uses, so notion predictions can be checked.
 
-Problem text (≲ 40 characters):      Compute (37+5)*4-12.
-Worked solution (≲ 200 characters):  parentheses first
-                                     add 37+5=42 carry
-                                     multiply 42*4=168
-                                     subtract 168-12=156
-                                     \\boxed{156}
+    question (≲ 40 chars)    Compute (37+5)*4-12.
+    solution (≲ 200 chars)   parentheses first\nadd 37+5=42 carry\nmultiply 42*4=168\n
+                             subtract 168-12=156\n\\boxed{156}
 
-Solution format, one step per line, always in this order:
-  * "parentheses first" when the question has parentheses; groups are evaluated innermost first,
-    left to right, then the rest of the expression;
-  * "<verb> <a><op><b>=<result>[ carry| borrow][ negative]" with verb add / subtract / multiply,
-    a negative right operand written "(-7)", steps in precedence order (post-order of the parse
-    tree, so multiplication before the addition that needs it);
-  * "\\boxed{<answer>}".
-Tags: "carry" when the step is (in magnitude) a column addition with a carry, "borrow" when it is a
-column subtraction with a borrow (so "add -5+12=7 borrow": 12-5 borrows), "negative" when the
-result is below zero. Multiplication gets no carry tag: it is one memorised operation here.
-
-Notions (`NOTIONS`): parentheses, add, subtract, multiply, carry, borrow, negative. None of these
-words occurs in a question, so the meta reward never excludes a true notion as "already named".
+Difficulty levels 1..5 (`LEVELS`) go from "Compute 3+4." to five 2-3 digit operands with up to two
+parenthesised groups. The solution format and the notions are defined in `masa_jax.toy.solver`
+(re-exported here: `solve`, `notions_of`, `NOTIONS`).
 
 Everything is a pure function of (seed, index): `problem_at(i, seed, mix)` is random access, so the
-training stream is an unbounded grain source with a trivially checkpointable position.
+training stream is an unbounded grain source (`source`) with a trivially checkpointable position;
+`heldout(n, seed)` is a fixed evaluation set in its own random namespace. Specs for config files:
+"toy:<n>[:<mix>]" (the first n training problems) and "toy-heldout:<n>[:<seed>]" (`load_spec`).
 """
 
 from __future__ import annotations
@@ -37,14 +26,20 @@ import sys
 from typing import Iterator, Mapping, Sequence, Union
 
 from masa_jax.data.sources import Problem
-
-NOTIONS: tuple[str, ...] = ("parentheses", "add", "subtract", "multiply", "carry", "borrow", "negative")
-VERBS: Mapping[str, str] = {"+": "add", "-": "subtract", "*": "multiply"}
-QUESTION_PREFIX = "Compute "
-QUESTION_SUFFIX = "."
-PARENTHESES_LINE = "parentheses first"
-_MAX_PAREN_DEPTH = 16
-_MAX_QUESTION_CHARS = 200
+from masa_jax.toy.solver import (  # noqa: F401  (re-exported)
+    NOTIONS,
+    QUESTION_PREFIX,
+    QUESTION_SUFFIX,
+    VERBS,
+    Step,
+    Worked,
+    expression_of,
+    notions_of,
+    parse_expression,
+    solve,
+    steps_of,
+    strip_parens,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,246 +66,10 @@ LEVELS: Mapping[int, LevelSpec] = {
     1: LevelSpec((2, 2), (1, 1), "+", 0, 0.0, 0, 18),  # "Compute 3+4."
     2: LevelSpec((2, 2), (1, 2), "+-*", 0, 0.0, 9, 999),  # "Compute 47-9."
     3: LevelSpec((3, 3), (1, 2), "+-*", 1, 0.4, 9, 9_999),  # "Compute (12+7)*3."
-    4: LevelSpec((4, 4), (2, 2), "+-*", 1, 0.5, 99, 99_999),  # "Compute 45-(12+38)*7."
-    5: LevelSpec((5, 5), (2, 3), "+-*", 2, 0.6, 99, 999_999),  # "Compute (123-45)*(67+8)-910."
+    4: LevelSpec((4, 4), (2, 2), "+-*", 1, 0.5, 99, 99_999),  # "Compute 45-(12+38)*17."
+    5: LevelSpec((5, 5), (2, 3), "+-*", 2, 0.6, 99, 999_999),  # "Compute (123-45)*(67+18)-910."
 }
 MIN_LEVEL, MAX_LEVEL = min(LEVELS), max(LEVELS)
-
-# --------------------------------------------------------------------------- expressions
-
-
-@dataclasses.dataclass(frozen=True)
-class Num:
-    value: int
-    paren: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class BinOp:
-    op: str
-    left: "Expr"
-    right: "Expr"
-    paren: bool = False  # written inside parentheses in the question
-
-
-Expr = Union[Num, BinOp]
-
-
-def _strip_parens(e: Expr) -> Expr:
-    if isinstance(e, Num):
-        return Num(e.value)
-    return BinOp(e.op, _strip_parens(e.left), _strip_parens(e.right))
-
-
-def parse_expression(text: str) -> Expr:
-    """Parses "<int>[op <int>]..." with + - * and parentheses (no unary minus, no spaces).
-
-    Usual precedence, left associative. Raises ValueError on anything else.
-    """
-    pos = 0
-    depth = 0
-
-    def peek() -> str:
-        return text[pos] if pos < len(text) else ""
-
-    def factor() -> Expr:
-        nonlocal pos, depth
-        c = peek()
-        if c == "(":
-            depth += 1
-            if depth > _MAX_PAREN_DEPTH:
-                raise ValueError(f"parentheses nested deeper than {_MAX_PAREN_DEPTH}")
-            pos += 1
-            inner = expr()
-            if peek() != ")":
-                raise ValueError(f"expected ')' at {pos} in {text!r}")
-            pos += 1
-            depth -= 1
-            return dataclasses.replace(inner, paren=True)
-        start = pos
-        while peek().isdigit() and peek().isascii():
-            pos += 1
-        if start == pos:
-            raise ValueError(f"expected a number at {pos} in {text!r}")
-        return Num(int(text[start:pos]))
-
-    def term() -> Expr:
-        nonlocal pos
-        node = factor()
-        while peek() == "*":
-            pos += 1
-            node = BinOp("*", node, factor())
-        return node
-
-    def expr() -> Expr:
-        nonlocal pos
-        node = term()
-        while peek() in ("+", "-"):
-            op = peek()
-            pos += 1
-            node = BinOp(op, node, term())
-        return node
-
-    if not text or len(text) > _MAX_QUESTION_CHARS:
-        raise ValueError(f"expression must have 1..{_MAX_QUESTION_CHARS} characters")
-    tree = expr()
-    if pos != len(text):
-        raise ValueError(f"unexpected {text[pos]!r} at {pos} in {text!r}")
-    return tree
-
-
-def expression_of(question: str) -> str:
-    """"Compute (37+5)*4-12." -> "(37+5)*4-12"; raises ValueError if not a toy question."""
-    if not (question.startswith(QUESTION_PREFIX) and question.endswith(QUESTION_SUFFIX)):
-        raise ValueError(f"not a toy question: {question!r}")
-    return question[len(QUESTION_PREFIX) : -len(QUESTION_SUFFIX)]
-
-
-# --------------------------------------------------------------------------- worked solutions
-
-
-def _apply(op: str, a: int, b: int) -> int:
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    return a * b
-
-
-def _digits(n: int) -> list[int]:
-    return [int(c) for c in reversed(str(n))]
-
-
-def _has_carry(x: int, y: int) -> bool:
-    """Column addition of non-negative x + y carries at least once."""
-    dx, dy = _digits(x), _digits(y)
-    carry = 0
-    for i in range(max(len(dx), len(dy))):
-        s = (dx[i] if i < len(dx) else 0) + (dy[i] if i < len(dy) else 0) + carry
-        carry = 1 if s >= 10 else 0
-        if carry:
-            return True
-    return False
-
-
-def _has_borrow(big: int, small: int) -> bool:
-    """Column subtraction big - small (0 ≤ small ≤ big) borrows at least once."""
-    db, ds = _digits(big), _digits(small)
-    borrow = 0
-    for i in range(len(db)):
-        d = db[i] - (ds[i] if i < len(ds) else 0) - borrow
-        borrow = 1 if d < 0 else 0
-        if borrow:
-            return True
-    return False
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """One line of a worked solution: a <op> b = result, with its notion tags."""
-
-    op: str
-    a: int
-    b: int
-    result: int
-    tags: tuple[str, ...]
-
-    def text(self) -> str:
-        rhs = f"({self.b})" if self.b < 0 else str(self.b)
-        line = f"{VERBS[self.op]} {self.a}{self.op}{rhs}={self.result}"
-        return line + "".join(" " + t for t in self.tags)
-
-
-def _step(op: str, a: int, b: int) -> Step:
-    result = _apply(op, a, b)
-    tags: list[str] = []
-    if op in "+-":
-        # The column algorithm a person (or model) runs depends on the signs: same signs add
-        # magnitudes, different signs subtract the smaller magnitude from the larger.
-        x, y = a, (b if op == "+" else -b)
-        if (x >= 0) == (y >= 0) or x == 0 or y == 0:
-            if _has_carry(abs(x), abs(y)):
-                tags.append("carry")
-        elif _has_borrow(max(abs(x), abs(y)), min(abs(x), abs(y))):
-            tags.append("borrow")
-    if result < 0:
-        tags.append("negative")
-    return Step(op, a, b, result, tuple(tags))
-
-
-def _steps(root: Expr) -> tuple[tuple[Step, ...], int]:
-    """Evaluation steps in the worked-solution order and the final value."""
-    steps: list[Step] = []
-    values: dict[int, int] = {}  # id(node) -> value, for nodes already evaluated
-
-    def outer_groups(node: Expr, is_root: bool) -> list[BinOp]:
-        # Outermost parenthesised BinOps strictly inside `node`, left to right.
-        if isinstance(node, Num):
-            return []
-        if node.paren and not is_root:
-            return [node]
-        return outer_groups(node.left, False) + outer_groups(node.right, False)
-
-    def post_order(node: Expr) -> int:
-        if isinstance(node, Num):
-            return node.value
-        if id(node) in values:
-            return values[id(node)]
-        a, b = post_order(node.left), post_order(node.right)
-        s = _step(node.op, a, b)
-        steps.append(s)
-        values[id(node)] = s.result
-        return s.result
-
-    def group(node: Expr) -> int:
-        for inner in outer_groups(node, True):
-            group(inner)
-        return post_order(node)
-
-    answer = group(root)
-    return tuple(steps), answer
-
-
-@dataclasses.dataclass(frozen=True)
-class Worked:
-    """A solved toy question: its steps, answer, notions (ordered as NOTIONS) and solution text."""
-
-    steps: tuple[Step, ...]
-    answer: int
-    notions: tuple[str, ...]
-    text: str
-
-
-def _has_parens(e: Expr) -> bool:
-    if isinstance(e, Num):
-        return e.paren
-    return e.paren or _has_parens(e.left) or _has_parens(e.right)
-
-
-def solve(question: str) -> Worked:
-    """Solves a toy question ("Compute 3+4.") and writes its worked solution.
-
-    Raises ValueError if `question` is not a toy question.
-    """
-    tree = parse_expression(expression_of(question))
-    steps, answer = _steps(tree)
-    used = {VERBS[s.op] for s in steps} | {t for s in steps for t in s.tags}
-    parens = _has_parens(tree)
-    if parens:
-        used.add("parentheses")
-    notions = tuple(n for n in NOTIONS if n in used)
-    lines = ([PARENTHESES_LINE] if parens else []) + [s.text() for s in steps] + [f"\\boxed{{{answer}}}"]
-    return Worked(steps, answer, notions, "\n".join(lines))
-
-
-def notions_of(problem: Problem | str) -> tuple[str, ...]:
-    """The true notions a toy problem's worked solution uses, in NOTIONS order.
-
-    Accepts a Problem or its question text; raises ValueError for a non-toy question.
-    """
-    question = problem.question if isinstance(problem, Problem) else problem
-    return solve(question).notions
-
 
 # --------------------------------------------------------------------------- generation
 
@@ -356,8 +115,8 @@ def _draw_spans(rng: random.Random, nums: Sequence[int], ops: Sequence[str], spe
             if (i, j) == (0, n - 1) or not _compatible(span, spans):
                 continue
             # Keep a group only if it changes the parse: "(3*4)+5" teaches nothing.
-            with_it = _strip_parens(parse_expression(_render(nums, ops, spans + [span])))
-            without = _strip_parens(parse_expression(_render(nums, ops, spans)))
+            with_it = strip_parens(parse_expression(_render(nums, ops, spans + [span])))
+            without = strip_parens(parse_expression(_render(nums, ops, spans)))
             if with_it != without:
                 spans.append(span)
                 break
@@ -373,10 +132,24 @@ def _within_limits(steps: Sequence[Step], spec: LevelSpec) -> bool:
     return True
 
 
+def _fits(
+    nums: Sequence[int], ops: Sequence[str], spans: Sequence[tuple[int, int]], steps: Sequence[Step], spec: LevelSpec
+) -> bool:
+    """Whether `spec` could have drawn this question."""
+    return (
+        spec.n_operands[0] <= len(nums) <= spec.n_operands[1]
+        and all(spec.digits[0] <= len(str(n)) <= spec.digits[1] for n in nums)
+        and set(ops) <= set(spec.ops)
+        and len(spans) <= spec.max_parens
+        and _within_limits(steps, spec)
+    )
+
+
 def generate_question(level: int, rng: random.Random) -> str:
     """Draws one question of difficulty `level` (1..5) from `rng`; deterministic given its state.
 
-    Rejection-samples until the level's limits hold (max |value|, multiplication cap).
+    Rejection-samples until the level's limits hold (max |value|, multiplication cap) and the
+    question is one the level below could not have drawn.
     """
     spec = LEVELS[level]
     for _ in range(1000):
@@ -385,9 +158,14 @@ def generate_question(level: int, rng: random.Random) -> str:
         ops = [rng.choice(spec.ops) for _ in range(n - 1)]
         spans = _draw_spans(rng, nums, ops, spec)
         question = QUESTION_PREFIX + _render(nums, ops, spans) + QUESTION_SUFFIX
-        steps, _ = _steps(parse_expression(expression_of(question)))
-        if _within_limits(steps, spec):
-            return question
+        steps, _ = steps_of(parse_expression(expression_of(question)))
+        if not _within_limits(steps, spec):
+            continue
+        # A question the level below can also draw ("3+4" at level 2) would blur the labels.
+        easier = LEVELS.get(level - 1)
+        if easier is not None and _fits(nums, ops, spans, steps, easier):
+            continue
+        return question
     raise RuntimeError(f"level {level}: no question within limits after 1000 draws")  # pragma: no cover
 
 
@@ -497,10 +275,9 @@ def stream(seed: int = 0, difficulty_mix: DifficultyMix = None) -> Iterator[Prob
 def heldout(n: int, seed: int = 1234, levels: Sequence[int] = tuple(LEVELS)) -> tuple[Problem, ...]:
     """A fixed evaluation set of `n` distinct problems, levels cycled evenly (1, 2, ..., 5, 1, ...).
 
-    Drawn from its own random namespace, so it never shifts with the training stream. Levels 1-2
-    have small problem spaces (81 level-1 questions), so they repeat within the set only once
-    those are exhausted and overlap the training stream by design; from level 3 on overlap is
-    negligible. uid "toy-heldout-<seed>:<i>", source "toy:heldout".
+    Drawn from its own random namespace, so it never shifts with the training stream. Level 1 has
+    only 81 questions, so with n > 405 level-1 questions repeat; levels 1-2 overlap the training
+    stream by design, from level 3 on the overlap is negligible. uid "toy-heldout-<seed>:<i>", source "toy:heldout".
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -522,3 +299,45 @@ def heldout(n: int, seed: int = 1234, levels: Sequence[int] = tuple(LEVELS)) -> 
             make_problem(question, uid=f"toy-heldout-{seed}:{i}", source="toy:heldout", row=i, difficulty=level)
         )
     return tuple(out)
+
+
+# --------------------------------------------------------------------------- config specs
+
+
+def _parse_mix(text: str) -> DifficultyMix:
+    parts = [x for x in text.split(",") if x.strip()]
+    try:
+        if len(parts) == 1:
+            return int(parts[0])
+        return tuple(float(x) for x in parts)
+    except ValueError:
+        raise ValueError(f"bad difficulty mix {text!r}: a level ('3') or 5 weights ('1,1,2,2,1')") from None
+
+
+def load_spec(spec: str, seed: int = 0) -> list[Problem]:
+    """Problems named by a config string.
+
+    "toy:<n>[:<mix>]": the first n problems of the training stream `seed`; mix is one level ("3")
+      or five weights for levels 1..5 ("1,1,2,2,1"); default uniform.
+    "toy-heldout:<n>[:<seed>]": heldout(n, seed), default seed 1234 (the `seed` argument is not used,
+      so evaluation sets do not move with the training seed).
+    Raises ValueError on anything else.
+    """
+    kind, _, rest = spec.partition(":")
+    fields = rest.split(":") if rest else []
+    try:
+        n = int(fields[0])
+    except (IndexError, ValueError):
+        raise ValueError(f"bad toy spec {spec!r}: expected toy:<n>[:<mix>] or toy-heldout:<n>[:<seed>]") from None
+    if kind == "toy" and len(fields) <= 2:
+        mix = _parse_mix(fields[1]) if len(fields) == 2 else None
+        src = ToySource(seed, mix)
+        return [src[i] for i in range(n)]
+    if kind == "toy-heldout" and len(fields) <= 2:
+        return list(heldout(n, int(fields[1]) if len(fields) == 2 else 1234))
+    raise ValueError(f"bad toy spec {spec!r}: expected toy:<n>[:<mix>] or toy-heldout:<n>[:<seed>]")
+
+
+def training_problems(spec: str, seed: int = 0) -> list[Problem]:
+    """`load_spec` for the trainer's `data.train_files` entries ("toy:20000", "toy:20000:1,1,2,2,1")."""
+    return load_spec(spec, seed)

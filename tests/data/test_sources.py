@@ -245,8 +245,19 @@ def test_jsonl_malformed_lines(tmp_path):
     assert loaded.skipped[4] == f"{path} row 5: field id: expected a string or integer, got list"
 
 
+def test_load_all_concatenates_and_rejects_duplicate_uids(tmp_path):
+    a = _jsonl(tmp_path / "a.jsonl", [json.dumps({"problem": "p", "answer": "1"}), "{bad"])
+    loaded = sources.load_all(["", SAMPLE, a], on_error="skip")
+    assert len(loaded.problems) == 33 and loaded.problems[-1].uid == "a:0"
+    assert loaded.num_skipped == 1 and loaded.skipped[0].startswith(f"{a} row 1: field (line)")
+    os.makedirs(tmp_path / "other")
+    b = _jsonl(tmp_path / "other" / "a.jsonl", [json.dumps({"problem": "q", "answer": "2"})])
+    with pytest.raises(ValueError, match="duplicate uid 'a:0'"):
+        sources.load_all([a, b], on_error="skip")
+
+
 def test_load_problems_dispatch_errors(tmp_path):
-    with pytest.raises(ValueError, match="expected \\*.parquet, \\*.jsonl or tfds:<name>"):
+    with pytest.raises(ValueError, match="expected \\*.parquet, \\*.jsonl, tfds:<name> or toy:<n>"):
         sources.load_problems(str(tmp_path / "x.csv"))
     assert len(sources.load_problems(SAMPLE).problems) == 32
 

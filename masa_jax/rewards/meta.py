@@ -1,0 +1,410 @@
+"""Meta-prediction parsing and the self-alignment reward (method doc, section 2).
+
+``parse(text)`` reads the JSON object a meta rollout emits after ``</meta>`` into a
+``MetaPrediction(notions, pass_rate, length)``; a missing or bad field is None, and it never raises.
+``self_alignment(...)`` turns predictions [P][M] plus the statistics of the G solution rollouts of
+each problem into the length / difficulty / notion / total rewards, float32 [P, M].
+
+Everything here treats model output as untrusted text: a linear-time brace scanner, bounded
+candidate sizes and counts, ``json`` first and ``ast.literal_eval`` (never ``eval``) on a repaired
+copy as the fallback.
+"""
+from __future__ import annotations
+
+import ast
+import bisect
+import json
+import logging
+import math
+import re
+from typing import Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+KEYS = ("math_notion", "pass_rate", "solution_length")
+MAX_CANDIDATE_CHARS = 20_000  # a real meta JSON is < 2k characters
+MAX_CANDIDATES_TRIED = 32
+MAX_LITERAL_DEPTH = 32  # ast.literal_eval compiles recursively: keep hostile nesting away from it
+MAX_NOTIONS = 64
+MAX_NOTION_CHARS = 200
+
+
+class MetaPrediction(NamedTuple):
+    """One parsed meta rollout. ``pass_rate`` is a fraction in [0, 1]; each field None when absent."""
+
+    notions: tuple[str, ...] | None
+    pass_rate: float | None
+    length: int | None
+
+
+EMPTY = MetaPrediction(None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing
+# ----------------------------------------------------------------------------------------------
+
+
+_STRUCTURAL = re.compile(r"[{}\\]")
+
+
+def _brace_candidates(text: str) -> list[tuple[int, int]]:
+    """All balanced ``{...}`` spans (start, end) in one pass with an explicit stack (no recursion).
+
+    The character after a backslash is skipped, so LaTeX ``\\{`` does not count; unmatched braces
+    are ignored, so a stray ``{`` in the reasoning does not hide the JSON object after it.
+    """
+    stack: list[int] = []
+    spans: list[tuple[int, int]] = []
+    escaped = -1
+    for m in _STRUCTURAL.finditer(text):  # one C-speed pass over the structural characters only
+        i = m.start()
+        if i == escaped:
+            continue
+        c = text[i]
+        if c == "\\":
+            escaped = i + 1
+        elif c == "{":
+            stack.append(i)
+        elif stack:
+            spans.append((stack.pop(), i + 1))
+    return spans
+
+
+_JSON_ESCAPES = set('"\\/bfnrtu')
+
+
+def _repair_backslashes(s: str) -> str:
+    """Doubles every backslash that JSON would misread: LaTeX commands (``\\frac`` would become a
+    form feed + "rac", ``\\theta`` a tab + "heta") and invalid escapes (``\\{``, ``\\,``). Kept as
+    escapes: ``\\\\``, ``\\"``, ``\\/``, ``\\uXXXX`` and a one-letter ``\\n``-style escape that is not
+    followed by another letter."""
+    out = []
+    i, n = 0, len(s)
+    while i < n:
+        j = s.find("\\", i)
+        if j < 0:
+            out.append(s[i:])
+            break
+        out.append(s[i:j])
+        nxt = s[j + 1] if j + 1 < n else ""
+        after = s[j + 2] if j + 2 < n else ""
+        if nxt in ('"', "\\", "/"):
+            out.append(s[j : j + 2])
+            i = j + 2
+            continue
+        if nxt == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", s[j + 2 : j + 6]):
+            keep = True
+        else:
+            keep = nxt in _JSON_ESCAPES and nxt != "u" and not after.isalpha()
+        out.append("\\" if keep else "\\\\")
+        i = j + 1
+    return "".join(out)
+
+
+_TRAILING_COMMA = re.compile(r",\s*([}\]])")
+
+
+def _max_depth(s: str) -> int:
+    depth = best = 0
+    for c in s:
+        if c in "[{(":
+            depth += 1
+            best = max(best, depth)
+        elif c in "]})":
+            depth -= 1
+    return best
+
+
+def _load_object(candidate: str) -> dict | None:
+    """json on the repaired text, then without trailing commas, then ``ast.literal_eval`` (single
+    quotes); None if all fail or the result is not a dict."""
+    repaired = _repair_backslashes(candidate)
+    no_trailing = _TRAILING_COMMA.sub(r"\1", repaired)
+    for attempt in (repaired, no_trailing):
+        try:
+            obj = json.loads(attempt)
+        except (ValueError, RecursionError):
+            continue
+        return obj if isinstance(obj, dict) else None
+    if _max_depth(repaired) > MAX_LITERAL_DEPTH:
+        return None
+    try:
+        obj = ast.literal_eval(repaired)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _finite_number(x) -> float | None:
+    """A finite float from an int / float / numeric or "a/b" string; None otherwise (bools too)."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, str):
+        s = x.strip()
+        if len(s) > 40:
+            return None
+        try:
+            if "/" in s:
+                num, den = s.split("/", 1)
+                v = float(num) / float(den)
+            else:
+                v = float(s)
+        except (ValueError, ZeroDivisionError):
+            return None
+    elif isinstance(x, (int, float)):
+        try:
+            v = float(x)
+        except OverflowError:  # a 5000-digit int
+            return None
+    else:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _pass_rate(x, k: int) -> float | None:
+    v = _finite_number(x)
+    if v is None:
+        return None
+    if isinstance(x, str) and "/" in x:  # "5/8": already a fraction
+        return v if 0.0 <= v <= 1.0 else None
+    if v == int(v):  # an integer count of the K attempts (0 and 1 included)
+        return v / k if 0 <= v <= k else None
+    return v if 0.0 < v < 1.0 else None  # a non-integer value in [0, 1] is a fraction
+
+
+def _length(x, lo: int, hi: int) -> int | None:
+    v = _finite_number(x)
+    if v is None or v != int(v):
+        return None
+    v = int(v)
+    return v if lo <= v <= hi else None
+
+
+def _notions(x) -> tuple[str, ...] | None:
+    if isinstance(x, str):
+        x = x.split(",")
+    if not isinstance(x, (list, tuple)) or len(x) > MAX_NOTIONS:
+        return None
+    if not all(isinstance(s, str) for s in x):
+        return None
+    return tuple(s.strip() for s in x if s.strip() and len(s) <= MAX_NOTION_CHARS)
+
+
+def _normalise_key(key) -> str:
+    return str(key).strip().lower().replace(" ", "_") if isinstance(key, str) else ""
+
+
+def parse(text: str, *, k: int = 8, min_length: int = 1, max_length: int = 10**6) -> MetaPrediction:
+    """Reads the last well-formed JSON object (with at least one of ``KEYS``) after the last
+    ``</meta>`` (in the whole text when there is none) into a ``MetaPrediction``.
+
+    ``pass_rate``: an integer 0..k (integral float / numeric string too) -> count / k; a non-integer
+    in (0, 1) or an "a/b" string in [0, 1] is taken as the fraction itself. ``solution_length``: an
+    integer in [min_length, max_length] (integral float accepted). ``math_notion``: a list of
+    strings, or one comma-separated string. A missing / mistyped / non-finite / out-of-range field
+    is None. Linear in ``len(text)``; never raises.
+    """
+    if not isinstance(text, str):
+        return EMPTY
+    try:
+        return _parse(text, k, min_length, max_length)
+    except Exception:  # a parser bug must cost one reward, not the training step; log it loudly
+        logger.exception("meta.parse failed on a %d-character text", len(text))
+        return EMPTY
+
+
+def _parse(text: str, k: int, min_length: int, max_length: int) -> MetaPrediction:
+    tag = text.rfind("</meta>")
+    region = text[tag + len("</meta>") :] if tag >= 0 else text
+    key_pos = sorted(p.start() for key in KEYS for p in re.finditer(re.escape(key), region))
+    if not key_pos:
+        return EMPTY
+    spans = []
+    for start, end in _brace_candidates(region):
+        hit = bisect.bisect_right(key_pos, start)
+        if hit < len(key_pos) and key_pos[hit] < end and end - start <= MAX_CANDIDATE_CHARS:
+            spans.append((start, end))
+    spans.sort(key=lambda se: (-se[1], se[0]))  # last to close first; outermost first on ties
+    for start, end in spans[:MAX_CANDIDATES_TRIED]:
+        obj = _load_object(region[start:end])
+        if obj is None:
+            continue
+        fields = {_normalise_key(key): val for key, val in obj.items()}
+        if not any(key in fields for key in KEYS):
+            continue
+        return MetaPrediction(
+            notions=_notions(fields["math_notion"]) if "math_notion" in fields else None,
+            pass_rate=_pass_rate(fields["pass_rate"], k) if "pass_rate" in fields else None,
+            length=(_length(fields["solution_length"], min_length, max_length)
+                    if "solution_length" in fields else None),
+        )
+    return EMPTY
+
+
+# ----------------------------------------------------------------------------------------------
+# Notion matching
+# ----------------------------------------------------------------------------------------------
+
+_INVARIANT_PLURALS = frozenset({"series", "species"})
+
+
+def singularise(word: str) -> str:
+    """Singular of a regular English plural: identities->identity, boxes->box, medians->median;
+    words ending in "ss" / "us" / "is", "series" and short words are left alone."""
+    w = word
+    if len(w) <= 3 or w in _INVARIANT_PLURALS or not w.endswith("s") or w.endswith(("ss", "us", "is")):
+        return w
+    if w.endswith("ies") and len(w) > 4:
+        return w[:-3] + "y"
+    if w.endswith(("sses", "shes", "ches", "xes")):
+        return w[:-2]
+    return w[:-1]
+
+
+def normalise_notion(notion: str) -> str:
+    """Lower-case, white space collapsed, stripped, last word singularised."""
+    words = notion.lower().split()
+    if not words:
+        return ""
+    words[-1] = singularise(words[-1])
+    return " ".join(words)
+
+
+def normalise_text(text: str) -> str:
+    """The form notions are searched in: lower-case with white space collapsed to single spaces."""
+    return " ".join(text.lower().split())
+
+
+def occurs(notion: str, text: str) -> bool:
+    """Does normalised ``notion`` occur in normalised ``text`` starting at a word boundary?
+
+    Plain ``str.find`` (C speed) plus a check of the preceding character; the match may run into a
+    longer word ("power" occurs in "powers") but may not start inside one ("sum" not in "consume").
+    """
+    if not notion:
+        return False
+    check_boundary = notion[0].isalnum() or notion[0] == "_"
+    i = text.find(notion)
+    while i >= 0:
+        if not check_boundary or i == 0 or not (text[i - 1].isalnum() or text[i - 1] == "_"):
+            return True
+        i = text.find(notion, i + 1)
+    return False
+
+
+def _positive_notions(notions, problem_text, solution_texts, correct_row, cache) -> float:
+    """r_notion of one prediction: mean over kept notions of 1[count(n) > 0], 0 if none is kept."""
+    kept = []
+    for raw in notions or ():
+        n = normalise_notion(raw)
+        if n and n not in kept:
+            kept.append(n)
+    hits = []
+    for n in kept:
+        if n not in cache:  # once per (notion, solution) pair of this problem
+            if occurs(n, problem_text):
+                cache[n] = None  # named in the problem: excluded
+            else:
+                count = sum((1 if ok else -1) for sol, ok in zip(solution_texts, correct_row)
+                            if occurs(n, sol))
+                cache[n] = count > 0
+        if cache[n] is not None:
+            hits.append(cache[n])
+    return float(np.mean(hits)) if hits else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-alignment reward
+# ----------------------------------------------------------------------------------------------
+
+
+def self_alignment(
+    preds: Sequence[Sequence[MetaPrediction | str]],
+    problems: Sequence[str],
+    solutions: Sequence[Sequence[str]],
+    correct,
+    lengths,
+    base: float = 0.01,
+    *,
+    k: int = 8,
+    weights: Mapping[str, float] | Sequence[float] | None = None,
+) -> dict[str, np.ndarray]:
+    """Self-alignment rewards of every meta rollout (method doc, section 2).
+
+    Args:
+      preds: [P][M] ``MetaPrediction`` (or raw meta texts, parsed here with ``k``).
+      problems: [P] problem texts (without the instruction).
+      solutions: [P][G] solution rollout texts.
+      correct: bool [P, G] solution correctness.
+      lengths: int [P, G] solution token lengths.
+      base: b in r_diff = b ** |d_pred - d_sol|.
+      weights: (length, difficulty, notion) weights of the total, default 1/3 each (the mean); a
+        mapping with those keys (a missing key weighs 0) or a 3-sequence.
+    Returns: dict of float32 [P, M]: "length", "difficulty", "notion", "total" (all in [0, 1] for
+      weights that sum to 1).
+    """
+    correct = np.asarray(correct, dtype=bool)
+    lengths = np.asarray(lengths)
+    P = len(preds)
+    if correct.ndim != 2 or correct.shape[0] != P or lengths.shape != correct.shape:
+        raise ValueError(f"correct {correct.shape} and lengths {lengths.shape} must be [P={P}, G]")
+    if len(problems) != P or len(solutions) != P or any(len(s) != correct.shape[1] for s in solutions):
+        raise ValueError("problems must be [P] and solutions [P][G] like correct")
+    M = len(preds[0]) if P else 0
+    if any(len(row) != M for row in preds):
+        raise ValueError("preds must be rectangular [P][M]")
+    if not 0.0 <= base <= 1.0:
+        raise ValueError(f"base must be in [0, 1], got {base}")
+    w = _weights(weights)
+    preds = [[parse(x, k=k) if isinstance(x, str) else x for x in row] for row in preds]
+
+    nan = float("nan")
+    pass_pred = np.array([[nan if p.pass_rate is None else p.pass_rate for p in row] for row in preds],
+                         dtype=np.float64).reshape(P, M)
+    len_pred = np.array([[nan if p.length is None else p.length for p in row] for row in preds],
+                        dtype=np.float64).reshape(P, M)
+
+    # length: inclusive [min, max] of the correct rollouts' lengths; NaN and "no correct" compare False.
+    lens = lengths.astype(np.float64)
+    lo = np.where(correct, lens, np.inf).min(axis=1, initial=np.inf)[:, None]
+    hi = np.where(correct, lens, -np.inf).max(axis=1, initial=-np.inf)[:, None]
+    r_len = ((len_pred >= lo) & (len_pred <= hi)).astype(np.float64)
+
+    # difficulty: b ** |d_pred - d_sol|, 0 where the prediction is missing.
+    d_sol = correct.mean(axis=1, keepdims=True) if correct.shape[1] else np.zeros((P, 1))
+    with np.errstate(invalid="ignore"):
+        r_diff = np.where(np.isnan(pass_pred), 0.0, np.power(base, np.abs(pass_pred - d_sol)))
+
+    # notion: string matching once per (notion, solution) pair, per problem.
+    r_notion = np.zeros((P, M), dtype=np.float64)
+    for p in range(P):
+        if not any(pred.notions for pred in preds[p]):
+            continue
+        problem_text = normalise_text(problems[p])
+        solution_texts = [normalise_text(s) for s in solutions[p]]
+        cache: dict[str, bool | None] = {}
+        for j, pred in enumerate(preds[p]):
+            r_notion[p, j] = _positive_notions(pred.notions, problem_text, solution_texts,
+                                               correct[p], cache)
+
+    total = w[0] * r_len + w[1] * r_diff + w[2] * r_notion
+    return {name: np.nan_to_num(arr, nan=0.0).astype(np.float32)
+            for name, arr in (("length", r_len), ("difficulty", r_diff), ("notion", r_notion),
+                              ("total", total))}
+
+
+def _weights(weights) -> tuple[float, float, float]:
+    if weights is None:
+        return (1 / 3, 1 / 3, 1 / 3)
+    if isinstance(weights, Mapping):
+        unknown = set(weights) - {"length", "difficulty", "notion"}
+        if unknown:
+            raise ValueError(f"unknown reward weights {sorted(unknown)}")
+        return tuple(float(weights.get(name, 0.0)) for name in ("length", "difficulty", "notion"))
+    w = tuple(float(x) for x in weights)
+    if len(w) != 3:
+        raise ValueError("weights must be (length, difficulty, notion)")
+    return w

@@ -1,0 +1,233 @@
+"""train_step / bc on one CPU device: exact gradient accumulation, the AdamW update against optax,
+non-finite skipping, single compilation, the old-log-prob pass, the KL path and the learning signal."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from masa_jax.models.qwen import forward, token_logprobs
+from masa_jax.rl import bc, grpo, train_step as ts
+
+AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+
+
+def assert_trees_close(a, b, rtol):
+    errs = jax.tree.leaves(jax.tree.map(rel_err, a, b))
+    assert max(errs) <= rtol, max(errs)
+
+
+@pytest.fixture(scope="session")
+def accumulated(tiny, host_params, rl_batch, cfgs):
+    """agg -> (grads with 1 micro-batch, grads with 4, metrics 1, metrics 4), from one jit per agg."""
+    loss_cfg, _, micro = cfgs
+    out = {}
+    for agg in AGGS:
+        loss_fn = functools.partial(ts.rl_loss, tiny, ts.LossConfig(chunk_size=loss_cfg.chunk_size, agg=agg))
+
+        @jax.jit
+        def both(params, batch):
+            one = ts.accumulate_gradients(loss_fn, params, batch, len(batch["tokens"]))
+            many = ts.accumulate_gradients(loss_fn, params, batch, micro)
+            return one, many
+
+        (g1, m1), (gm, mm) = both(host_params, rl_batch)
+        out[agg] = (g1, gm, m1, mm)
+    return out
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_gradient_accumulation_is_exact(accumulated, agg):
+    g1, gm, m1, mm = accumulated[agg]
+    assert_trees_close(gm, g1, 1e-5)
+    for key in ("loss", "clipfrac", "clipfrac_low", "clipfrac_high", "approx_kl", "ratio_mean"):
+        np.testing.assert_allclose(float(mm[key]), float(m1[key]), rtol=1e-5, atol=1e-7)
+    assert float(mm["ratio_max"]) == float(m1["ratio_max"])
+    assert float(m1["clipfrac_low"]) > 0 and float(m1["clipfrac_high"]) > 0  # clipping is exercised
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g1)) > 1e-4  # a real gradient
+
+
+def test_one_batch_gradient_is_the_plain_gradient(tiny, host_params, rl_batch, accumulated):
+    """Accumulation with one micro-batch is jax.grad of the policy loss on the whole batch."""
+    def loss(p):
+        lp = token_logprobs(tiny, p, rl_batch["tokens"], rl_batch["attention_mask"])
+        return grpo.policy_loss(lp, rl_batch["old_logprobs"], rl_batch["advantages"], rl_batch["loss_mask"])[0]
+
+    assert_trees_close(accumulated["token-mean"][0], jax.jit(jax.grad(loss))(host_params), 1e-5)
+
+
+def test_step_micro_batched_equals_one_batch_and_optax_adamw(tiny, host_params, rl_batch, mesh1, cfgs,
+                                                             rl_step, accumulated):
+    loss_cfg, optim_cfg, _ = cfgs
+    step_one = ts.make_train_step(tiny, loss_cfg, optim_cfg, mesh1, len(rl_batch["tokens"]))
+    with jax.set_mesh(mesh1):
+        s1, m1 = step_one(ts.create_train_state(tiny, host_params, optim_cfg, mesh1), rl_batch)
+        sm, mm = rl_step(ts.create_train_state(tiny, host_params, optim_cfg, mesh1), rl_batch)
+    assert_trees_close(sm.params, s1.params, 1e-5)
+    assert_trees_close(sm.opt_state, s1.opt_state, 1e-5)  # Adam moments carry the gradient itself
+    np.testing.assert_allclose(float(mm["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
+    assert int(sm.step) == 1 and int(sm.num_skipped) == 0 and float(mm["skipped"]) == 0.0
+    assert float(mm["num_tokens"]) == rl_batch["loss_mask"].sum()
+    assert float(mm["num_seqs"]) == len(rl_batch["tokens"]) - 1  # the padding row is no sequence
+
+    # The update is optax's AdamW (after global-norm clipping) on the accumulated gradient.
+    grads = accumulated["token-mean"][0]
+    tx = optax.chain(optax.clip_by_global_norm(optim_cfg.clip_norm),
+                     optax.adamw(optim_cfg.learning_rate, optim_cfg.b1, optim_cfg.b2, optim_cfg.eps,
+                                 weight_decay=optim_cfg.weight_decay))
+    updates, _ = tx.update(grads, tx.init(host_params), host_params)
+    assert_trees_close(sm.params, optax.apply_updates(host_params, updates), 1e-5)
+    assert max(jax.tree.leaves(jax.tree.map(rel_err, sm.params, host_params))) > 1e-3  # it moved
+
+
+def test_non_finite_update_is_skipped_and_step_compiles_once(tiny, host_params, rl_batch, mesh1, cfgs,
+                                                             rl_step):
+    _, optim_cfg, _ = cfgs
+    bad = dict(rl_batch, advantages=rl_batch["advantages"].copy())
+    bad["advantages"][0] = np.nan
+    state = ts.create_train_state(tiny, host_params, optim_cfg, mesh1)
+    before = jax.device_get((state.params, state.opt_state))
+    with jax.set_mesh(mesh1):
+        state, m = rl_step(state, bad)
+        assert float(m["skipped"]) == 1.0 and not np.isfinite(float(m["loss"]))
+        assert int(state.step) == 0 and int(state.num_skipped) == 1
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get((state.params, state.opt_state)), before)
+        state, m = rl_step(state, rl_batch)
+        state, m = rl_step(state, rl_batch)
+    assert float(m["skipped"]) == 0.0 and int(state.step) == 2 and int(state.num_skipped) == 1
+    assert float(m["num_skipped"]) == 1.0
+    assert rl_step._cache_size() == 1
+
+
+def test_compute_logprobs(tiny, host_params, mesh1, cfgs, compute_logprobs, batch_fn):
+    _, optim_cfg, _ = cfgs
+    b = batch_fn(5)
+    sampler = np.where(b["loss_mask"], -1.0, 0.0).astype(np.float32)
+    state = ts.create_train_state(tiny, host_params, optim_cfg, mesh1)
+    with jax.set_mesh(mesh1):
+        lp, m = compute_logprobs(state.params, dict(b, sampler_logprobs=sampler))
+    logits = np.asarray(forward(tiny, host_params, b["tokens"], b["attention_mask"]), np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    logsm = logits - logz[..., None]
+    ref = np.zeros(b["tokens"].shape)
+    ref[:, 1:] = np.take_along_axis(logsm[:, :-1], b["tokens"][:, 1:, None], -1)[..., 0]
+    ref = np.where(b["loss_mask"], ref, 0.0)
+    np.testing.assert_allclose(np.asarray(lp), ref, atol=2e-5)
+    mask = b["loss_mask"]
+    ent = -(np.exp(logsm) * logsm).sum(-1)
+    ent_ref = np.zeros_like(ent)
+    ent_ref[:, 1:] = ent[:, :-1]  # entropy of the distribution token t was drawn from
+    np.testing.assert_allclose(float(m["entropy"]), ent_ref[mask].mean(), rtol=1e-5)
+    gap = np.abs(ref - sampler)[mask]
+    np.testing.assert_allclose(float(m["logprob_gap_mean"]), gap.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(m["logprob_gap_max"]), gap.max(), rtol=1e-5)
+
+
+def test_learning_signal(tiny, host_params, mesh1, cfgs, rl_step, compute_logprobs, batch_fn):
+    """+1 advantage on sequence 0 and -1 on sequence 1: their log-likelihoods move apart."""
+    _, optim_cfg, _ = cfgs
+    b = batch_fn(2)
+    b["loss_mask"][2:] = False     # only the two sequences under test carry loss
+    b["advantages"][:] = 0.0
+    b["advantages"][:2] = [1.0, -1.0]
+    state = ts.create_train_state(tiny, host_params, optim_cfg, mesh1)
+    seq_logp = lambda lp: np.asarray(lp)[:2].sum(-1)
+    with jax.set_mesh(mesh1):
+        lp0, _ = compute_logprobs(state.params, b)
+        lp = lp0
+        for _ in range(4):
+            state, m = rl_step(state, dict(b, old_logprobs=lp))   # old log-probs recomputed each update
+            lp, _ = compute_logprobs(state.params, b)
+    up, down = seq_logp(lp) - seq_logp(lp0)
+    assert up > 0.5 and down < -0.5, (up, down)
+    assert int(state.step) == 4 and float(m["skipped"]) == 0.0
+
+
+def test_bc_step_lowers_cross_entropy(tiny, host_params, mesh1, cfgs, bc_step, compute_logprobs, batch_fn):
+    _, optim_cfg, _ = cfgs
+    b = batch_fn(3)
+    b = {k: b[k] for k in ("tokens", "attention_mask", "loss_mask")}
+    ce = lambda lp: -np.asarray(lp)[b["loss_mask"]].mean()
+    state = ts.create_train_state(tiny, host_params, optim_cfg, mesh1)
+    with jax.set_mesh(mesh1):
+        ce0 = ce(compute_logprobs(state.params, b)[0])
+        state, m = bc_step(state, b)
+        ce1 = ce(compute_logprobs(state.params, b)[0])
+        for _ in range(3):
+            state, m = bc_step(state, b)
+        ce4 = ce(compute_logprobs(state.params, b)[0])
+    assert ce1 < ce0 and ce4 < ce1 - 0.05, (ce0, ce1, ce4)
+    assert int(state.step) == 0  # BC leaves the RL warm-up counter alone
+    assert float(m["lr"]) == pytest.approx(optim_cfg.bc_learning_rate)
+    # The loss reported by the step is the cross-entropy before its update.
+    state2 = ts.create_train_state(tiny, host_params, optim_cfg, mesh1)
+    with jax.set_mesh(mesh1):
+        _, m0 = bc_step(state2, b)
+    np.testing.assert_allclose(float(m0["bc_loss"]), ce0, rtol=1e-5)
+
+
+def test_bc_loss_formula():
+    logp = -np.arange(1, 7, dtype=np.float32).reshape(2, 3)
+    mask = np.array([[0, 1, 1], [0, 0, 1]], bool)
+    loss, m = bc.bc_loss(jnp.asarray(logp), jnp.asarray(mask))
+    assert float(loss) == pytest.approx((2 + 3 + 6) / 3)
+    assert float(bc.bc_loss(jnp.asarray(logp), jnp.asarray(mask), num_tokens=jnp.float32(11.0))[0]) == 1.0
+
+
+def test_kl_term_and_reference_policy(tiny, host_params, rl_batch):
+    cfg = ts.LossConfig(chunk_size=8, kl_coef=0.1, kl_estimator="k3")
+    ref = jax.tree.map(lambda x: x + 0.02 * np.sign(x), host_params)
+    nt, ns = grpo.batch_counts(rl_batch["loss_mask"])
+    loss, m = jax.jit(functools.partial(ts.rl_loss, tiny, cfg))(host_params, ref, rl_batch, nt, ns)
+    lp = token_logprobs(tiny, host_params, rl_batch["tokens"], rl_batch["attention_mask"])
+    ref_lp = token_logprobs(tiny, ref, rl_batch["tokens"], rl_batch["attention_mask"])
+    d = np.asarray(ref_lp, np.float64) - np.asarray(lp)
+    kl = (np.exp(d) - 1 - d)[rl_batch["loss_mask"]].mean()
+    assert kl > 1e-4
+    np.testing.assert_allclose(float(m["kl_loss"]), kl, rtol=1e-4)
+    np.testing.assert_allclose(float(loss), float(m["pg_loss"]) + 0.1 * kl, rtol=1e-5)
+
+    # kl_coef = 0: no reference forward is traced (one forward scan fewer than with the KL term).
+    count_scans = lambda c: str(jax.make_jaxpr(functools.partial(ts.rl_loss, tiny, c))(
+        host_params, None if c.kl_coef == 0 else ref, rl_batch, nt, ns)).count("scan[")
+    assert count_scans(ts.LossConfig(chunk_size=8)) < count_scans(cfg)
+
+
+def test_train_state_reference_params(tiny, host_params, mesh1, cfgs):
+    _, optim_cfg, _ = cfgs
+    assert ts.create_train_state(tiny, host_params, optim_cfg, mesh1).ref_params is None
+    bf16 = tiny.replace(dtype="bfloat16")
+    state = ts.create_train_state(bf16, host_params, optim_cfg, mesh1, keep_reference=True)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.ref_params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    state32 = ts.create_train_state(tiny, host_params, optim_cfg, mesh1, keep_reference=True)
+    ptrs = lambda t: {x.unsafe_buffer_pointer() for x in jax.tree.leaves(t)}
+    assert not ptrs(state32.params) & ptrs(state32.ref_params)  # donation cannot take the reference
+
+
+def test_learning_rate_schedule():
+    cfg = ts.OptimConfig(learning_rate=1e-6, warmup_steps=20)
+    lrs = [float(ts.learning_rate(cfg, s)) for s in (0, 9, 19, 100)]
+    np.testing.assert_allclose(lrs, [5e-8, 5e-7, 1e-6, 1e-6], rtol=1e-6)
+    assert float(ts.learning_rate(ts.OptimConfig(learning_rate=2e-6, warmup_steps=0), 0)) == pytest.approx(2e-6)
+
+
+def test_microbatch_split_and_padding():
+    x = np.arange(12 * 3).reshape(12, 3)
+    split = ts.split_microbatches({"x": jnp.asarray(x)}, 4)["x"]
+    assert split.shape == (4, 3, 3)
+    np.testing.assert_array_equal(split[1], x[[1, 5, 9]])  # strided: spread over data-parallel shards
+    np.testing.assert_array_equal(ts.merge_microbatches(split), x)
+    b = {"tokens": np.ones((5, 4), np.int32), "loss_mask": np.ones((5, 4), bool), "advantages": np.ones(5)}
+    p = ts.pad_batch(b, 4)
+    assert p["tokens"].shape == (8, 4) and not p["loss_mask"][5:].any() and p["advantages"][5:].sum() == 0
+    assert ts.pad_batch(b, 5)["tokens"].shape == (5, 4)
+    with pytest.raises(ValueError, match="not a multiple of micro_batch_size"):
+        ts.accumulate_gradients(None, None, {"tokens": np.zeros((5, 2)), "loss_mask": np.zeros((5, 2))}, 2)

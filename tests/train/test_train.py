@@ -1,0 +1,168 @@
+"""End-to-end trainer tests on CPU: every algorithm runs, checkpoints restore, resume is exact, and
+MASA-efficient's gating / cutoff / hints act on the rollouts."""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from masa_jax import train
+from masa_jax.tokenization import load_codec
+from masa_jax.toy import world
+
+from conftest import small_config  # noqa: E402  (tests/train/conftest.py)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _finite_metrics(history):
+    for record in history:
+        for key, value in record.items():
+            assert value is None or math.isfinite(value), (key, value)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dapo", "masa", "masa_efficient"])
+def test_algorithm_runs_end_to_end_with_the_sampler(tiny_model_dir, tmp_path, algorithm):
+    config = small_config(tiny_model_dir, algorithm, total_steps=2)
+    history = train.train(config, str(tmp_path))
+    assert [h["step"] for h in history] == [1, 2]
+    _finite_metrics(history)
+    keys = set(history[-1])
+    assert {"acc/solution", "actor/loss", "actor/grad_norm", "tokens/solution", "time/step_s"} <= keys
+    if algorithm in ("masa", "masa_efficient"):
+        assert {"reward/meta_total", "reward/meta_length", "reward/meta_difficulty", "reward/meta_notion",
+                "bc/buffer_size"} <= keys
+    if algorithm == "masa_efficient":
+        assert history[-1]["efficient/active"] == 1.0 and "gate/fraction" in keys
+    if algorithm == "dapo":
+        assert "dapo/rounds" in keys
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == [1, 2]
+    assert os.path.exists(tmp_path / "config.json")
+    # A second invocation finds the finished run's checkpoint and restores it instead of training.
+    again = train.train(config, str(tmp_path))
+    assert [h["step"] for h in again] == [1, 2]
+
+
+def _comparable(record):
+    return {k: v for k, v in record.items() if not k.startswith(train.TIMING_PREFIXES)}
+
+
+def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_one(tiny_model_dir, tmp_path):
+    config = small_config(tiny_model_dir, "masa", total_steps=4)
+    full = train.train(config, str(tmp_path / "full"))
+    part = train.train(config, str(tmp_path / "split"), stop_after=2)
+    assert len(part) == 2
+    resumed = train.train(config, str(tmp_path / "split"))
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full[2:], resumed[2:]):
+        assert _comparable(a) == _comparable(b)
+    lines = [json.loads(line)["step"] for line in open(tmp_path / "split" / "metrics.jsonl")]
+    assert lines == [1, 2, 3, 4]
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(tiny_model_dir, tmp_path, caplog):
+    config = small_config(tiny_model_dir, "grpo", total_steps=3)
+    train.train(config, str(tmp_path), stop_after=2)
+    ckpt = tmp_path / "checkpoints" / "2"
+    data_files = [os.path.join(d, f) for d, _, fs in os.walk(ckpt / "state") for f in fs]
+    for f in data_files:
+        if os.sep + "d" + os.sep in f:
+            with open(f, "r+b") as fh:
+                fh.truncate(8)
+    with caplog.at_level(logging.WARNING):
+        history = train.train(config, str(tmp_path))
+    assert any("2" in r.getMessage() and r.levelno >= logging.WARNING for r in caplog.records)
+    # Resumed from step 1, so steps 2 and 3 were run again.
+    assert [h["step"] for h in history] == [1, 2, 3]
+
+
+class ScriptedPolicy:
+    """A fake rollout policy: fixed meta outputs, correct worked solutions, budgets honoured like the
+    sampler (finish reason "budget"). Records every prompt it was given."""
+
+    def __init__(self, codec, meta_output):
+        self.codec = codec
+        self.meta_output = meta_output
+        self.solution_prompts: list[str] = []
+        self.solution_lengths: list[int] = []
+
+    def __call__(self, prompt_ids, budgets, max_new_tokens, rng):
+        Out = collections.namedtuple("Out", "tokens logprobs finish_reasons")
+        tokens, logprobs, reasons = [], [], []
+        for i, ids in enumerate(prompt_ids):
+            text = self.codec.decode(ids)
+            question = re.search(r"Compute [^.]*\.", text).group(0)
+            if "pass_rate" in text:
+                out = self.meta_output(question)
+            else:
+                self.solution_prompts.append(text)
+                out = world.solve(question).solution
+            ids_out = self.codec.encode(out) + [self.codec.end_of_turn]
+            limit = max_new_tokens if budgets is None else min(int(budgets[i]), max_new_tokens)
+            reason = "eos"
+            if len(ids_out) > limit:
+                ids_out = ids_out[:limit]
+                reason = "budget" if budgets is not None and int(budgets[i]) < max_new_tokens else "max_new_tokens"
+            if "pass_rate" not in text:
+                self.solution_lengths.append(len(ids_out))
+            tokens.append(ids_out)
+            logprobs.append(np.full(len(ids_out), -1.0, np.float32))
+            reasons.append(reason)
+        return Out(tokens, logprobs, reasons)
+
+
+def test_gating_cutoff_and_hints_act_on_the_rollouts(tiny_model_dir, tmp_path):
+    codec = load_codec(tiny_model_dir)
+
+    def meta_output(question):
+        # "Trivially easy" (pass 8/8) for one-operation questions, otherwise a 3-token length and a hint.
+        easy = question.count("+") + question.count("-") + question.count("*") == 1
+        rate = 8 if easy else 4
+        return '<meta>ok</meta>\n{"math_notion": ["carry", "borrow"], "pass_rate": %d, "solution_length": 3}' % rate
+
+    policy = ScriptedPolicy(codec, meta_output)
+    config = small_config(tiny_model_dir, "masa_efficient", total_steps=3, **{
+        "efficient.switch_step": 1, "data.train_files": ("toy:64:1,0,1,0,0",), "rollout.max_response_length": 64})
+    history = train.train(config, str(tmp_path), generate_fn=policy)
+    before, after = history[0], history[1:]
+    assert before["efficient/active"] == 0.0 and all(h["efficient/active"] == 1.0 for h in after)
+    # Before the switch-over no hint is given; after it every solution prompt carries one.
+    n_before = 2 * config.rollout.num_solutions
+    assert not any("Hint:" in p for p in policy.solution_prompts[:n_before])
+    assert all("Hint: the problem can be solved using these notions: carry, borrow." in p
+               for p in policy.solution_prompts[n_before:])
+    # Gated problems got no solution rollouts; the others were cut at ceil(2 * 3) = 6 tokens.
+    gated = sum(h["gate/fraction"] * config.data.problems_per_step for h in after)
+    rolled = sum(config.data.problems_per_step for _ in after) - gated
+    assert len(policy.solution_prompts) - n_before == rolled * config.rollout.num_solutions
+    assert gated > 0
+    assert all(n <= 6 for n in policy.solution_lengths[n_before:])
+    assert all(h["cutoff/fraction"] == 1.0 for h in after if h["gate/fraction"] < 1.0)
+    assert all(h["acc/solution"] == 0.0 for h in after if h["gate/fraction"] < 1.0)  # cut rollouts score 0
+
+
+def test_dry_run_reports_the_8b_pod_config_without_allocating():
+    out = subprocess.run([sys.executable, "-m", "masa_jax.train", "--config=configs/qwen8b.py", "--dry_run"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "8.19 B params" in out.stdout
+    assert "'fsdp': 8, 'tensor': 4" in out.stdout
+    assert re.search(r"kv_cache\s+\d+\.\d+ GiB", out.stdout)
+    assert ": fits" in out.stdout
+
+
+def test_unknown_config_field_is_a_clear_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "masa_jax.train", "--config=configs/qwen8b.py", "--dry_run",
+                          "--config.rl.lrr=2e-6"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "lrr" in out.stderr
