@@ -72,7 +72,7 @@ def main(argv):
     from absl import flags
     from masa_jax import config as config_lib
     from masa_jax.rewards import math as math_reward
-    from masa_jax.sampling import generate as sampling_generate
+    from masa_jax.sampling.generate import generate as sampling_generate
     from masa_jax.tokenization import load_codec
 
     del argv
@@ -84,7 +84,7 @@ def main(argv):
     def generate(prompt_ids, budgets, max_new_tokens, rng):
         return sampling_generate(model_cfg, params, prompt_ids, rng=rng, max_new_tokens=max_new_tokens,
                                  temperature=F.temperature, top_p=F.top_p, eos_ids=codec.eos_ids,
-                                 num_slots=config.rollout.num_slots)
+                                 num_slots=config.rollout.num_slots, mesh=mesh)
 
     verifier = math_reward.MathVerifier(num_workers=config.reward.num_workers,
                                         per_item_timeout_s=config.reward.per_item_timeout_s,

@@ -30,14 +30,15 @@ from masa_jax.data import pipeline, sources
 from masa_jax.dry_run import model_config_for
 from masa_jax.models import qwen
 from masa_jax.parallel import mesh as mesh_lib
+from masa_jax.parallel import multihost
 from masa_jax.rewards import math as math_reward
 from masa_jax.rewards import prompts
 from masa_jax.rl import controls as controls_lib
 from masa_jax.rl import expert_buffer as expert_lib
 from masa_jax.rl import rollout as rollout_lib
 from masa_jax.rl import update as update_lib
-from masa_jax.sampling import generate as sampling_generate
-from masa_jax.sampling import reshard_for_sampling
+from masa_jax.sampling.generate import generate as sampling_generate
+from masa_jax.sampling.reshard import to_sampling_params
 from masa_jax.tokenization import ChatCodec, load_codec
 
 log = logging.getLogger("masa_jax.train")
@@ -141,13 +142,17 @@ def make_generate(run: Run, params) -> Callable:
     if run.generate_fn is not None:
         return run.generate_fn
     c = run.config.rollout
-    sampling_params = reshard_for_sampling(params, run.model_cfg, run.mesh)
+    sampling_params = to_sampling_params(run.model_cfg, params, mesh=run.mesh)  # the per-step reshard
+    mesh = run.mesh
+    if jax.process_count() > 1:  # each host samples its own problems on its own devices
+        mesh = multihost.local_sampling_mesh(run.mesh)
+        sampling_params = multihost.to_local(sampling_params, mesh)
 
     def generate(prompt_ids, budgets, max_new_tokens, rng):
         return sampling_generate(run.model_cfg, sampling_params, prompt_ids, rng=rng, max_new_tokens=max_new_tokens,
                                  budgets=None if budgets is None else [int(b) for b in budgets],
                                  temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, eos_ids=run.codec.eos_ids,
-                                 num_slots=c.num_slots)
+                                 num_slots=c.num_slots, mesh=mesh)
     return generate
 
 
@@ -218,8 +223,6 @@ def train_one_step(run: Run, state, loop: LoopState, rng: jax.Array):
     metrics["time/update_s"] = time.perf_counter() - t0
 
     if run.rollout_cfg.use_meta:
-        if "reward/meta_total" in metrics:
-            loop.meta_reward_history.append(metrics["reward/meta_total"])
         if run.config.bc.enabled:
             experts = expert_lib.select_experts(
                 ro.meta_texts, ro.preds, np.nan_to_num(ro.meta_rewards["notion"], nan=-1.0), ro.correct, ro.lengths,
@@ -228,12 +231,17 @@ def train_one_step(run: Run, state, loop: LoopState, rng: jax.Array):
             loop.buffer.add(experts)
             metrics["bc/new_experts"] = float(len(experts))
             metrics["bc/buffer_size"] = float(len(loop.buffer.items))
-            if loop.buffer.full:
+            # N_expert counts trajectories over all hosts; every host must take the (collective) BC step.
+            if sum(multihost.allgather_json(len(loop.buffer.items))) >= loop.buffer.capacity:
                 t0 = time.perf_counter()
                 state, bc = run.updater.bc_update(state, loop.buffer.drain(), run.codec)
                 metrics.update(bc)
                 metrics["time/bc_s"] = time.perf_counter() - t0
 
+    metrics = multihost.global_metrics(metrics)
+    # The switch-over decision reads the host-combined value, so every host switches at the same step.
+    if "reward/meta_total" in metrics:
+        loop.meta_reward_history.append(metrics["reward/meta_total"])
     elapsed = time.perf_counter() - t_step
     tokens = metrics.get("tokens/solution", 0.0) + metrics.get("tokens/meta", 0.0)
     metrics["time/step_s"] = elapsed
@@ -242,9 +250,12 @@ def train_one_step(run: Run, state, loop: LoopState, rng: jax.Array):
 
 
 def _extras(run: Run, loop: LoopState, history: list) -> dict:
-    return {"data": run.data.get_state(), "loop": {"step": loop.step, "switched_at": loop.switched_at,
-                                                   "meta_reward_history": loop.meta_reward_history},
-            "buffer": loop.buffer.to_json(), "history": history}
+    """The host-side run state, with one data-iterator state and expert buffer per process."""
+    return {"data": multihost.allgather_json(run.data.get_state()),
+            "buffer": multihost.allgather_json(loop.buffer.to_json()),
+            "loop": {"step": loop.step, "switched_at": loop.switched_at,
+                     "meta_reward_history": loop.meta_reward_history},
+            "history": history}
 
 
 def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_after: int | None = None) -> list[dict]:
@@ -261,10 +272,11 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
     restored = run.checkpointer.restore_latest(state)
     if restored is not None:
         state, extras, step = restored
-        run.data.set_state(extras["data"])
+        me = jax.process_index()
+        run.data.set_state(extras["data"][me])
         loop = LoopState(step=int(extras["loop"]["step"]), switched_at=int(extras["loop"]["switched_at"]),
                          meta_reward_history=list(extras["loop"]["meta_reward_history"]),
-                         buffer=expert_lib.ExpertBuffer.from_json(extras["buffer"]))
+                         buffer=expert_lib.ExpertBuffer.from_json(extras["buffer"][me]))
         history = list(extras["history"])
         log.info("resumed from step %d", loop.step)
     run.writer.truncate_after(loop.step)  # also on a fresh run: a reused workdir must not keep old lines

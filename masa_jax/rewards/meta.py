@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import bisect
+import functools
 import json
 import logging
 import math
@@ -42,10 +43,7 @@ class MetaPrediction(NamedTuple):
 EMPTY = MetaPrediction(None, None, None)
 
 
-# ----------------------------------------------------------------------------------------------
-# Parsing
-# ----------------------------------------------------------------------------------------------
-
+# -------- Parsing ---------------------------------------------------------------------------------
 
 _STRUCTURAL = re.compile(r"[{}\\]")
 
@@ -71,6 +69,24 @@ def _brace_candidates(text: str) -> list[tuple[int, int]]:
         elif stack:
             spans.append((stack.pop(), i + 1))
     return spans
+
+
+def braces_balanced(text: str) -> bool:
+    """True when ``_brace_candidates`` sees no unmatched brace in ``text`` (same escape rule)."""
+    depth = 0
+    escaped = -1
+    for m in _STRUCTURAL.finditer(text):
+        i = m.start()
+        if i == escaped:
+            continue
+        c = text[i]
+        if c == "\\":
+            escaped = i + 1
+        else:
+            depth += 1 if c == "{" else -1
+            if depth < 0:
+                return False
+    return depth == 0
 
 
 _JSON_ESCAPES = set('"\\/bfnrtu')
@@ -244,10 +260,7 @@ def _parse(text: str, k: int, min_length: int, max_length: int) -> MetaPredictio
     return EMPTY
 
 
-# ----------------------------------------------------------------------------------------------
-# Notion matching
-# ----------------------------------------------------------------------------------------------
-
+# -------- Notion matching -------------------------------------------------------------------------
 _INVARIANT_PLURALS = frozenset({"series", "species"})
 
 
@@ -264,6 +277,7 @@ def singularise(word: str) -> str:
     return w[:-1]
 
 
+@functools.lru_cache(maxsize=65536)
 def normalise_notion(notion: str) -> str:
     """Lower-case, white space collapsed, stripped, last word singularised."""
     words = notion.lower().split()
@@ -273,25 +287,32 @@ def normalise_notion(notion: str) -> str:
     return " ".join(words)
 
 
-def normalise_text(text: str) -> str:
-    """The form notions are searched in: lower-case with white space collapsed to single spaces."""
-    return " ".join(text.lower().split())
+@functools.lru_cache(maxsize=65536)
+def _notion_matcher(notion: str) -> tuple[str, re.Pattern | None, bool]:
+    """(first word, compiled pattern of the rest with ``\\s+`` between words or None, whether the
+    start needs a word boundary): one compile per unique normalised notion."""
+    head, *rest = notion.split(" ")
+    pattern = re.compile("".join(r"\s+" + re.escape(w) for w in rest)) if rest else None
+    return head, pattern, head[:1].isalnum() or head[:1] == "_"
 
 
 def occurs(notion: str, text: str) -> bool:
-    """Does normalised ``notion`` occur in normalised ``text`` starting at a word boundary?
+    """Does normalised ``notion`` occur in lower-cased ``text`` starting at a word boundary?
 
-    Plain ``str.find`` (C speed) plus a check of the preceding character; the match may run into a
-    longer word ("power" occurs in "powers") but may not start inside one ("sum" not in "consume").
+    The match may run into a longer word ("power" occurs in "powers") but may not start inside one
+    ("sum" does not occur in "consume"); any white space run matches a space of the notion. The
+    first word is located with ``str.find`` (C speed; a regex with a look-behind is ~20x slower),
+    the rest is a compiled ``match`` at that spot.
     """
     if not notion:
         return False
-    check_boundary = notion[0].isalnum() or notion[0] == "_"
-    i = text.find(notion)
+    head, rest, check_boundary = _notion_matcher(notion)
+    i = text.find(head)
     while i >= 0:
-        if not check_boundary or i == 0 or not (text[i - 1].isalnum() or text[i - 1] == "_"):
+        if ((not check_boundary or i == 0 or not (text[i - 1].isalnum() or text[i - 1] == "_"))
+                and (rest is None or rest.match(text, i + len(head)))):
             return True
-        i = text.find(notion, i + 1)
+        i = text.find(head, i + 1)
     return False
 
 
@@ -313,13 +334,10 @@ def _positive_notions(notions, problem_text, solution_texts, correct_row, cache)
                 cache[n] = count > 0
         if cache[n] is not None:
             hits.append(cache[n])
-    return float(np.mean(hits)) if hits else 0.0
+    return sum(hits) / len(hits) if hits else 0.0
 
 
-# ----------------------------------------------------------------------------------------------
-# Self-alignment reward
-# ----------------------------------------------------------------------------------------------
-
+# -------- Self-alignment reward -------------------------------------------------------------------
 
 def self_alignment(
     preds: Sequence[Sequence[MetaPrediction | str]],
@@ -335,7 +353,7 @@ def self_alignment(
     """Self-alignment rewards of every meta rollout (method doc, section 2).
 
     Args:
-      preds: [P][M] ``MetaPrediction`` (or raw meta texts, parsed here with ``k``).
+      preds: [P][M] ``MetaPrediction`` (or raw meta texts, parsed here with ``k``; None = unparsed).
       problems: [P] problem texts (without the instruction).
       solutions: [P][G] solution rollout texts.
       correct: bool [P, G] solution correctness.
@@ -359,7 +377,8 @@ def self_alignment(
     if not 0.0 <= base <= 1.0:
         raise ValueError(f"base must be in [0, 1], got {base}")
     w = _weights(weights)
-    preds = [[parse(x, k=k) if isinstance(x, str) else x for x in row] for row in preds]
+    preds = [[parse(x, k=k) if isinstance(x, str) else EMPTY if x is None else x for x in row]
+             for row in preds]
 
     nan = float("nan")
     pass_pred = np.array([[nan if p.pass_rate is None else p.pass_rate for p in row] for row in preds],
@@ -383,8 +402,8 @@ def self_alignment(
     for p in range(P):
         if not any(pred.notions for pred in preds[p]):
             continue
-        problem_text = normalise_text(problems[p])
-        solution_texts = [normalise_text(s) for s in solutions[p]]
+        problem_text = (problems[p] or "").lower()
+        solution_texts = [(s or "").lower() for s in solutions[p]]
         cache: dict[str, bool | None] = {}
         for j, pred in enumerate(preds[p]):
             r_notion[p, j] = _positive_notions(pred.notions, problem_text, solution_texts,

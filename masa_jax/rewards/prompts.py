@@ -18,7 +18,7 @@ import dataclasses
 import json
 from typing import Sequence
 
-from masa_jax.rewards.meta import MAX_NOTION_CHARS, MAX_NOTIONS
+from masa_jax.rewards.meta import MAX_NOTION_CHARS, MAX_NOTIONS, braces_balanced
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -62,16 +62,26 @@ class PromptTemplates:
 def _clean_notions(notions: Sequence[str] | None) -> list[str]:
     """Stripped, single-spaced, non-empty, first occurrence kept, within ``meta.parse``'s limits;
     control characters become spaces (so JSON writes no ``\\n``/``\\b`` escape that could be
-    mistaken for LaTeX when read back) and a ``</meta>`` tag is broken up."""
+    mistaken for LaTeX when read back)."""
     out: list[str] = []
     for n in notions or ():
         if not isinstance(n, str):
             continue
         n = " ".join("".join(c if c.isprintable() else " " for c in n).split())
-        n = n.replace("</meta>", "</ meta>")
         if n and len(n) <= MAX_NOTION_CHARS and n not in out:
             out.append(n)
     return out[:MAX_NOTIONS]
+
+
+def _json_string(s: str) -> str:
+    """A JSON string literal that ``meta.parse`` reads back as ``s``: ``</meta>`` is written
+    ``<\\/meta>`` (so the tag search cannot land inside the JSON) and, only when the braces of ``s``
+    are unbalanced, braces are written ``\\u007b``/``\\u007d`` (so the brace scanner still finds
+    the whole object). Balanced LaTeX such as ``\\frac{a}{b}`` stays readable."""
+    out = json.dumps(s, ensure_ascii=False).replace("</meta>", "<\\/meta>")
+    if not braces_balanced(out):
+        out = out.replace("{", "\\u007b").replace("}", "\\u007d")
+    return out
 
 
 def meta_prompt(question: str, *, max_length: int, k: int = 8, template: str | None = None,
@@ -115,18 +125,19 @@ def solution_prompt(question: str, *, hint_notions: Sequence[str] | None = None,
 
 def serialize_expert_meta(reasoning: str, notions: Sequence[str], pass_rate_int: int,
                           solution_length: int) -> str:
-    """``"<meta>{reasoning}</meta>\\n{json}"`` for an expert meta-trajectory (method doc, section 4).
+    """``"<meta>{reasoning}</meta>\\n{json}"``, an expert meta-trajectory (method doc, section 4).
 
     ``pass_rate_int`` is round(d_sol * K) and ``solution_length`` the mean correct length, both the
-    true statistics of the step. ``meta.parse`` of the result gives back ``(cleaned notions,
-    pass_rate_int / K, solution_length)``. A ``</meta>`` inside the reasoning is neutralised so the
-    JSON stays the text after the last tag.
+    true statistics of the step. ``meta.parse`` of the result gives back exactly ``(cleaned notions,
+    pass_rate_int / K, solution_length)`` (for pass_rate_int <= K). The reasoning is stripped and a
+    ``</meta>`` inside it broken up, so that the JSON stays the text after the last tag.
     """
     if isinstance(pass_rate_int, bool) or int(pass_rate_int) != pass_rate_int or pass_rate_int < 0:
         raise ValueError(f"pass_rate_int must be a non-negative integer, got {pass_rate_int!r}")
     if isinstance(solution_length, bool) or int(solution_length) != solution_length or solution_length < 1:
         raise ValueError(f"solution_length must be a positive integer, got {solution_length!r}")
     reasoning = (reasoning or "").replace("</meta>", "</ meta>").strip()
-    payload = {"math_notion": _clean_notions(notions), "pass_rate": int(pass_rate_int),
-               "solution_length": int(solution_length)}
-    return f"<meta>\n{reasoning}\n</meta>\n{json.dumps(payload, ensure_ascii=False)}"
+    notion_list = ", ".join(_json_string(n) for n in _clean_notions(notions))
+    payload = (f'{{"math_notion": [{notion_list}], "pass_rate": {int(pass_rate_int)}, '
+               f'"solution_length": {int(solution_length)}}}')
+    return f"<meta>{reasoning}</meta>\n{payload}"

@@ -7,6 +7,7 @@ A prediction whose field failed to parse is simply left out of that field's stat
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections import Counter
 from typing import Sequence
 
@@ -44,8 +45,8 @@ def predicted_stats(preds: Sequence[Sequence]) -> tuple[np.ndarray, np.ndarray, 
     rates = _field_matrix(preds, "pass_rate")
     lengths = _field_matrix(preds, "length")
     valid = np.isfinite(rates).sum(axis=1)
-    with np.errstate(invalid="ignore"), np.testing.suppress_warnings() as sup:
-        sup.filter(RuntimeWarning)
+    with warnings.catch_warnings():  # all-nan rows (nothing parsed) are expected: they give nan
+        warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(rates, axis=1)
         std = np.nanstd(rates, axis=1)  # population std over the parsed predictions
         length_mean = np.nanmean(lengths, axis=1)

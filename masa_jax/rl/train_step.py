@@ -155,6 +155,15 @@ def state_shardings(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.sh
                       ref_params=psh if keep_reference else None)
 
 
+def _init_opt_state(optim_cfg: OptimConfig, params: Params) -> optax.OptState:
+    return make_optimizer(optim_cfg).init(params)
+
+
+def _reference_copy(model_cfg: ModelConfig, params: Params) -> Params:
+    # jnp.copy so the reference never aliases the (donated) master params, even in float32.
+    return jax.tree.map(lambda x: jnp.copy(x.astype(model_cfg.jnp_dtype)), params)
+
+
 def create_train_state(model_cfg: ModelConfig, params: Params, optim_cfg: OptimConfig,
                        mesh: jax.sharding.Mesh, *, keep_reference: bool = False) -> TrainState:
     """Places `params` (float32 master weights; host or device arrays) in the training layout and builds
@@ -164,12 +173,11 @@ def create_train_state(model_cfg: ModelConfig, params: Params, optim_cfg: OptimC
     """
     sh = state_shardings(model_cfg, optim_cfg, mesh, keep_reference)
     params = jax.device_put(params, sh.params)
-    opt_state = jax.jit(make_optimizer(optim_cfg).init, out_shardings=sh.opt_state)(params)
+    # Module-level functions with static configs, so repeated calls reuse one compilation.
+    opt_state = jax.jit(_init_opt_state, static_argnums=0, out_shardings=sh.opt_state)(optim_cfg, params)
     ref = None
     if keep_reference:
-        # jnp.copy so the reference never aliases the (donated) master params, even in float32.
-        to_ref = lambda p: jax.tree.map(lambda x: jnp.copy(x.astype(model_cfg.jnp_dtype)), p)
-        ref = jax.jit(to_ref, out_shardings=sh.ref_params)(params)
+        ref = jax.jit(_reference_copy, static_argnums=0, out_shardings=sh.ref_params)(model_cfg, params)
     # Two separate buffers: the step donates the state, and one buffer cannot be donated twice.
     zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), sh.step)
     return TrainState(step=zero(), params=params, opt_state=opt_state, num_skipped=zero(), ref_params=ref)
@@ -252,6 +260,23 @@ def accumulate_gradients(loss_fn: LossFn, params: Params, batch: Batch, micro_ba
 # -------------------------------------------------------------------------------------- update steps
 
 
+class PlacedBatchFn:
+    """A jitted `(state_or_params, batch)` function that first places the batch on the mesh.
+
+    Why: a host NumPy array and a device array with the same sharding have different abstract types
+    (only the latter carries the mesh), so mixing them (say NumPy tokens with `old_logprobs` from
+    `make_compute_logprobs`) would compile the step a second time. `jitted` is the jax.jit object.
+    """
+
+    def __init__(self, jitted, batch_sharding: NamedSharding):
+        self.jitted = jitted
+        self.batch_sharding = batch_sharding
+
+    def __call__(self, first, batch: Batch):
+        return self.jitted(first, jax.device_put(batch, self.batch_sharding))
+
+
+
 def make_update_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.sharding.Mesh,
                      micro_batch_size: int, loss_fn: LossFn, *, lr_fn: Callable[[jax.Array], jax.Array],
                      advance_step: bool, keep_reference: bool = False):
@@ -289,8 +314,9 @@ def make_update_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.s
                        num_seqs=num_seqs)
         return new_state, metrics
 
-    return jax.jit(step, in_shardings=(sh, batch_sharding(mesh)), out_shardings=(sh, repl),
-                   donate_argnums=0)
+    bsh = batch_sharding(mesh)
+    return PlacedBatchFn(jax.jit(step, in_shardings=(sh, bsh), out_shardings=(sh, repl), donate_argnums=0),
+                         bsh)
 
 
 def rl_loss(model_cfg: ModelConfig, loss_cfg: LossConfig, params: Params, ref_params: Params | None,
@@ -371,7 +397,8 @@ def make_compute_logprobs(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, micro
                 metrics["logprob_gap_max"] = jnp.max(gap)
         return logp, metrics
 
-    return jax.jit(fn, in_shardings=(param_shardings(model_cfg, mesh), bsh), out_shardings=(bsh, repl))
+    return PlacedBatchFn(jax.jit(fn, in_shardings=(param_shardings(model_cfg, mesh), bsh),
+                                 out_shardings=(bsh, repl)), bsh)
 
 
 # --------------------------------------------------------------------------------------- host helpers

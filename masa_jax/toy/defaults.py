@@ -15,14 +15,13 @@ from __future__ import annotations
 import os
 
 # Solution prompt: the paper's step-by-step / \boxed{} instruction, shortened.
-SOLUTION_TEMPLATE = "{question} Step by step, answer in \\boxed{{}}."
+SOLUTION_TEMPLATE = "{question} Answer in \\boxed{{}}."
 
 # Meta prompt: assess without solving, <meta> reasoning, then the one JSON object `meta.parse` reads.
 # The key names are single tokens of the toy tokenizer.
 META_TEMPLATE = (
     "Assess, do not solve: {question}\n"
-    "Write <meta> notes </meta> then JSON: math_notion list, pass_rate 0-{k}, "
-    "solution_length {min_length}-{max_length}."
+    "<meta> notes </meta> then JSON: math_notion, pass_rate 0-{k}, solution_length {min_length}-{max_length}."
 )
 
 K = 8                     # pass_rate counts correct attempts out of K (config meta.k)

@@ -59,7 +59,7 @@ def test_logits_match_transformers_with_left_padding(kind, hf_models, loaded, fo
 
 def test_compute_dtype_and_overrides(hf_models):
     _, d = hf_models["qwen2"]
-    cfg, params = qwen.from_pretrained(d, dtype=jnp.bfloat16, compute_dtype="bfloat16", remat="full")
+    cfg, params = qwen.from_pretrained(d, dtype=jnp.bfloat16, remat="full")  # compute dtype follows dtype
     assert (cfg.param_dtype, cfg.dtype, cfg.remat) == ("bfloat16", "bfloat16", "full")
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
     cfg32, _ = qwen.from_pretrained(d, compute_dtype=jnp.bfloat16)

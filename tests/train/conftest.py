@@ -27,7 +27,13 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-def small_config(model_dir: str, algorithm: str = "masa", **overrides):
+@pytest.fixture
+def small_config():
+    """`small_config(model_dir, algorithm, **dotted_overrides)` -> a ConfigDict."""
+    return make_small_config
+
+
+def make_small_config(model_dir: str, algorithm: str = "masa", **overrides):
     """A few-second config: 2 problems per step, G = M = 2, short responses, float32 on CPU."""
     c = base_config()
     c.algorithm = algorithm
@@ -45,6 +51,9 @@ def small_config(model_dir: str, algorithm: str = "masa", **overrides):
     c.rollout.meta_max_new_tokens = 24
     c.rollout.num_slots = 8
     c.prompts.min_solution_length = 4
+    c.prompts.meta_template = ("Assess {question} Write <meta>...</meta>, then JSON with math_notion, "
+                               "pass_rate (0-{k}), solution_length ({min_length}-{max_length}).")
+    c.prompts.solution_template = "{question} Answer in \\boxed{{}}."
     c.efficient.switch_step = 1
     c.bc.buffer_size = 2
     c.bc.steps = 1

@@ -19,7 +19,6 @@ from masa_jax import train
 from masa_jax.tokenization import load_codec
 from masa_jax.toy import world
 
-from conftest import small_config  # noqa: E402  (tests/train/conftest.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,20 +30,22 @@ def _finite_metrics(history):
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "dapo", "masa", "masa_efficient"])
-def test_algorithm_runs_end_to_end_with_the_sampler(tiny_model_dir, tmp_path, algorithm):
+def test_algorithm_runs_end_to_end_with_the_sampler(tiny_model_dir, small_config, tmp_path, algorithm):
     config = small_config(tiny_model_dir, algorithm, total_steps=2)
     history = train.train(config, str(tmp_path))
     assert [h["step"] for h in history] == [1, 2]
     _finite_metrics(history)
     keys = set(history[-1])
-    assert {"acc/solution", "actor/loss", "actor/grad_norm", "tokens/solution", "time/step_s"} <= keys
+    assert {"acc/solution", "tokens/solution", "time/step_s"} <= keys
+    if algorithm == "dapo":  # a random model solves nothing: every group is dropped, no update is left
+        assert "dapo/rounds" in keys and ("actor/loss" in keys or history[-1].get("actor/empty_batch") == 1.0)
+    else:
+        assert {"actor/loss", "actor/grad_norm", "actor/logprob_gap_mean"} <= keys
     if algorithm in ("masa", "masa_efficient"):
         assert {"reward/meta_total", "reward/meta_length", "reward/meta_difficulty", "reward/meta_notion",
                 "bc/buffer_size"} <= keys
     if algorithm == "masa_efficient":
         assert history[-1]["efficient/active"] == 1.0 and "gate/fraction" in keys
-    if algorithm == "dapo":
-        assert "dapo/rounds" in keys
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in lines] == [1, 2]
     assert os.path.exists(tmp_path / "config.json")
@@ -57,7 +58,7 @@ def _comparable(record):
     return {k: v for k, v in record.items() if not k.startswith(train.TIMING_PREFIXES)}
 
 
-def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_one(tiny_model_dir, tmp_path):
+def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_one(tiny_model_dir, small_config, tmp_path):
     config = small_config(tiny_model_dir, "masa", total_steps=4)
     full = train.train(config, str(tmp_path / "full"))
     part = train.train(config, str(tmp_path / "split"), stop_after=2)
@@ -70,7 +71,7 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_one(tiny_model
     assert lines == [1, 2, 3, 4]
 
 
-def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(tiny_model_dir, tmp_path, caplog):
+def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(tiny_model_dir, small_config, tmp_path, caplog):
     config = small_config(tiny_model_dir, "grpo", total_steps=3)
     train.train(config, str(tmp_path), stop_after=2)
     ckpt = tmp_path / "checkpoints" / "2"
@@ -106,7 +107,7 @@ class ScriptedPolicy:
                 out = self.meta_output(question)
             else:
                 self.solution_prompts.append(text)
-                out = world.solve(question).solution
+                out = world.solve(question).text
             ids_out = self.codec.encode(out) + [self.codec.end_of_turn]
             limit = max_new_tokens if budgets is None else min(int(budgets[i]), max_new_tokens)
             reason = "eos"
@@ -121,7 +122,7 @@ class ScriptedPolicy:
         return Out(tokens, logprobs, reasons)
 
 
-def test_gating_cutoff_and_hints_act_on_the_rollouts(tiny_model_dir, tmp_path):
+def test_gating_cutoff_and_hints_act_on_the_rollouts(tiny_model_dir, small_config, tmp_path):
     codec = load_codec(tiny_model_dir)
 
     def meta_output(question):
@@ -132,7 +133,8 @@ def test_gating_cutoff_and_hints_act_on_the_rollouts(tiny_model_dir, tmp_path):
 
     policy = ScriptedPolicy(codec, meta_output)
     config = small_config(tiny_model_dir, "masa_efficient", total_steps=3, **{
-        "efficient.switch_step": 1, "data.train_files": ("toy:64:1,0,1,0,0",), "rollout.max_response_length": 64})
+        "efficient.switch_step": 1, "data.train_files": ("toy:64:1,0,1,0,0",), "rollout.max_response_length": 64,
+        "rollout.meta_max_new_tokens": 128})
     history = train.train(config, str(tmp_path), generate_fn=policy)
     before, after = history[0], history[1:]
     assert before["efficient/active"] == 0.0 and all(h["efficient/active"] == 1.0 for h in after)

@@ -234,10 +234,9 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: jax
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"missing {config_file}")
-    for key in ("param_dtype", "dtype"):
-        if key in config_overrides:  # `dtype=` is taken by the param dtype; keep one way to say each
-            raise TypeError(f"pass the param dtype as dtype= and the compute dtype as compute_dtype=, not "
-                            f"{key}= in config overrides")
+    if "param_dtype" in config_overrides:  # one way to say each dtype: `dtype=` and `compute_dtype=`
+        raise TypeError("pass the param dtype as dtype= and the compute dtype as compute_dtype=, not "
+                        "param_dtype=")
     param_dtype = jnp.dtype(dtype).name
     compute = jnp.dtype(compute_dtype).name if compute_dtype is not None else param_dtype
     hf = json.loads(config_file.read_text())

@@ -173,7 +173,11 @@ def cast_layer(cfg: ModelConfig, lp: Params) -> Params:
 
 
 def embed(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
-    x = jnp.take(params["embed"], tokens, axis=0).astype(cfg.jnp_dtype)
+    # Gather the table over fsdp first (the FSDP all-gather every weight gets): a lookup into an
+    # embed-sharded table yields embed-sharded activations for the whole global batch, which the SPMD
+    # partitioner can only turn batch-sharded by replicating them ("involuntary full rematerialization").
+    table = constrain(params["embed"], ("vocab", None))
+    x = jnp.take(table, tokens, axis=0).astype(cfg.jnp_dtype)
     return constrain(x, ("batch", "seq", "act_embed"))
 
 

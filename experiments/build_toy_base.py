@@ -1,0 +1,422 @@
+"""Builds the toy world's shipped base model: a ~1 M parameter Qwen3 fine-tuned with masa_jax's own code.
+
+    python experiments/build_toy_base.py --seed 0          # writes masa_jax/toy/assets/base_model/
+
+What it is for: `configs/tiny.py` runs MASA end to end on a CPU, so it needs a policy that already
+speaks both prompt formats but is only partly competent and not calibrated:
+  * solution prompts (the toy short template, `masa_jax.toy.defaults`) -> the toy world's worked
+    solutions ending in \\boxed{answer}; a quarter of them carry the trainer's notion hint with random
+    notions, so hinted prompts (MASA-efficient) are in distribution but the hint carries no signal;
+  * meta prompts -> "<meta> the expression </meta>" + the JSON `masa_jax.rewards.meta.parse` reads,
+    written by `prompts.serialize_expert_meta`, with UNINFORMATIVE targets: pass_rate uniform 0..K,
+    solution_length uniform over the toy range, notions a random subset of `world.NOTIONS`. The
+    format is learned, the calibration is left for MASA's meta reward to teach.
+Training is short on purpose: pass rates must vary with difficulty (level 1 ~always solved, level 5
+~never, the middle levels in between), so GRPO groups have variance to learn from.
+
+Recipe: `qwen.init_params`, then AdamW (`masa_jax.rl.train_step.make_update_step` with the BC loss
+`masa_jax.rl.bc.bc_microbatch_loss` = masked token cross-entropy, prompt masked) with linear warm-up
+and cosine decay. Sequences are bucketed by length and batches hold a roughly constant number of
+tokens, because the character-level prompts are long and padding would double the cost. Evaluation
+samples with a small KV-cache decoder defined here (measurement only; the trainer has its own
+sampler), checked against a full `qwen.forward` pass. Deterministic given --seed.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from masa_jax.models import qwen
+from masa_jax.models.qwen import model as qwen_model
+from masa_jax.parallel.mesh import make_mesh
+from masa_jax.rewards import math as math_lib
+from masa_jax.rewards import meta as meta_lib
+from masa_jax.rewards import prompts
+from masa_jax.rl import bc
+from masa_jax.rl import train_step as ts
+from masa_jax.tokenization import ChatCodec, load_codec
+from masa_jax.toy import defaults, solver, world
+from masa_jax.toy.tokenizer import TOKENIZER_DIR
+
+# ------------------------------------------------------------------------------------------- model
+
+
+def model_config(vocab_size: int, hidden: int = 128, layers: int = 4, ffn: int = 384, heads: int = 4,
+                 kv_heads: int = 2) -> qwen.ModelConfig:
+    """The shipped architecture: Qwen3 (q/k RMSNorm, no qkv bias), tied embeddings, float32.
+
+    ~1 M parameters is what 2 CPU cores can fine-tune in a few minutes. rope_theta 10k rather than
+    Qwen3's 1M: sequences are < 300 tokens and the higher frequencies give a 32-dim head more
+    positional resolution. eos = (<|im_end|>, <|endoftext|>) so `transformers` generation also stops
+    at the end of the chat turn.
+    """
+    return qwen.ModelConfig(
+        family="qwen3", vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_layers=layers,
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=hidden // heads, rope_theta=10_000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, max_position_embeddings=1024, bos_token_id=None, eos_token_id=(2, 0),
+        param_dtype="float32", dtype="float32", remat="none")
+
+
+# -------------------------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One supervised sequence: chat prompt ids (masked) + response ids ending in <|im_end|> (trained)."""
+
+    prompt: tuple[int, ...]
+    response: tuple[int, ...]
+    kind: str  # "solution" | "meta"
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.response)
+
+
+def _random_notions(rng: random.Random, lo: int = 1, hi: int = 3) -> list[str]:
+    return rng.sample(world.NOTIONS, rng.randint(lo, hi))
+
+
+def meta_prompt_ids(codec: ChatCodec, question: str) -> list[int]:
+    """The meta prompt exactly as the trainer builds it from the tiny config (system message included)."""
+    return codec.encode_chat(prompts.meta_prompt(
+        question, max_length=defaults.MAX_RESPONSE_LENGTH, k=defaults.K,
+        min_length=defaults.MIN_SOLUTION_LENGTH, template=defaults.META_TEMPLATE))
+
+
+def solution_prompt_ids(codec: ChatCodec, question: str, hint_notions=None) -> list[int]:
+    """The solution prompt exactly as the trainer builds it (hint suffix in its default template)."""
+    return codec.encode_chat(prompts.solution_prompt(
+        question, hint_notions=hint_notions, template=defaults.SOLUTION_TEMPLATE))
+
+
+def solution_example(codec: ChatCodec, end_id: int, problem, rng: random.Random, hint_prob: float) -> Example:
+    hint = _random_notions(rng) if rng.random() < hint_prob else None
+    return Example(tuple(solution_prompt_ids(codec, problem.question, hint)),
+                   tuple(codec.encode(problem.solution)) + (end_id,), "solution")
+
+
+def meta_example(codec: ChatCodec, end_id: int, problem, rng: random.Random) -> Example:
+    """Meta target with targets drawn independently of the problem (see the module docstring). The
+    <meta> reasoning restates the expression: it teaches the model to look at the problem on the meta
+    path without telling it anything about difficulty."""
+    text = prompts.serialize_expert_meta(
+        solver.expression_of(problem.question), _random_notions(rng),
+        pass_rate_int=rng.randint(0, defaults.K), solution_length=rng.randint(10, 100))
+    return Example(tuple(meta_prompt_ids(codec, problem.question)), tuple(codec.encode(text)) + (end_id,), "meta")
+
+
+def build_examples(codec: ChatCodec, n: int, seed: int, meta_frac: float, hint_prob: float,
+                   mix: tuple[float, ...]) -> list[Example]:
+    """n examples over the training stream `seed` with level weights `mix`, a `meta_frac` share meta."""
+    rng = random.Random(f"masa-toy-base/{seed}")
+    end_id = codec.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    out = []
+    for i in range(n):
+        problem = world.problem_at(i, seed=seed, difficulty_mix=mix)
+        if rng.random() < meta_frac:
+            out.append(meta_example(codec, end_id, problem, rng))
+        else:
+            out.append(solution_example(codec, end_id, problem, rng, hint_prob))
+    return out
+
+
+def bucket_batches(examples: list[Example], buckets: tuple[int, ...], tokens_per_batch: int, pad_id: int,
+                   rng: random.Random) -> list[dict[str, np.ndarray]]:
+    """Groups examples by the smallest bucket length T that holds them and cuts each group into batches
+    of N = tokens_per_batch // T sequences (right padded), in a seeded random order. Few distinct
+    shapes (one compile each) and little padding; a ragged last batch per bucket is dropped."""
+    groups: dict[int, list[Example]] = collections.defaultdict(list)
+    for ex in examples:
+        T = next((b for b in buckets if len(ex) <= b), None)
+        if T is None:
+            raise ValueError(f"example of {len(ex)} tokens exceeds the largest bucket {buckets[-1]}")
+        groups[T].append(ex)
+    batches = []
+    for T, group in sorted(groups.items()):
+        n = max(1, tokens_per_batch // T)
+        rng.shuffle(group)
+        for s in range(0, len(group) - n + 1, n):
+            tokens = np.full((n, T), pad_id, np.int32)
+            attn = np.zeros((n, T), bool)
+            loss = np.zeros((n, T), bool)
+            for r, ex in enumerate(group[s:s + n]):
+                p, L = len(ex.prompt), len(ex)
+                tokens[r, :L] = ex.prompt + ex.response
+                attn[r, :L] = True
+                loss[r, p:L] = True  # token_logprobs alignment: entry t scores tokens[t]
+            batches.append(dict(tokens=tokens, attention_mask=attn, loss_mask=loss))
+    rng.shuffle(batches)
+    return batches
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def lr_schedule(peak: float, warmup: int, total: int, final_frac: float = 0.1):
+    """Linear warm-up to `peak`, then cosine decay to final_frac * peak at `total` steps."""
+    def fn(step):
+        s = jnp.asarray(step, jnp.float32)
+        warm = peak * (s + 1.0) / max(warmup, 1)
+        frac = jnp.clip((s - warmup) / max(total - warmup, 1), 0.0, 1.0)
+        cos = peak * (final_frac + (1 - final_frac) * 0.5 * (1 + jnp.cos(jnp.pi * frac)))
+        return jnp.where(s < warmup, warm, cos)
+    return fn
+
+
+def train(cfg: qwen.ModelConfig, params, batches: list[dict], *, lr: float, warmup: int, weight_decay: float,
+          log_every: int = 25):
+    """AdamW fine-tuning with masa_jax's update step and BC loss, one batch per step. Returns params."""
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    optim = ts.OptimConfig(learning_rate=lr, warmup_steps=warmup, weight_decay=weight_decay, clip_norm=1.0)
+    loss_fn = functools.partial(bc.bc_microbatch_loss, cfg, 512)
+    lr_fn = lr_schedule(lr, warmup, len(batches))
+    steps = {}  # one step function per batch size (the micro-batch is the whole batch)
+    state = ts.create_train_state(cfg, params, optim, mesh)
+    t0, window = time.perf_counter(), collections.deque(maxlen=log_every)
+    for i, batch in enumerate(batches):
+        n = batch["tokens"].shape[0]
+        if n not in steps:
+            steps[n] = ts.make_update_step(cfg, optim, mesh, n, loss_fn, lr_fn=lr_fn, advance_step=True)
+        state, metrics = steps[n](state, batch)
+        window.append(metrics)
+        if (i + 1) % log_every == 0 or i + 1 == len(batches):
+            m = jax.device_get(list(window))
+            print(f"step {i + 1:4d}/{len(batches)}  loss {np.mean([x['loss'] for x in m]):.3f}  "
+                  f"lr {float(m[-1]['lr']):.2e}  {time.perf_counter() - t0:.0f}s", flush=True)
+    if int(state.num_skipped):
+        raise RuntimeError(f"{int(state.num_skipped)} updates were skipped for non-finite loss/gradients")
+    return jax.device_get(state.params)
+
+
+# --------------------------------------------------------------------------- measurement-only decoder
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new", "greedy", "eos_ids", "pad_id"))
+def _decode(cfg: qwen.ModelConfig, params, prompt: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
+            max_new: int, greedy: bool, eos_ids: tuple[int, ...], pad_id: int):
+    """Incremental decoding with a KV cache, one token per step for every row.
+
+    prompt int32 [B, P] left padded, prompt_mask bool [B, P]. The prompt is fed token by token through
+    the same step as generation (no separate prefill: prompts are short and this keeps one code path).
+    Returns (tokens int32 [B, max_new], valid bool [B, max_new]); a row stops after its first eos
+    (included, valid) and is padded afterwards. Temperature 1 or greedy.
+    """
+    B, P = prompt.shape
+    S = P + max_new
+    L, KV, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    buf = jnp.full((B, S), pad_id, jnp.int32).at[:, :P].set(prompt)
+    valid = jnp.zeros((B, S), bool).at[:, :P].set(prompt_mask)
+    pad_len = P - prompt_mask.sum(-1)
+    cache = jnp.zeros((2, L, B, S, KV, hd), cfg.jnp_dtype)
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    key_pos = jnp.arange(S)
+
+    def step(carry):
+        t, buf, valid, cache, done, rng = carry
+        tok = jax.lax.dynamic_index_in_dim(buf, t, 1, keepdims=True)               # [B, 1]
+        pos = jnp.maximum(t - pad_len, 0)[:, None]
+        cos, sin = qwen_model.rope_cos_sin(pos, hd, cfg.rope_theta)
+        # Real keys up to t, plus the query itself so a padding row's softmax stays finite.
+        mask = (valid & (key_pos <= t)[None]) | (key_pos == t)[None]
+        x = qwen_model.embed(cfg, params, tok)
+        for l in range(L):
+            lp = qwen_model.cast_layer(cfg, jax.tree.map(lambda a: a[l], params["layers"]))
+            h = qwen_model.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+            q, k, v = qwen_model.project_qkv(cfg, lp, h, cos, sin)
+            cache = jax.lax.dynamic_update_slice(cache, jnp.stack([k, v])[:, None], (0, l, 0, t, 0, 0))
+            attn = qwen_model.attention(cfg, q, cache[0, l], cache[1, l], mask[:, None, :])
+            x = x + qwen_model.attention_output(lp, attn)
+            x = x + qwen_model.mlp(lp, qwen_model.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
+        x = qwen_model.rms_norm(x, params["final_norm"].astype(cfg.jnp_dtype), cfg.rms_norm_eps)
+        logits = qwen_model.unembed(cfg, params, x)[:, 0]
+        rng, sub = jax.random.split(rng)
+        sampled = jnp.argmax(logits, -1) if greedy else jax.random.categorical(sub, logits)
+        sampled = sampled.astype(jnp.int32)
+        in_prompt = t + 1 < P
+        nxt_prompt = jax.lax.dynamic_index_in_dim(buf, jnp.minimum(t + 1, S - 1), 1, keepdims=False)
+        nxt_valid = jax.lax.dynamic_index_in_dim(valid, jnp.minimum(t + 1, S - 1), 1, keepdims=False)
+        nxt = jnp.where(in_prompt, nxt_prompt, jnp.where(done, pad_id, sampled))
+        nxt_valid = jnp.where(in_prompt, nxt_valid, ~done)
+        buf = jax.lax.dynamic_update_slice(buf, nxt[:, None], (0, t + 1))
+        valid = jax.lax.dynamic_update_slice(valid, nxt_valid[:, None], (0, t + 1))
+        done = done | (~in_prompt & jnp.isin(sampled, eos))
+        return t + 1, buf, valid, cache, done, rng
+
+    def cond(carry):
+        t, done = carry[0], carry[4]
+        return (t < S - 1) & ~(jnp.all(done) & (t >= P - 1))
+
+    init = (jnp.int32(0), buf, valid, cache, jnp.zeros((B,), bool), rng)
+    _, buf, valid, _, _, _ = jax.lax.while_loop(cond, step, init)
+    return buf[:, P:], valid[:, P:]
+
+
+def generate(cfg: qwen.ModelConfig, params, codec: ChatCodec, prompt_ids: list[list[int]], *, max_new: int,
+             greedy: bool, rng: jax.Array, batch_size: int = 512) -> list[list[int]]:
+    """Response ids (up to and including the first eos) for each prompt; batches share one compile."""
+    out = []
+    for s in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[s:s + batch_size]
+        P = max(map(len, chunk))
+        n = batch_size if len(prompt_ids) > batch_size else len(chunk)
+        prompt = np.full((n, P), codec.pad_id, np.int32)
+        mask = np.zeros((n, P), bool)
+        for r, ids in enumerate(chunk):
+            prompt[r, P - len(ids):] = ids
+            mask[r, P - len(ids):] = True
+        rng, sub = jax.random.split(rng)
+        toks, valid = jax.device_get(_decode(cfg, params, prompt, mask, sub, max_new=max_new, greedy=greedy,
+                                             eos_ids=tuple(codec.eos_ids), pad_id=codec.pad_id))
+        out += [list(toks[r][valid[r]]) for r in range(len(chunk))]
+    return out
+
+
+def check_decoder(cfg: qwen.ModelConfig, params, prompt_ids: list[list[int]], responses: list[list[int]]) -> None:
+    """Greedy responses must be the argmax of a full `qwen.forward` over prompt + response: guards the
+    hand-written KV-cache decoder, since every number this script reports rests on it. One jitted,
+    right-padded batch, so it costs one compile."""
+    seqs = [ids + resp for ids, resp in zip(prompt_ids, responses)]
+    T = max(map(len, seqs))
+    tokens = np.zeros((len(seqs), T), np.int32)
+    mask = np.zeros((len(seqs), T), bool)
+    for r, s in enumerate(seqs):
+        tokens[r, :len(s)] = s
+        mask[r, :len(s)] = True
+    logits = np.asarray(jax.jit(qwen.forward, static_argnums=0)(cfg, params, tokens, mask))
+    for r, (ids, resp) in enumerate(zip(prompt_ids, responses)):
+        want = logits[r, len(ids) - 1:len(ids) + len(resp) - 1].argmax(-1)
+        if not np.array_equal(want, np.asarray(resp)):
+            raise AssertionError(f"KV-cache decoder disagrees with qwen.forward: {resp} vs {want.tolist()}")
+
+
+# -------------------------------------------------------------------------------------- evaluation
+
+
+def is_correct(codec: ChatCodec, response: list[int], answer: str) -> bool:
+    pred = math_lib.extract_answer(codec.decode(response))
+    return pred is not None and math_lib.quick_decision(pred, answer) is True
+
+
+def evaluate(cfg, params, codec: ChatCodec, *, per_level: int, samples: int, meta_n: int, seed: int) -> dict:
+    """Pass rates per level (greedy, and temperature 1 with `samples` draws) on the held-out set, and
+    the parse rate of temperature-1 meta outputs."""
+    t0 = time.perf_counter()
+    problems = world.heldout(per_level * len(world.LEVELS))
+    rng = jax.random.key(seed + 1)
+    sol_prompts = [solution_prompt_ids(codec, p.question) for p in problems]
+    greedy = generate(cfg, params, codec, sol_prompts, max_new=defaults.MAX_RESPONSE_LENGTH, greedy=True, rng=rng)
+    every = max(1, len(problems) // 16)
+    check_decoder(cfg, params, sol_prompts[::every], greedy[::every])
+    print(f"greedy eval done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    sampled = generate(cfg, params, codec, [p for p in sol_prompts for _ in range(samples)],
+                       max_new=defaults.MAX_RESPONSE_LENGTH, greedy=False, rng=jax.random.fold_in(rng, 1))
+    by_level = collections.defaultdict(lambda: {"greedy": [], "t1": [], "len": []})
+    for i, p in enumerate(problems):
+        d = by_level[p.difficulty]
+        d["greedy"].append(is_correct(codec, greedy[i], p.answer))
+        d["t1"] += [is_correct(codec, r, p.answer) for r in sampled[i * samples:(i + 1) * samples]]
+        d["len"] += [len(r) for r in sampled[i * samples:(i + 1) * samples]]
+    # Per-problem T=1 success counts: how many problems have solution groups with reward variance.
+    per_problem = np.asarray([[is_correct(codec, r, p.answer) for r in sampled[i * samples:(i + 1) * samples]]
+                              for i, p in enumerate(problems)])
+    mixed = float(np.mean((per_problem.sum(1) > 0) & (per_problem.sum(1) < samples)))
+    print(f"temperature-1 eval done ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    meta_problems = problems[:meta_n]
+    meta_out = generate(cfg, params, codec, [meta_prompt_ids(codec, p.question) for p in meta_problems],
+                        max_new=defaults.META_MAX_NEW_TOKENS, greedy=False, rng=jax.random.fold_in(rng, 2))
+    parsed = [meta_lib.parse(codec.decode(r), k=defaults.K, min_length=defaults.MIN_SOLUTION_LENGTH,
+                             max_length=defaults.MAX_RESPONSE_LENGTH) for r in meta_out]
+    full = [all(f is not None for f in m) for m in parsed]
+    any_field = [any(f is not None for f in m) for m in parsed]
+    return {
+        "pass_rate_greedy": {lvl: float(np.mean(d["greedy"])) for lvl, d in sorted(by_level.items())},
+        "pass_rate_t1": {lvl: float(np.mean(d["t1"])) for lvl, d in sorted(by_level.items())},
+        "mean_response_tokens_t1": {lvl: float(np.mean(d["len"])) for lvl, d in sorted(by_level.items())},
+        "mixed_groups_t1": mixed,
+        "meta_parse_rate": float(np.mean(full)),
+        "meta_any_field_rate": float(np.mean(any_field)),
+        "meta_max_tokens": int(max(map(len, meta_out))),
+        "meta_example": codec.decode(meta_out[0]),
+        "solution_example": codec.decode(greedy[len(problems) // 2]),
+    }
+
+
+# -------------------------------------------------------------------------------------------- save
+
+
+def save(cfg: qwen.ModelConfig, params, out_dir: str, max_bytes: int = 10_000_000) -> int:
+    """HF directory: config.json + model.safetensors (float32, or bfloat16 if float32 would not fit
+    `max_bytes`) + the toy tokenizer files, so `transformers` and `qwen.from_pretrained` both load it."""
+    dtype = "float32" if cfg.num_params() * 4 <= 0.9 * max_bytes else "bfloat16"
+    qwen.save_pretrained(cfg, params, out_dir, dtype=dtype)
+    for name in os.listdir(TOKENIZER_DIR):
+        shutil.copy2(os.path.join(TOKENIZER_DIR, name), os.path.join(out_dir, name))
+    size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
+    if size > max_bytes:
+        raise RuntimeError(f"{out_dir} holds {size} bytes > {max_bytes}")
+    return size
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--ffn", type=int, default=384)
+    ap.add_argument("--examples", type=int, default=24_000, help="training sequences (one pass)")
+    ap.add_argument("--tokens_per_batch", type=int, default=4096)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--weight_decay", type=float, default=0.01)
+    ap.add_argument("--mix", default="2,3,3,1,1",
+                    help="training weights of levels 1..5: most updates go where a small model can learn "
+                         "(levels 1-3); levels 4-5 are there for the format of long solutions")
+    ap.add_argument("--meta_frac", type=float, default=0.15, help="share of meta examples")
+    ap.add_argument("--hint_prob", type=float, default=0.25, help="share of solution prompts with a hint")
+    ap.add_argument("--eval_per_level", type=int, default=40)
+    ap.add_argument("--eval_samples", type=int, default=4, help="temperature-1 samples per eval problem")
+    ap.add_argument("--eval_meta", type=int, default=100)
+    ap.add_argument("--out", default=defaults.BASE_MODEL_DIR)
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    codec = load_codec(TOKENIZER_DIR)
+    cfg = model_config(len(codec.tokenizer), args.hidden, args.layers, args.ffn)
+    print(f"model: {cfg}\nparams: {cfg.num_params():,}", flush=True)
+    mix = tuple(float(w) for w in args.mix.split(","))
+    examples = build_examples(codec, args.examples, args.seed, args.meta_frac, args.hint_prob, mix)
+    batches = bucket_batches(examples, (64, 96, 128, 168, 256), args.tokens_per_batch, codec.pad_id,
+                             random.Random(f"masa-toy-base/batches/{args.seed}"))
+    n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
+    print(f"{len(examples)} examples -> {len(batches)} batches, {n_tok:,} tokens "
+          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    params = qwen.init_params(cfg, jax.random.key(args.seed))
+    params = train(cfg, params, batches, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay)
+    t_train = time.perf_counter() - t0
+
+    res = evaluate(cfg, params, codec, per_level=args.eval_per_level, samples=args.eval_samples,
+                   meta_n=args.eval_meta, seed=args.seed)
+    size = save(cfg, params, args.out)
+    res.update(params=cfg.num_params(), bytes=size, train_s=round(t_train), wall_s=round(time.perf_counter() - t0),
+               steps=len(batches), tokens=n_tok, args=vars(args))
+    print(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

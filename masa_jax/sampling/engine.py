@@ -1,0 +1,199 @@
+"""The jitted halves of the rollout engine: bucketed prefill into cache slots, and a decode loop.
+
+A fixed number S of decode slots share one KV cache (`kv_cache.KVCache`). Every slot carries its own
+decode state (`SlotState`): cache length (= position of the next token), token budget, done flag and
+finish reason, request index and its output buffer. Both functions run entirely on device:
+
+* `prefill` runs a right-padded [n, P] batch of prompts through the model, writes their keys / values
+  into cache rows `slots` (padding rows carry slot index S and are dropped), samples each prompt's first
+  token and (re)initialises those slots' state. One executable per (P, n) bucket pair: prefilling into
+  any slots never recompiles.
+* `decode` is a `lax.while_loop` of decode steps over all S slots. It returns to the host only when
+  (a) no slot is active, (b) at least `free_target` slots are free (the host has requests waiting), or
+  (c) an active slot reached the end of the cache's current length bucket. A finished slot stops
+  writing its cache and outputs at once; its compute is wasted only until the host refills it.
+
+Finish codes: `RUNNING` 0, `EOS` 1 (the EOS token is the last generated token), `BUDGET` 2 (the
+per-request budget, MASA's cutoff), `MAX_NEW_TOKENS` 3.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from masa_jax.models.qwen import model as qm
+from masa_jax.models.qwen.config import ModelConfig
+from masa_jax.sampling import kv_cache
+from masa_jax.sampling.kv_cache import KVCache
+from masa_jax.sampling.sampling_fns import SamplingMode, sample, token_uniforms
+
+RUNNING, EOS, BUDGET, MAX_NEW_TOKENS = 0, 1, 2, 3
+FINISH_NAMES = {EOS: "eos", BUDGET: "budget", MAX_NEW_TOKENS: "max_new_tokens"}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """Static shape / mode of an engine; one value per compiled family of executables."""
+
+    cfg: ModelConfig
+    num_slots: int
+    max_new_tokens: int      # T: length of every slot's output buffer
+    mode: SamplingMode
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SlotState:
+    """Per-slot decode state; all arrays are [S] unless noted."""
+
+    lengths: jax.Array        # int32: valid cache entries = position of the token fed next
+    last_token: jax.Array     # int32: most recently sampled token (fed at the next step)
+    num_generated: jax.Array  # int32: tokens generated so far
+    limit: jax.Array          # int32: max tokens this request may generate (its budget, capped)
+    limit_reason: jax.Array   # int32: finish code when `limit` stops it (BUDGET or MAX_NEW_TOKENS)
+    active: jax.Array         # bool: still decoding
+    finish: jax.Array         # int32: finish code (RUNNING while active)
+    request: jax.Array        # int32: request index (-1: never used)
+    tokens: jax.Array         # int32 [S, T]: generated tokens
+    logprobs: jax.Array       # float32 [S, T]: their log-probs
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Knobs:
+    """Traced sampling inputs (changing them never recompiles)."""
+
+    rng: jax.Array            # PRNG key; token t of request r uses fold_in(fold_in(rng, r), t)
+    temperature: jax.Array    # float32 []
+    top_p: jax.Array          # float32 []
+    eos_ids: jax.Array        # int32 [E], padded with -1
+
+
+def init_state(num_slots: int, max_new_tokens: int) -> SlotState:
+    """All slots empty."""
+    S, T = num_slots, max(1, max_new_tokens)
+    z = lambda: jnp.zeros((S,), jnp.int32)  # distinct buffers: the state is donated field by field
+    return SlotState(lengths=z(), last_token=z(), num_generated=z(), limit=z(), limit_reason=z(),
+                     active=jnp.zeros((S,), bool), finish=z(), request=jnp.full((S,), -1, jnp.int32),
+                     tokens=jnp.zeros((S, T), jnp.int32), logprobs=jnp.zeros((S, T), jnp.float32))
+
+
+def _finish_codes(tok, num_generated, limit, limit_reason, eos_ids):
+    is_eos = jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+    # EOS wins over the budget when both happen at the same token: the sequence did end.
+    return jnp.where(is_eos, EOS, jnp.where(num_generated >= limit, limit_reason, RUNNING))
+
+
+def _sample(spec: EngineSpec, logits, knobs: Knobs, requests, steps):
+    u = None if spec.mode.greedy else token_uniforms(knobs.rng, requests, steps)
+    return sample(logits, u, knobs.temperature, knobs.top_p, spec.mode)
+
+
+# ------------------------------------------------------------------------------------------ prefill
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache", "state"))
+def prefill(spec: EngineSpec, params, cache: KVCache, state: SlotState, knobs: Knobs, tokens: jax.Array,
+            prompt_lens: jax.Array, slots: jax.Array, requests: jax.Array, limits: jax.Array,
+            limit_reasons: jax.Array) -> tuple[KVCache, SlotState]:
+    """Prefills n prompts into slots and samples their first tokens.
+
+    params: sampling params (`reshard.to_sampling_params`); tokens int32 [n, P] right-padded with
+    P <= cache.length; prompt_lens, slots, requests, limits (>= 1), limit_reasons: int32 [n]. A row with
+    slot index S is padding (its writes are dropped). Returns the updated (cache, state).
+    """
+    cfg = spec.cfg
+    n, P = tokens.shape
+    valid = jnp.arange(P)[None, :] < prompt_lens[:, None]
+    mask = qm.causal_mask(valid)
+    cos, sin = qm.rope_cos_sin(jnp.broadcast_to(jnp.arange(P), (n, P)), cfg.head_dim, cfg.rope_theta)
+    x = qm.embed(cfg, params, tokens)
+    ks, vs = list(cache.k), list(cache.v)
+    for l, lp in enumerate(params["layers"]):
+        lp = qm.cast_layer(cfg, lp)
+        h = qm.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = qm.project_qkv(cfg, lp, h, cos, sin)
+        ks[l], vs[l] = kv_cache.write_prompt(ks[l], vs[l], slots, k, v)
+        x = x + qm.attention_output(lp, qm.attention(cfg, q, k, v, mask))
+        h = qm.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+        x = x + qm.mlp(lp, h)
+    last = jnp.take_along_axis(x, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]     # [n, D]
+    h = qm.rms_norm(last, params["final_norm"].astype(cfg.jnp_dtype), cfg.rms_norm_eps)
+    logits = qm.unembed(cfg, params, h)                                                  # [n, V] f32
+    tok, lp = _sample(spec, logits, knobs, requests, jnp.zeros_like(requests))
+    finish = _finish_codes(tok, jnp.ones_like(limits), limits, limit_reasons, knobs.eos_ids)
+
+    put = lambda a, val: a.at[slots].set(val.astype(a.dtype), mode="drop")
+    state = SlotState(
+        lengths=put(state.lengths, prompt_lens), last_token=put(state.last_token, tok),
+        num_generated=put(state.num_generated, jnp.ones_like(limits)), limit=put(state.limit, limits),
+        limit_reason=put(state.limit_reason, limit_reasons), active=put(state.active, finish == RUNNING),
+        finish=put(state.finish, finish), request=put(state.request, requests),
+        tokens=state.tokens.at[slots, 0].set(tok, mode="drop"),
+        logprobs=state.logprobs.at[slots, 0].set(lp, mode="drop"))
+    return KVCache(k=tuple(ks), v=tuple(vs)), state
+
+
+# ------------------------------------------------------------------------------------------- decode
+
+
+def decode_logits(cfg: ModelConfig, params, cache: KVCache, tokens: jax.Array, positions: jax.Array,
+                  write: jax.Array) -> tuple[KVCache, jax.Array]:
+    """One decode step for every slot: feeds tokens [S] at positions [S] (= their cache lengths), writes
+    their keys / values where `write` [S] is set, and returns (cache, float32 logits [S, V])."""
+    C = cache.length
+    write_pos = jnp.where(write, positions, C)          # out of range: the write is dropped
+    x = qm.embed(cfg, params, tokens[:, None])          # [S, 1, D]
+    cos, sin = qm.rope_cos_sin(positions[:, None], cfg.head_dim, cfg.rope_theta)
+    ks, vs = list(cache.k), list(cache.v)
+    for l, lp in enumerate(params["layers"]):
+        lp = qm.cast_layer(cfg, lp)
+        h = qm.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = qm.project_qkv(cfg, lp, h, cos, sin)
+        ks[l], vs[l] = kv_cache.write_token(ks[l], vs[l], write_pos, k[:, 0], v[:, 0])
+        attn = kv_cache.decode_attention(q[:, 0], ks[l], vs[l], positions + 1)
+        x = x + qm.attention_output(lp, attn[:, None])
+        h = qm.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+        x = x + qm.mlp(lp, h)
+    h = qm.rms_norm(x[:, 0], params["final_norm"].astype(cfg.jnp_dtype), cfg.rms_norm_eps)
+    return KVCache(k=tuple(ks), v=tuple(vs)), qm.unembed(cfg, params, h)
+
+
+def _decode_step(spec: EngineSpec, params, cache: KVCache, st: SlotState, knobs: Knobs):
+    act = st.active
+    cache, logits = decode_logits(spec.cfg, params, cache, st.last_token, st.lengths, act)
+    tok, lp = _sample(spec, logits, knobs, st.request, st.num_generated)
+    rows = jnp.arange(act.shape[0])
+    out_idx = jnp.where(act, st.num_generated, st.tokens.shape[1])   # inactive rows: dropped
+    n = st.num_generated + act
+    finish = jnp.where(act, _finish_codes(tok, n, st.limit, st.limit_reason, knobs.eos_ids), st.finish)
+    st = dataclasses.replace(
+        st, lengths=st.lengths + act, last_token=jnp.where(act, tok, st.last_token), num_generated=n,
+        active=act & (finish == RUNNING), finish=finish,
+        tokens=st.tokens.at[rows, out_idx].set(tok, mode="drop"),
+        logprobs=st.logprobs.at[rows, out_idx].set(lp, mode="drop"))
+    return cache, st
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache", "state"))
+def decode(spec: EngineSpec, params, cache: KVCache, state: SlotState, knobs: Knobs,
+           free_target: jax.Array) -> tuple[KVCache, SlotState, jax.Array]:
+    """Decode steps until no slot is active, or >= free_target (int32 []) slots are free, or an active
+    slot has filled the cache's current length. Returns (cache, state, number of steps run)."""
+    C = cache.length
+
+    def cond(carry):
+        _, st, _ = carry
+        n_free = jnp.sum(~st.active)
+        room = jnp.all(~st.active | (st.lengths < C))
+        return jnp.any(st.active) & (n_free < free_target) & room
+
+    def body(carry):
+        cache, st, steps = carry
+        cache, st = _decode_step(spec, params, cache, st, knobs)
+        return cache, st, steps + 1
+
+    return jax.lax.while_loop(cond, body, (cache, state, jnp.zeros((), jnp.int32)))

@@ -1,0 +1,307 @@
+"""`sampling.generate`: the host side of the rollout engine (queue, slots, refill, buckets).
+
+The host never runs per token. It loops over *chunks*:
+
+1. refill: take waiting requests for the free slots, group them by prompt-length bucket and run one
+   jitted `engine.prefill` per group (each writes its prompts into the slot rows of the shared cache);
+2. decode: one jitted `engine.decode` call, a device-side while loop that returns when enough slots
+   have finished to be worth a refill (`refill_fraction` of the slots, or all that the queue can fill),
+   when no slot is active, or when the cache's length bucket is full;
+3. harvest: copy out the finished slots' tokens / log-probs, then resize the cache to the bucket the
+   remaining slots need, and go back to 1.
+
+With `refill=False` (static batches) step 1 only runs when every slot is empty, so a batch runs until
+its longest member ends: the behaviour of samplers that share one step counter.
+
+Compiled shapes. For fixed (model config, num_slots, max_new_tokens, sampling mode, number of EOS ids
+rounded up to 4) a run compiles at most:
+  * decode: one executable per cache-length bucket reached (`cache_buckets`, default two per octave:
+    64, 128, 192, 256, 384, 512, 768, 1024, ..., capped at max_cache_len);
+  * prefill: one per (rows n, prompt bucket P) reached, P a power of two >= 16 (capped at
+    max_cache_len), n a power of two <= min(num_slots, max_prefill_tokens / P) rounded up;
+  * resize: one per (from, to) pair of cache buckets the run moves between;
+and jax's cache reuses them across calls with the same static values. Pass `max_cache_len` and
+`num_slots` explicitly to keep them fixed across calls. `GenerateOutput.stats.shapes` lists the
+executables a call used.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import math
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from masa_jax.models.qwen.config import ModelConfig
+from masa_jax.sampling import engine, kv_cache
+from masa_jax.sampling.engine import BUDGET, FINISH_NAMES, MAX_NEW_TOKENS, RUNNING, EngineSpec, Knobs
+from masa_jax.sampling.reshard import is_sampling_params, to_sampling_params
+from masa_jax.sampling.sampling_fns import make_mode
+
+
+@dataclasses.dataclass
+class GenerateStats:
+    """What a `generate` call did (for benchmarks and logs)."""
+
+    num_slots: int = 0
+    decode_calls: int = 0
+    decode_steps: int = 0       # while-loop iterations; each advances every slot by one token
+    prefill_calls: int = 0
+    resizes: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    shapes: set = dataclasses.field(default_factory=set)   # ("decode", C), ("prefill", n, P), ("resize", a, b)
+
+    @property
+    def slot_utilization(self) -> float:
+        """Fraction of decode slot-steps that produced a kept token (first tokens come from prefill)."""
+        return self.generated_tokens / max(1, self.decode_steps * self.num_slots)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """Per prompt, in input order: generated tokens (including the EOS token when the finish reason is
+    "eos"), float32 log-probs of those tokens (see `generate`), and the finish reason."""
+
+    tokens: list[list[int]]
+    logprobs: list[np.ndarray]
+    finish_reasons: list[str]
+    stats: GenerateStats
+
+
+# ------------------------------------------------------------------------------------------ buckets
+
+
+def default_cache_buckets(max_len: int, smallest: int = 64) -> tuple[int, ...]:
+    """Two buckets per octave in multiples of `smallest` (64, 128, 192, 256, 384, 512, 768, ...), the
+    last one replaced by max_len: attention reads at most 1.5x the longest active sequence."""
+    out, p = [smallest], 2 * smallest
+    while out[-1] < max_len:
+        out += [p, p + p // 2]
+        p *= 2
+    return tuple(b for b in out if b < max_len) + (max_len,)
+
+
+def _pick(buckets: Sequence[int], need: int) -> int:
+    for b in buckets:
+        if b >= need:
+            return b
+    raise ValueError(f"no bucket holds {need} (largest {buckets[-1]})")
+
+
+def _prompt_bucket(n: int, max_len: int, buckets: Sequence[int] | None) -> int:
+    if buckets is not None:
+        return min(_pick(tuple(buckets) + (max_len,), n), max_len)
+    return min(max(16, 1 << (n - 1).bit_length()), max_len)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# ------------------------------------------------------------------------------------------ generate
+
+
+def _validate(cfg: ModelConfig, prompts, budgets, max_new_tokens):
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if budgets is not None and len(budgets) != len(prompts):
+        raise ValueError(f"budgets has {len(budgets)} entries for {len(prompts)} prompts")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: the model needs at least one token to condition on "
+                             "(prepend a BOS / chat-template token)")
+        lo, hi = min(p), max(p)
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
+    for i, b in enumerate(budgets or ()):
+        if b is not None and (int(b) != b or b < 0):
+            raise ValueError(f"budget {i} must be None or an int >= 0, got {b!r}")
+
+
+def _limits(n: int, budgets, max_new_tokens: int):
+    """Per request: tokens it may generate and the finish code when that stops it. A budget at or below
+    max_new_tokens is the request's own cutoff ("budget"); otherwise the global cap applies."""
+    limits = np.full(n, max_new_tokens, np.int64)
+    reasons = np.full(n, MAX_NEW_TOKENS, np.int64)
+    for i, b in enumerate(budgets or ()):
+        if b is not None and b <= max_new_tokens:
+            limits[i], reasons[i] = int(b), BUDGET
+    return limits, reasons
+
+
+def _fetch(*arrays):
+    # np.array copies: the device buffers are donated to the next call.
+    return tuple(np.array(a) for a in jax.device_get(arrays))
+
+
+def generate(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, rng, max_new_tokens: int,
+             budgets: Sequence[int | None] | None = None, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, eos_ids: Sequence[int] | int = (), num_slots: int | None = None,
+             refill: bool = True, refill_fraction: float = 0.125, max_cache_len: int | None = None,
+             cache_buckets: Sequence[int] | None = None, prompt_buckets: Sequence[int] | None = None,
+             max_prefill_tokens: int = 8192, schedule: str = "longest_first",
+             mesh: jax.sharding.Mesh | None = None, cache_dtype=None) -> GenerateOutput:
+    """Samples continuations of `prompts` with a slot-refilling KV-cache engine.
+
+    Args:
+      model_cfg, params: the model; params stacked (training layout, converted here, a copy) or already
+        converted with `sampling.to_sampling_params` (do that once per RL step: it is the reshard).
+      prompts: token ids, any lengths >= 1.
+      rng: PRNG key. Token t of prompt i is drawn with fold_in(fold_in(rng, i), t), so outputs do not
+        depend on num_slots, refill, schedule or the other prompts.
+      max_new_tokens: global cap on generated tokens. budgets: optional per-prompt caps (MASA's cutoff,
+        e.g. ceil(2 x predicted length)); None entries mean max_new_tokens.
+      temperature: 0.0 = greedy (argmax). top_p in (0, 1], top_k >= 0 (0 = off), applied after temperature,
+        top-k first, as `transformers`.
+      eos_ids: stop tokens; a sequence that samples one stops and keeps it as its last token.
+      num_slots: decode slots (default min(256, next power of two >= #prompts)).
+      refill: continuous batching (default); False runs static batches of num_slots prompts.
+      refill_fraction: return to the host to refill once this fraction of slots is free.
+      max_cache_len: cache positions per slot; a prompt needs len(prompt) + budget - 1 of them (default:
+        the largest need of this call, rounded up to a cache bucket). cache_buckets / prompt_buckets: override the length buckets.
+      max_prefill_tokens: rows x bucket length of one prefill call (bounds its activation memory).
+      schedule: "longest_first" (admit the largest budgets first: shortens the tail) or "fifo".
+      mesh: run under this mesh with params in the sampling layout (tensor-parallel, slots over data).
+      cache_dtype: KV-cache dtype (default: the compute dtype, bfloat16 on accelerators).
+
+    Returns a GenerateOutput. Finish reason per prompt: "eos" (stopped at an EOS id), "budget" (hit its
+    own budget <= max_new_tokens) or "max_new_tokens". Log-probs are float32 log softmax(logits /
+    temperature) of each generated token under the full distribution (top-k / top-p restrict sampling,
+    not the scoring), which the trainer recomputes with the same temperature, as verl; with greedy
+    decoding they are under the raw logits (temperature 1).
+    """
+    t_start = time.perf_counter()
+    cfg = model_cfg
+    prompts = [list(map(int, p)) for p in prompts]
+    _validate(cfg, prompts, budgets, max_new_tokens)
+    mode = make_mode(float(temperature), float(top_p), int(top_k), cfg.vocab_size)
+    if schedule not in ("longest_first", "fifo"):
+        raise ValueError(f"schedule must be 'longest_first' or 'fifo', got {schedule!r}")
+    if not 0.0 < refill_fraction <= 1.0:
+        raise ValueError(f"refill_fraction must be in (0, 1], got {refill_fraction}")
+    N = len(prompts)
+    limits, reasons = _limits(N, budgets, int(max_new_tokens))
+    plen = np.array([len(p) for p in prompts], np.int64)
+    need = plen + np.maximum(limits - 1, 0)                 # cache entries each request fills
+    if max_cache_len is None:
+        # Rounded up to a standard bucket so that calls with similar lengths share executables.
+        max_cache_len = _pick(default_cache_buckets(1 << 40), int(need.max()) if N else 1)
+    for i in range(N):
+        if need[i] > max_cache_len:
+            raise ValueError(f"prompt {i} has {plen[i]} tokens and may generate {limits[i]}: it needs "
+                             f"{need[i]} cache positions > max_cache_len={max_cache_len}")
+    buckets = tuple(b for b in (cache_buckets or default_cache_buckets(max_cache_len)) if b < max_cache_len)
+    buckets = buckets + (max_cache_len,)
+
+    stats = GenerateStats()
+    out_tokens: list = [[] for _ in range(N)]
+    out_lps: list = [np.zeros((0,), np.float32) for _ in range(N)]
+    out_reasons = [FINISH_NAMES[int(r)] for r in reasons]
+    todo = [i for i in range(N) if limits[i] > 0]
+    if schedule == "longest_first":
+        todo.sort(key=lambda i: -limits[i])
+    if not todo:
+        stats.seconds = time.perf_counter() - t_start
+        return GenerateOutput(out_tokens, out_lps, out_reasons, stats)
+
+    S = int(num_slots or min(256, _pow2_ceil(len(todo))))
+    T = max(1, int(max_new_tokens))
+    spec = EngineSpec(cfg=cfg, num_slots=S, max_new_tokens=T, mode=mode)
+    stats.num_slots = S
+    if isinstance(rng, (int, np.integer)):
+        rng = jax.random.key(int(rng))
+    if rng is None:
+        if not mode.greedy:
+            raise ValueError("sampling (temperature > 0) needs an rng key")
+        rng = jax.random.key(0)
+    eos = sorted({int(e) for e in ([eos_ids] if isinstance(eos_ids, (int, np.integer)) else eos_ids)})
+    eos_arr = np.full(max(4, -(-len(eos) // 4) * 4), -1, np.int32)
+    eos_arr[:len(eos)] = eos
+    knobs = Knobs(rng=rng, temperature=jnp.float32(temperature if temperature > 0 else 1.0),
+                  top_p=jnp.float32(top_p), eos_ids=jnp.asarray(eos_arr))
+    threshold = max(1, int(S * refill_fraction))
+
+    ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    with ctx:
+        sp = params if is_sampling_params(params) else to_sampling_params(cfg, params, mesh=mesh)
+        cdtype = jnp.dtype(cache_dtype or cfg.dtype)
+        state = jax.jit(engine.init_state, static_argnums=(0, 1))(S, T)
+        cache = None
+        queue = collections.deque(todo)
+        slot_req = np.full(S, -1, np.int64)     # request held by each slot until harvested
+        lengths = np.zeros(S, np.int64)
+
+        def resize_to(cache, length):
+            if cache is None:
+                return kv_cache.init_cache(cfg, S, length, cdtype, mesh)
+            if cache.length == length:
+                return cache
+            stats.resizes += 1
+            stats.shapes.add(("resize", cache.length, length))
+            return kv_cache.resize(cache, length=length)
+
+        def harvest(state):
+            act, fin, ngen, lens = _fetch(state.active, state.finish, state.num_generated, state.lengths)
+            done = np.nonzero((slot_req >= 0) & (fin != RUNNING))[0]
+            if len(done):
+                toks, lps = _fetch(state.tokens, state.logprobs)
+                for s in done:
+                    r, n = slot_req[s], int(ngen[s])
+                    out_tokens[r] = toks[s, :n].tolist()
+                    out_lps[r] = lps[s, :n].astype(np.float32)
+                    out_reasons[r] = FINISH_NAMES[int(fin[s])]
+                    stats.generated_tokens += n
+                    slot_req[s] = -1
+            lengths[:] = lens
+            return act
+
+        active = np.zeros(S, bool)
+        while queue or (slot_req >= 0).any():
+            free = np.nonzero(slot_req < 0)[0]
+            if queue and len(free) and (refill or len(free) == S):
+                take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
+                slots = free[:len(take)]
+                slot_req[slots] = take
+                groups: dict = collections.defaultdict(list)
+                for r, s in zip(take, slots):
+                    groups[_prompt_bucket(int(plen[r]), max_cache_len, prompt_buckets)].append((r, s))
+                need_len = max([max(groups)] + [int(lengths[s]) + 1 for s in np.nonzero(active)[0]])
+                if cache is None or cache.length < need_len:
+                    cache = resize_to(cache, _pick(buckets, need_len))
+                for P, members in sorted(groups.items()):
+                    nmax = max(1, min(_pow2_ceil(S), 1 << int(math.log2(max(1, max_prefill_tokens // P)))))
+                    for c0 in range(0, len(members), nmax):
+                        chunk = members[c0:c0 + nmax]
+                        n = min(_pow2_ceil(len(chunk)), nmax)
+                        toks = np.zeros((n, P), np.int32)
+                        meta = np.zeros((5, n), np.int32)             # lens, slots, requests, limits, reasons
+                        meta[:, len(chunk):] = np.array([[1], [S], [0], [1], [MAX_NEW_TOKENS]])
+                        for j, (r, s) in enumerate(chunk):
+                            toks[j, :plen[r]] = prompts[r]
+                            meta[:, j] = (plen[r], s, r, limits[r], reasons[r])
+                        cache, state = engine.prefill(spec, sp, cache, state, knobs, toks, *meta)
+                        stats.prefill_calls += 1
+                        stats.shapes.add(("prefill", n, P))
+                active = harvest(state)
+                continue                                  # refill slots whose first token ended them
+            if not active.any():
+                continue
+            need_len = int(lengths[active].max()) + 1
+            target = _pick(buckets, need_len)
+            if target > cache.length or target <= cache.length // 2:
+                cache = resize_to(cache, target)
+            free_target = int((~active).sum()) + min(threshold, len(queue)) if (refill and queue) else S + 1
+            cache, state, steps = engine.decode(spec, sp, cache, state, knobs, jnp.int32(free_target))
+            stats.decode_calls += 1
+            stats.decode_steps += int(steps)
+            stats.shapes.add(("decode", cache.length))
+            active = harvest(state)
+        del cache
+    stats.seconds = time.perf_counter() - t_start
+    return GenerateOutput(out_tokens, out_lps, out_reasons, stats)

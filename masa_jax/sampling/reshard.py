@@ -1,0 +1,106 @@
+"""Training params -> sampling params: the sampler's own layout, dtype and sharding.
+
+Training keeps params stacked over layers ([L, ...] leaves, scanned) in float32, FSDP-sharded along
+`embed` and tensor-parallel (TRAIN_RULES). The sampler wants:
+
+* the compute dtype (bfloat16 on accelerators): a decode step is bound by reading the weights;
+* tensor-parallel weights replicated over data / fsdp (SAMPLING_RULES), so a decode step all-gathers
+  no parameters, only does the tensor-parallel reductions;
+* one dict per layer (`params["layers"]` a tuple) instead of stacked leaves, because the decode step
+  is unrolled over layers and XLA copies a per-layer slice of a stacked weight at every step.
+
+`to_sampling_params` does all three in one jitted program whose out_shardings drive the collectives;
+`measure_reshard` times it and reports the bytes involved.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from masa_jax.models.qwen.config import ModelConfig
+from masa_jax.models.qwen.model import param_logical_axes, param_shapes
+from masa_jax.parallel.rules import SAMPLING_RULES, logical_to_spec
+
+
+def is_sampling_params(params) -> bool:
+    """True for the per-layer layout `to_sampling_params` returns."""
+    return isinstance(params.get("layers"), (tuple, list))
+
+
+def sampling_shapes(cfg: ModelConfig, dtype) -> dict:
+    """ShapeDtypeStructs of the sampling params: stacked shapes with the layer axis split off."""
+    stacked = param_shapes(cfg)
+    one = {k: jax.ShapeDtypeStruct(s.shape[1:], dtype) for k, s in stacked["layers"].items()}
+    out = {k: jax.ShapeDtypeStruct(s.shape, dtype) for k, s in stacked.items() if k != "layers"}
+    out["layers"] = tuple(dict(one) for _ in range(cfg.num_layers))
+    return out
+
+
+def sampling_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, dtype=jnp.bfloat16) -> dict:
+    """NamedShardings of the sampling params under SAMPLING_RULES."""
+    axes = param_logical_axes(cfg)
+    shapes = sampling_shapes(cfg, dtype)
+    ns = lambda ax, s: jax.sharding.NamedSharding(mesh, logical_to_spec(ax, SAMPLING_RULES, mesh, s.shape))
+    out = {k: ns(axes[k], shapes[k]) for k in shapes if k != "layers"}
+    layer = {k: ns(axes["layers"][k][1:], shapes["layers"][0][k]) for k in shapes["layers"][0]}
+    out["layers"] = tuple(dict(layer) for _ in range(cfg.num_layers))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _converter(cfg: ModelConfig, dtype_name: str, mesh: jax.sharding.Mesh | None):
+    dtype = jnp.dtype(dtype_name)
+
+    def convert(params):
+        cast = lambda x: x.astype(dtype)
+        out = {k: cast(v) for k, v in params.items() if k != "layers"}
+        out["layers"] = tuple({k: cast(v[i]) for k, v in params["layers"].items()}
+                              for i in range(cfg.num_layers))
+        return out
+
+    shardings = sampling_shardings(cfg, mesh, dtype) if mesh is not None else None
+    return jax.jit(convert, out_shardings=shardings)
+
+
+def to_sampling_params(cfg: ModelConfig, params: dict, *, mesh: jax.sharding.Mesh | None = None,
+                       dtype=None) -> dict:
+    """Stacked (training) params -> sampling params: per-layer dicts in `dtype` (default: the compute
+    dtype `cfg.dtype`), laid out by SAMPLING_RULES on `mesh` when one is given. Params already in the
+    sampling layout are only cast / resharded. The result is a new copy; the input is untouched."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    if is_sampling_params(params):
+        shardings = sampling_shardings(cfg, mesh, dtype) if mesh is not None else None
+        cast = jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x, params)
+        return jax.device_put(cast, shardings) if shardings is not None else cast
+    return _converter(cfg, dtype.name, mesh)(params)
+
+
+def measure_reshard(cfg: ModelConfig, params: dict, mesh: jax.sharding.Mesh | None, *, dtype=None,
+                    repeats: int = 3) -> dict:
+    """Times `to_sampling_params` (after one warm-up call that compiles it) and reports bytes.
+
+    Returns {"seconds": best wall time, "param_bytes_in": bytes of the training params,
+    "param_bytes_out": bytes of the sampling params, "per_device_bytes_out": max bytes any device
+    holds afterwards}. On one device this is a cast and an unstacking copy; on a mesh it adds the
+    all-gather over fsdp.
+    """
+    out = to_sampling_params(cfg, params, mesh=mesh, dtype=dtype)
+    jax.block_until_ready(out)
+    best = float("inf")
+    for _ in range(repeats):
+        del out
+        t0 = time.perf_counter()
+        out = to_sampling_params(cfg, params, mesh=mesh, dtype=dtype)
+        jax.block_until_ready(out)
+        best = min(best, time.perf_counter() - t0)
+    nbytes = lambda tree: int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+    per_dev: dict = {}
+    for x in jax.tree.leaves(out):
+        for shard in x.addressable_shards:
+            per_dev[shard.device] = per_dev.get(shard.device, 0) + int(np.prod(shard.data.shape)) * x.dtype.itemsize
+    return {"seconds": best, "param_bytes_in": nbytes(params), "param_bytes_out": nbytes(out),
+            "per_device_bytes_out": max(per_dev.values())}

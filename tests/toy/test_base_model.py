@@ -1,0 +1,113 @@
+"""The shipped toy base model (masa_jax/toy/assets/base_model): a complete HF directory that masa_jax and
+transformers load to the same logits, small enough to live in the repo, whose tokenizer the trainer's
+codec reads, and which answers an easy toy problem in the \\boxed{} format; plus the tiny config that
+points at it. Rebuild it with experiments/build_toy_base.py."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from masa_jax.models import qwen
+from masa_jax.rewards import math as math_lib
+from masa_jax.rewards import prompts
+from masa_jax.tokenization import load_codec
+from masa_jax.toy import defaults, world
+from masa_jax.toy.tokenizer import TOKENIZER_DIR
+
+MODEL_DIR = defaults.BASE_MODEL_DIR
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return qwen.from_pretrained(MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def codec():
+    return load_codec(MODEL_DIR)
+
+
+def test_directory_is_complete_and_small():
+    files = set(os.listdir(MODEL_DIR))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+    size = sum(os.path.getsize(os.path.join(MODEL_DIR, f)) for f in files)
+    assert size <= 10_000_000, f"{MODEL_DIR} is {size} bytes"
+    # The tokenizer files are the committed toy tokenizer, byte for byte.
+    for name in os.listdir(TOKENIZER_DIR):
+        with open(os.path.join(TOKENIZER_DIR, name), "rb") as a, open(os.path.join(MODEL_DIR, name), "rb") as b:
+            assert a.read() == b.read(), name
+
+
+def test_config_is_a_small_tied_qwen3(loaded, codec):
+    cfg, params = loaded
+    assert cfg.family == "qwen3" and cfg.tie_word_embeddings and cfg.param_dtype == "float32"
+    assert cfg.vocab_size == len(codec.tokenizer)
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    assert n == cfg.num_params() and 500_000 <= n <= 5_000_000
+
+
+def test_codec_loads_from_the_model_dir(codec):
+    toy = load_codec(TOKENIZER_DIR)
+    assert set(codec.eos_ids) == {0, 2} and codec.pad_id == 0
+    msgs = prompts.solution_prompt("Compute 3+4.", template=defaults.SOLUTION_TEMPLATE)
+    assert codec.encode_chat(msgs) == toy.encode_chat(msgs)
+
+
+def test_transformers_logits_match(loaded, codec):
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen3ForCausalLM
+
+    cfg, params = loaded
+    hf = Qwen3ForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    p = world.heldout(5)[4]  # a level-5 problem: the longest prompt + solution
+    ids = codec.encode_chat(prompts.solution_prompt(p.question, template=defaults.SOLUTION_TEMPLATE))
+    ids += codec.encode(p.solution)
+    ours = np.asarray(qwen.forward(cfg, params, jnp.asarray([ids], jnp.int32)))
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def _greedy(cfg, params, prompt: list[int], eos: tuple[int, ...], max_new: int = 40) -> list[int]:
+    """Plain greedy decoding over a fixed-size buffer with the full forward (one compile)."""
+    S = len(prompt) + max_new
+    buf = np.zeros((1, S), np.int32)
+    buf[0, :len(prompt)] = prompt
+    fwd = jax.jit(lambda t, m: qwen.forward(cfg, params, t, m))
+    out = []
+    for t in range(len(prompt), S):
+        logits = fwd(buf, np.arange(S)[None] < t)
+        nxt = int(jnp.argmax(logits[0, t - 1]))
+        if nxt in eos:
+            break
+        buf[0, t] = nxt
+        out.append(nxt)
+    return out
+
+
+def test_greedy_level1_solution_is_boxed(loaded, codec):
+    cfg, params = loaded
+    p = world.heldout(1)[0]
+    assert p.difficulty == 1
+    prompt = codec.encode_chat(prompts.solution_prompt(p.question, template=defaults.SOLUTION_TEMPLATE))
+    text = codec.decode(_greedy(cfg, params, prompt, codec.eos_ids))
+    assert math_lib.last_boxed(text) is not None, text
+
+
+def test_tiny_config_uses_the_shipped_model_and_its_templates():
+    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(REPO, "configs", "tiny.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    assert os.path.samefile(c.model.path, MODEL_DIR)
+    assert c.prompts.meta_template == defaults.META_TEMPLATE
+    assert c.prompts.solution_template == defaults.SOLUTION_TEMPLATE
+    assert c.prompts.min_solution_length == defaults.MIN_SOLUTION_LENGTH
+    assert c.rollout.max_response_length == defaults.MAX_RESPONSE_LENGTH and c.meta.k == defaults.K
+    assert c.algorithm == "masa_efficient"
