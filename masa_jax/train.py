@@ -286,7 +286,7 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
     guard = checkpointing.PreemptionGuard()
     steps_this_run = 0
     try:
-        with guard, jax.set_mesh(run.mesh):
+        with guard:  # the jitted steps carry their own shardings; no global mesh context is needed
             while loop.step < config.total_steps:
                 state, m = train_one_step(run, state, loop, jax.random.fold_in(base_rng, loop.step))
                 loop.step += 1

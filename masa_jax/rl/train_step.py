@@ -222,7 +222,8 @@ def _metric_init(shape: jax.ShapeDtypeStruct, key: str) -> jax.Array:
 
 def accumulate_gradients(loss_fn: LossFn, params: Params, batch: Batch, micro_batch_size: int, *,
                          ref_params: Params | None = None, grad_shardings: Params | None = None):
-    """Sum of the micro-batch gradients of `loss_fn` and its metrics, via `lax.scan`.
+    """Sum of the micro-batch gradients of `loss_fn` and its metrics, via `lax.scan` (a plain gradient
+    when there is one micro-batch).
 
     loss_fn(params, ref_params, micro_batch, num_tokens, num_seqs) -> (loss, metrics) must normalise by
     the given counts, which are those of the whole batch (`grpo.batch_counts(batch["loss_mask"])`), so
@@ -232,17 +233,23 @@ def accumulate_gradients(loss_fn: LossFn, params: Params, batch: Batch, micro_ba
     """
     num_micro = _num_micro(batch, micro_batch_size)
     num_tokens, num_seqs = grpo.batch_counts(batch["loss_mask"])
-    micro = split_microbatches(batch, num_micro)
 
     def loss_and_metrics(p, mb):
         loss, metrics = loss_fn(p, ref_params, mb, num_tokens, num_seqs)
         return loss, dict(metrics, loss=loss)
 
     grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
-    _, metric_shapes = jax.eval_shape(loss_and_metrics, params, jax.tree.map(lambda x: x[0], micro))
 
     def shard_grads(g):
         return g if grad_shardings is None else jax.lax.with_sharding_constraint(g, grad_shardings)
+
+    if num_micro == 1:  # no accumulator: saves a float32 copy of the params and a pass over it
+        (_, metrics), grads = grad_fn(params, batch)
+        grads = shard_grads(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+        return grads, {k: v.astype(jnp.float32) for k, v in metrics.items()}
+
+    micro = split_microbatches(batch, num_micro)
+    _, metric_shapes = jax.eval_shape(loss_and_metrics, params, jax.tree.map(lambda x: x[0], micro))
 
     def body(carry, mb):
         g_acc, m_acc = carry

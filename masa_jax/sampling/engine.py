@@ -4,10 +4,11 @@ A fixed number S of decode slots share one KV cache (`kv_cache.KVCache`). Every 
 decode state (`SlotState`): cache length (= position of the next token), token budget, done flag and
 finish reason, request index and its output buffer. Both functions run entirely on device:
 
-* `prefill` runs a right-padded [n, P] batch of prompts through the model, writes their keys / values
-  into cache rows `slots` (padding rows carry slot index S and are dropped), samples each prompt's first
-  token and (re)initialises those slots' state. One executable per (P, n) bucket pair: prefilling into
-  any slots never recompiles.
+* `prefill` runs a right-padded [n, P] batch of prompts through the model, samples each prompt's first
+  token and (re)initialises the state of slots `slots` (padding rows carry slot index S and are
+  dropped); `kv_cache.insert` then writes the prompts' keys / values into those cache rows. One model
+  executable per (n, P) bucket pair (plus a small scatter-only insert per cache length): prefilling
+  into any slots never recompiles.
 * `decode` is a `lax.while_loop` of decode steps over all S slots. It returns to the host only when
   (a) no slot is active, (b) at least `free_target` slots are free (the host has requests waiting), or
   (c) an active slot reached the end of the cache's current length bucket. A finished slot stops
@@ -95,15 +96,17 @@ def _sample(spec: EngineSpec, logits, knobs: Knobs, requests, steps):
 # ------------------------------------------------------------------------------------------ prefill
 
 
-@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache", "state"))
-def prefill(spec: EngineSpec, params, cache: KVCache, state: SlotState, knobs: Knobs, tokens: jax.Array,
-            prompt_lens: jax.Array, slots: jax.Array, requests: jax.Array, limits: jax.Array,
-            limit_reasons: jax.Array) -> tuple[KVCache, SlotState]:
-    """Prefills n prompts into slots and samples their first tokens.
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
+def prefill(spec: EngineSpec, params, state: SlotState, knobs: Knobs, tokens: jax.Array, prompt_lens: jax.Array,
+            slots: jax.Array, requests: jax.Array, limits: jax.Array, limit_reasons: jax.Array
+            ) -> tuple[tuple, SlotState]:
+    """Runs n prompts through the model, samples their first tokens and initialises their slots.
 
-    params: sampling params (`reshard.to_sampling_params`); tokens int32 [n, P] right-padded with
-    P <= cache.length; prompt_lens, slots, requests, limits (>= 1), limit_reasons: int32 [n]. A row with
-    slot index S is padding (its writes are dropped). Returns the updated (cache, state).
+    params: sampling params (`reshard.to_sampling_params`); tokens int32 [n, P] right-padded;
+    prompt_lens, slots, requests, limits (>= 1), limit_reasons: int32 [n]. A row with slot index S is
+    padding (its state writes are dropped). Returns (kv, state) where kv is a tuple over layers of
+    (k, v) [n, P, KV, hd] for `kv_cache.insert`: keeping the cache out of this program makes its
+    executables depend on (n, P) only, not on the cache's current length bucket.
     """
     cfg = spec.cfg
     n, P = tokens.shape
@@ -111,12 +114,12 @@ def prefill(spec: EngineSpec, params, cache: KVCache, state: SlotState, knobs: K
     mask = qm.causal_mask(valid)
     cos, sin = qm.rope_cos_sin(jnp.broadcast_to(jnp.arange(P), (n, P)), cfg.head_dim, cfg.rope_theta)
     x = qm.embed(cfg, params, tokens)
-    ks, vs = list(cache.k), list(cache.v)
-    for l, lp in enumerate(params["layers"]):
+    kv = []
+    for lp in params["layers"]:
         lp = qm.cast_layer(cfg, lp)
         h = qm.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
         q, k, v = qm.project_qkv(cfg, lp, h, cos, sin)
-        ks[l], vs[l] = kv_cache.write_prompt(ks[l], vs[l], slots, k, v)
+        kv.append((k, v))
         x = x + qm.attention_output(lp, qm.attention(cfg, q, k, v, mask))
         h = qm.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
         x = x + qm.mlp(lp, h)
@@ -134,7 +137,7 @@ def prefill(spec: EngineSpec, params, cache: KVCache, state: SlotState, knobs: K
         finish=put(state.finish, finish), request=put(state.request, requests),
         tokens=state.tokens.at[slots, 0].set(tok, mode="drop"),
         logprobs=state.logprobs.at[slots, 0].set(lp, mode="drop"))
-    return KVCache(k=tuple(ks), v=tuple(vs)), state
+    return tuple(kv), state
 
 
 # ------------------------------------------------------------------------------------------- decode
@@ -147,7 +150,8 @@ def decode_logits(cfg: ModelConfig, params, cache: KVCache, tokens: jax.Array, p
     C = cache.length
     write_pos = jnp.where(write, positions, C)          # out of range: the write is dropped
     x = qm.embed(cfg, params, tokens[:, None])          # [S, 1, D]
-    cos, sin = qm.rope_cos_sin(positions[:, None], cfg.head_dim, cfg.rope_theta)
+    # The barrier makes XLA compute cos / sin once: otherwise it fuses them into every layer's q and k.
+    cos, sin = jax.lax.optimization_barrier(qm.rope_cos_sin(positions[:, None], cfg.head_dim, cfg.rope_theta))
     ks, vs = list(cache.k), list(cache.v)
     for l, lp in enumerate(params["layers"]):
         lp = qm.cast_layer(cfg, lp)

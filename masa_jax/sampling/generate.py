@@ -19,7 +19,8 @@ rounded up to 4) a run compiles at most:
     64, 128, 192, 256, 384, 512, 768, 1024, ..., capped at max_cache_len);
   * prefill: one per (rows n, prompt bucket P) reached, P a power of two >= 16 (capped at
     max_cache_len), n a power of two <= min(num_slots, max_prefill_tokens / P) rounded up;
-  * resize: one per (from, to) pair of cache buckets the run moves between;
+  * small scatter / pad programs (fast to compile): insert, one per (n, P, cache bucket) reached, and
+    resize, one per (from, to) pair of cache buckets the run moves between;
 and jax's cache reuses them across calls with the same static values. Pass `max_cache_len` and
 `num_slots` explicitly to keep them fixed across calls. `GenerateOutput.stats.shapes` lists the
 executables a call used.
@@ -54,8 +55,11 @@ class GenerateStats:
     prefill_calls: int = 0
     resizes: int = 0
     generated_tokens: int = 0
-    seconds: float = 0.0
-    shapes: set = dataclasses.field(default_factory=set)   # ("decode", C), ("prefill", n, P), ("resize", a, b)
+    seconds: float = 0.0        # whole call, compiles included
+    prefill_seconds: float = 0.0   # host wall time of prefill + insert calls and their harvest (synced)
+    decode_seconds: float = 0.0    # host wall time of decode calls and their harvest (synced)
+    # executables used: ("decode", C), ("prefill", n, P), ("insert", n, P, C), ("resize", C_from, C_to)
+    shapes: set = dataclasses.field(default_factory=set)
 
     @property
     def slot_utilization(self) -> float:
@@ -274,6 +278,7 @@ def generate(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *
                 need_len = max([max(groups)] + [int(lengths[s]) + 1 for s in np.nonzero(active)[0]])
                 if cache is None or cache.length < need_len:
                     cache = resize_to(cache, _pick(buckets, need_len))
+                t0 = time.perf_counter()
                 for P, members in sorted(groups.items()):
                     nmax = max(1, min(_pow2_ceil(S), 1 << int(math.log2(max(1, max_prefill_tokens // P)))))
                     for c0 in range(0, len(members), nmax):
@@ -285,10 +290,14 @@ def generate(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *
                         for j, (r, s) in enumerate(chunk):
                             toks[j, :plen[r]] = prompts[r]
                             meta[:, j] = (plen[r], s, r, limits[r], reasons[r])
-                        cache, state = engine.prefill(spec, sp, cache, state, knobs, toks, *meta)
+                        kv, state = engine.prefill(spec, sp, state, knobs, toks, *meta)
+                        cache = kv_cache.insert(cache, kv, meta[1])
+                        del kv
                         stats.prefill_calls += 1
                         stats.shapes.add(("prefill", n, P))
+                        stats.shapes.add(("insert", n, P, cache.length))
                 active = harvest(state)
+                stats.prefill_seconds += time.perf_counter() - t0
                 continue                                  # refill slots whose first token ended them
             if not active.any():
                 continue
@@ -297,11 +306,13 @@ def generate(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *
             if target > cache.length or target <= cache.length // 2:
                 cache = resize_to(cache, target)
             free_target = int((~active).sum()) + min(threshold, len(queue)) if (refill and queue) else S + 1
+            t0 = time.perf_counter()
             cache, state, steps = engine.decode(spec, sp, cache, state, knobs, jnp.int32(free_target))
             stats.decode_calls += 1
             stats.decode_steps += int(steps)
             stats.shapes.add(("decode", cache.length))
             active = harvest(state)
+            stats.decode_seconds += time.perf_counter() - t0
         del cache
     stats.seconds = time.perf_counter() - t_start
     return GenerateOutput(out_tokens, out_lps, out_reasons, stats)

@@ -94,6 +94,14 @@ def write_prompt(k_cache: jax.Array, v_cache: jax.Array, slots: jax.Array, k: ja
     return constrain(k_cache, K_AXES, SAMPLING_RULES), constrain(v_cache, V_AXES, SAMPLING_RULES)
 
 
+@functools.partial(jax.jit, donate_argnums=(0,))
+def insert(cache: KVCache, kv: tuple, slots: jax.Array) -> KVCache:
+    """Writes prefilled prompts into cache rows: kv is a tuple over layers of (k, v) [n, P, KV, hd]
+    (from `engine.prefill`), landing at positions 0..P-1 of rows `slots` [n] (index >= S: dropped)."""
+    ks, vs = zip(*(write_prompt(kc, vc, slots, k, v) for kc, vc, (k, v) in zip(cache.k, cache.v, kv)))
+    return KVCache(k=tuple(ks), v=tuple(vs))
+
+
 def write_token(k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Array):
     """Writes one new token per slot: k / v [S, KV, hd] at cache position positions[s] of slot s (an
     index >= C is dropped: that is how finished slots skip the write)."""

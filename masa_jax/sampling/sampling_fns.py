@@ -109,13 +109,24 @@ def _tri(n: int) -> jax.Array:
     return jnp.triu(jnp.ones((n, n), jnp.float32))
 
 
+def argmax_first(x: jax.Array) -> jax.Array:
+    """int32 index of the row maximum, the first one on ties (as torch / jnp.argmax). Two plain
+    reductions: XLA's variadic argmax reduce is several times slower on CPU."""
+    n = x.shape[-1]
+    ar = jnp.arange(n, dtype=jnp.int32)
+    first = jnp.min(jnp.where(x == jnp.max(x, axis=-1, keepdims=True), ar, n), axis=-1)
+    return jnp.minimum(first, n - 1)
+
+
 def _snap_to_positive(w: jax.Array, idx: jax.Array) -> jax.Array:
     """The last index <= idx with w > 0 (else the first with w > 0): rounding in a prefix sum can never
     select a zero-weight (filtered) entry."""
-    ar = jnp.arange(w.shape[-1])
+    n = w.shape[-1]
+    ar = jnp.arange(n, dtype=jnp.int32)
     pos = w > 0
     before = jnp.max(jnp.where(pos & (ar <= idx[:, None]), ar, -1), axis=-1)
-    return jnp.where(before >= 0, before, jnp.argmax(pos, axis=-1)).astype(jnp.int32)
+    first = jnp.minimum(jnp.min(jnp.where(pos, ar, n), axis=-1), n - 1)
+    return jnp.where(before >= 0, before, first).astype(jnp.int32)
 
 
 def inverse_cdf_sample(w: jax.Array, u: jax.Array) -> jax.Array:
@@ -153,7 +164,7 @@ def sample(logits: jax.Array, u: jax.Array | None, temperature: jax.Array, top_p
     """
     logits = logits.astype(jnp.float32)
     if mode.greedy:
-        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tok = argmax_first(logits)
         lse = jax.nn.logsumexp(logits, axis=-1)
         return tok, jnp.take_along_axis(logits, tok[:, None], -1)[:, 0] - lse
     z = logits / temperature

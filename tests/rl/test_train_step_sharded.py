@@ -29,8 +29,8 @@ def test_sharded_step_matches_single_device():
     # Params, Adam moments and reference sharded as the rules say: q_proj [L, D, H, hd] with D over
     # fsdp and heads over tensor; every leaf of the state has exactly its configured sharding.
     assert r["shardings_as_configured"]
-    assert r["q_proj_spec"] == r["q_proj_mu_spec"] == r["ref_q_proj_spec"] == "PartitionSpec(None, 'fsdp', 'tensor', None)"
-    assert r["embed_spec"] == "PartitionSpec('tensor', 'fsdp')"
+    assert r["q_proj_spec"] == r["q_proj_mu_spec"] == r["ref_q_proj_spec"] == "P(None, 'fsdp', 'tensor', None)"
+    assert r["embed_spec"] == "P('tensor', 'fsdp')"
     L, D, H, hd = r["q_proj_shape"]
     assert r["q_proj_shard_shape"] == [L, D // 2, H // 2, hd]
 

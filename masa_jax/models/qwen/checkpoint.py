@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+import ml_dtypes  # bfloat16 as a numpy dtype
 import numpy as np
 
 from masa_jax.models.qwen.config import ModelConfig
