@@ -97,43 +97,43 @@ def measure_cpu_matmul_peak(n: int = 4096, reps: int = 3) -> dict:
     return out
 
 
-def bench_jax(cfg: ModelConfig, preset: dict, optim: ts.OptimConfig, loss: ts.LossConfig, steps: int) -> dict:
+def setup_jax(cfg: ModelConfig, preset: dict, optim: ts.OptimConfig, loss: ts.LossConfig) -> tuple:
+    """Builds state and jitted functions, runs the first (compiling) calls; returns (one_step, info)
+    where one_step() runs one train step to completion and returns its metrics."""
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     psh = ts.param_shardings(cfg, mesh)
     params = jax.jit(lambda k: init_params(cfg, k), out_shardings=psh)(jax.random.key(0))
-    state = ts.create_train_state(cfg, params, optim, mesh)
+    holder = {"state": ts.create_train_state(cfg, params, optim, mesh)}
     del params
     clp = ts.make_compute_logprobs(cfg, mesh, preset["micro_batch"], chunk_size=loss.chunk_size)
     step = ts.make_train_step(cfg, loss, optim, mesh, preset["micro_batch"])
     batch = make_batch(cfg, preset["batch"], preset["seq"])
     with jax.set_mesh(mesh):
         t = time.perf_counter()
-        old, _ = clp(state.params, batch)
+        old, _ = clp(holder["state"].params, batch)
         jax.block_until_ready(old)
-        t_clp_compile = time.perf_counter() - t
-        batch = dict(batch, old_logprobs=old)
+        clp_first = time.perf_counter() - t
         t = time.perf_counter()
-        state, m = step(state, batch)
-        jax.block_until_ready((state, m))
-        t_compile = time.perf_counter() - t
-        times, clp_times = [], []
-        for _ in range(steps):
-            t = time.perf_counter()
-            jax.block_until_ready(clp(state.params, batch))
-            clp_times.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            state, m = step(state, batch)
-            jax.block_until_ready((state, m))
-            times.append(time.perf_counter() - t)
-    return {"step_s": float(np.median(times)), "step_times": times, "first_call_s": t_compile,
-            "old_logprobs_s": float(np.median(clp_times)), "old_logprobs_first_call_s": t_clp_compile,
-            "loss": float(m["loss"]), "skipped": float(m["num_skipped"])}
+        jax.block_until_ready(clp(holder["state"].params, batch))
+        clp_s = time.perf_counter() - t
+    batch = dict(batch, old_logprobs=old)
+
+    def one_step():
+        with jax.set_mesh(mesh):
+            holder["state"], m = step(holder["state"], batch)
+            jax.block_until_ready((holder["state"], m))
+        return m
+
+    t = time.perf_counter()
+    one_step()
+    first = time.perf_counter() - t
+    return one_step, {"first_call_s": first, "old_logprobs_s": clp_s, "old_logprobs_first_call_s": clp_first}
 
 
-def bench_torch(cfg: ModelConfig, preset: dict, optim: ts.OptimConfig, loss: ts.LossConfig, steps: int,
-                device: str) -> dict:
+def setup_torch(cfg: ModelConfig, preset: dict, optim: ts.OptimConfig, loss: ts.LossConfig, device: str) -> tuple:
     """transformers Qwen3ForCausalLM + torch.optim.AdamW, same loss; float32 on CPU, float32 master
-    weights with bf16 autocast, SDPA attention and gradient checkpointing on GPU."""
+    weights with bf16 autocast, SDPA attention and gradient checkpointing on GPU. Returns (one_step,
+    info) like `setup_jax`."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -177,18 +177,16 @@ def bench_torch(cfg: ModelConfig, preset: dict, optim: ts.OptimConfig, loss: ts.
         return value
 
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    t = time.perf_counter()
-    one_step()
-    sync()
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
+
+    def run():
         value = one_step()
         sync()
-        times.append(time.perf_counter() - t)
-    return {"step_s": float(np.median(times)), "step_times": times, "first_call_s": first,
-            "loss": float(value), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+        return {"loss": value.detach()}
+
+    t = time.perf_counter()
+    run()
+    first = time.perf_counter() - t
+    return run, {"first_call_s": first, "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def main():
@@ -237,17 +235,30 @@ def main():
     tokens = preset["batch"] * preset["seq"]
     flops = model_flops_per_token(cfg, preset["seq"]) * tokens
     info["model_flops_per_step"] = flops
-    results = {"masa_jax": bench_jax(cfg, preset, optim, loss, preset["steps"])}
+    runners = {"masa_jax": setup_jax(cfg, preset, optim, loss)}
     if args.peer == "torch":
-        results["transformers+torch"] = bench_torch(cfg, preset, optim, loss, preset["steps"], args.device)
-    if args.device == "cpu":  # matmul peak again: other processes share this CPU; keep the best seen
-        again = measure_cpu_matmul_peak()
-        info["peak_flops"] = peak = max(peak, again["peak_flops"])
-    for r in results.values():
-        r["tokens_per_s"] = tokens / r["step_s"]
-        r["mfu"] = flops / r["step_s"] / peak
+        import torch
+        if args.device == "gpu" and not torch.cuda.is_available():
+            print("torch has no CUDA here: the transformers peer is skipped")
+        else:
+            runners["transformers+torch"] = setup_torch(cfg, preset, optim, loss, args.device)
+    # Alternating rounds, medians: load from other processes on a shared machine hits both alike.
+    times, last = {name: [] for name in runners}, {}
+    for _ in range(preset["steps"]):
+        for name, (run, _) in runners.items():
+            t = time.perf_counter()
+            last[name] = run()
+            times[name].append(time.perf_counter() - t)
+        if args.device == "cpu":  # sample the matmul peak between rounds too; keep the best seen
+            info["peak_flops"] = peak = max(peak, measure_cpu_matmul_peak(reps=1)["peak_flops"])
+    results = {}
+    for name, (_, extra) in runners.items():
+        step_s = float(np.median(times[name]))
+        r = {"step_s": step_s, "step_times": times[name], **extra, "tokens_per_s": tokens / step_s,
+             "mfu": flops / step_s / peak, "last_loss": float(last[name]["loss"])}
         if "nominal_peak_flops" in info:
-            r["mfu_nominal_peak"] = flops / r["step_s"] / info["nominal_peak_flops"]
+            r["mfu_nominal_peak"] = flops / step_s / info["nominal_peak_flops"]
+        results[name] = r
     print(json.dumps({"info": info, "results": results}, indent=1))
     print(f"\n{'impl':<22}{'step s':>9}{'tokens/s':>11}{'MFU':>8}   (peak {peak / 1e9:.0f} GFLOP/s, "
           f"{flops / 1e9:.1f} GFLOP/step, {tokens} tokens/step)")

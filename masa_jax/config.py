@@ -115,8 +115,8 @@ def base_config() -> mlc.ConfigDict:
     c.log.tensorboard = True
     c.log.wandb = False
     c.log.wandb_project = "masa_jax"
-    c.log.figures = True
-    c.log.heldout_eval_size = 0     # >0: calibration figure on this many held-out problems
+    c.log.figures = True            # PNGs at the end of a run: calibration, meta rewards, gating
+    c.log.calibration_steps = 5     # steps pooled for the start / end calibration panels
     return c
 
 

@@ -163,6 +163,7 @@ class LoopState:
     switched_at: int = -1                      # step of the MASA-efficient switch-over (-1: not yet)
     meta_reward_history: list = dataclasses.field(default_factory=list)
     buffer: expert_lib.ExpertBuffer | None = None
+    calibration: dict | None = None            # this step's per-problem (pred, true) pass rates
 
 
 def efficient_active(config, loop: LoopState) -> bool:
@@ -238,6 +239,10 @@ def train_one_step(run: Run, state, loop: LoopState, rng: jax.Array):
                 metrics.update(bc)
                 metrics["time/bc_s"] = time.perf_counter() - t0
 
+    if ro.controls is not None:  # per-problem predicted vs actual pass rate, for the calibration figure
+        rolled = ro.rolled_out & np.isfinite(ro.controls.pred_pass_mean)
+        loop.calibration = {"pred": ro.controls.pred_pass_mean[rolled].tolist(),
+                            "true": ro.correct[rolled].mean(axis=1).tolist()}
     metrics = multihost.global_metrics(metrics)
     # The switch-over decision reads the host-combined value, so every host switches at the same step.
     if "reward/meta_total" in metrics:
@@ -294,6 +299,7 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
                 m["step"] = loop.step
                 history.append(m)
                 run.writer.write(loop.step, m)
+                _append_calibration(run, loop)
                 bar.update(loop.step, m)
                 stop = guard.should_stop_all() or (stop_after is not None and steps_this_run >= stop_after)
                 if loop.step % config.checkpoint.every == 0 or loop.step == config.total_steps or stop:
@@ -308,8 +314,46 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
         run.writer.close()
         run.verifier.close()
     if jax.process_index() == 0:
+        if config.log.figures:
+            write_figures(workdir, history, config.log.calibration_steps)
         print(metrics_lib.summary_table(history))
     return history
+
+
+def _append_calibration(run: Run, loop: LoopState) -> None:
+    """One JSON line per step in calibration.jsonl (all hosts' problems, written by process 0)."""
+    if loop.calibration is None:
+        return
+    parts = multihost.allgather_json(loop.calibration)
+    if jax.process_index() == 0:
+        record = {"step": loop.step, "pred": sum((p["pred"] for p in parts), []),
+                  "true": sum((p["true"] for p in parts), [])}
+        path = os.path.join(run.workdir, "calibration.jsonl")
+        kept = [r for r in metrics_lib.read_jsonl(path) if r["step"] < loop.step] if os.path.exists(path) else []
+        with open(path, "w") as f:  # rewritten, so a resumed run drops the interrupted run's later lines
+            for r in kept + [record]:
+                f.write(json.dumps(r) + "\n")
+    loop.calibration = None
+
+
+def write_figures(workdir: str, history: list[dict], calibration_steps: int) -> None:
+    """End-of-run PNGs: predicted vs actual pass rate at the start and the end (the paper's Figure 2),
+    the meta reward and its parts over steps, and the gated fraction over steps."""
+    fig_dir = os.path.join(workdir, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    path = os.path.join(workdir, "calibration.jsonl")
+    if os.path.exists(path):
+        records = metrics_lib.read_jsonl(path)
+        if records:
+            n = max(1, min(calibration_steps, len(records) // 2 or 1))
+            pool = lambda rs: (sum((r["pred"] for r in rs), []), sum((r["true"] for r in rs), []))
+            (p0, t0), (p1, t1) = pool(records[:n]), pool(records[-n:])
+            metrics_lib.plot_calibration(
+                [p0, p1], [t0, t1], os.path.join(fig_dir, "calibration.png"), "predicted vs actual pass rate",
+                panel_titles=[f"steps {records[0]['step']}-{records[n - 1]['step']}",
+                              f"steps {records[-n]['step']}-{records[-1]['step']}"])
+    metrics_lib.plot_meta_rewards(history, os.path.join(fig_dir, "meta_rewards.png"))
+    metrics_lib.plot_gating(history, os.path.join(fig_dir, "gating.png"))
 
 
 def main(argv):

@@ -73,6 +73,7 @@ class Knobs:
     eos_ids: jax.Array        # int32 [E], padded with -1
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def init_state(num_slots: int, max_new_tokens: int) -> SlotState:
     """All slots empty."""
     S, T = num_slots, max(1, max_new_tokens)

@@ -235,7 +235,7 @@ def generate(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *
     with ctx:
         sp = params if is_sampling_params(params) else to_sampling_params(cfg, params, mesh=mesh)
         cdtype = jnp.dtype(cache_dtype or cfg.dtype)
-        state = jax.jit(engine.init_state, static_argnums=(0, 1))(S, T)
+        state = engine.init_state(S, T)
         cache = None
         queue = collections.deque(todo)
         slot_req = np.full(S, -1, np.int64)     # request held by each slot until harvested
@@ -243,7 +243,7 @@ def generate(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *
 
         def resize_to(cache, length):
             if cache is None:
-                return kv_cache.init_cache(cfg, S, length, cdtype, mesh)
+                return kv_cache.init_cache(cfg, S, length, cdtype)
             if cache.length == length:
                 return cache
             stats.resizes += 1

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from masa_jax.models.qwen.config import ModelConfig
-from masa_jax.parallel.rules import SAMPLING_RULES, constrain, logical_to_spec
+from masa_jax.parallel.rules import SAMPLING_RULES, constrain
 
 K_AXES = ("batch", "act_kv_heads", None, "cache_seq")
 V_AXES = ("batch", "act_kv_heads", "cache_seq", None)
@@ -43,28 +43,14 @@ class KVCache:
         return self.v[0].shape[0]
 
 
-def cache_shardings(cfg: ModelConfig, num_slots: int, length: int, mesh: jax.sharding.Mesh):
-    """NamedShardings of the cache under the sampling layout: slots over (data, fsdp), kv heads over
-    tensor (each replicated where the mesh axis does not divide the dimension)."""
-    kshape = (num_slots, cfg.num_kv_heads, cfg.head_dim, length)
-    vshape = (num_slots, cfg.num_kv_heads, length, cfg.head_dim)
-    ks = jax.sharding.NamedSharding(mesh, logical_to_spec(K_AXES, SAMPLING_RULES, mesh, kshape))
-    vs = jax.sharding.NamedSharding(mesh, logical_to_spec(V_AXES, SAMPLING_RULES, mesh, vshape))
-    L = cfg.num_layers
-    return KVCache(k=(ks,) * L, v=(vs,) * L)
-
-
-def init_cache(cfg: ModelConfig, num_slots: int, length: int, dtype, mesh: jax.sharding.Mesh | None = None
-               ) -> KVCache:
-    """Zero cache of `length` positions for `num_slots` slots, created sharded when a mesh is given."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def init_cache(cfg: ModelConfig, num_slots: int, length: int, dtype) -> KVCache:
+    """Zero cache of `length` positions for `num_slots` slots. Under a mesh (`jax.set_mesh`) it is created
+    sharded by the sampling rules (slots over data x fsdp, kv heads over tensor)."""
     L, KV, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-
-    def make():
-        return KVCache(k=tuple(jnp.zeros((num_slots, KV, hd, length), dtype) for _ in range(L)),
-                       v=tuple(jnp.zeros((num_slots, KV, length, hd), dtype) for _ in range(L)))
-
-    out = cache_shardings(cfg, num_slots, length, mesh) if mesh is not None else None
-    return jax.jit(make, out_shardings=out)()
+    k = lambda: constrain(jnp.zeros((num_slots, KV, hd, length), dtype), K_AXES, SAMPLING_RULES)
+    v = lambda: constrain(jnp.zeros((num_slots, KV, length, hd), dtype), V_AXES, SAMPLING_RULES)
+    return KVCache(k=tuple(k() for _ in range(L)), v=tuple(v() for _ in range(L)))
 
 
 @functools.partial(jax.jit, static_argnames=("length",))

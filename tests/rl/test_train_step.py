@@ -249,3 +249,34 @@ def test_microbatch_split_and_padding():
     assert ts.pad_batch(b, 5)["tokens"].shape == (5, 4)
     with pytest.raises(ValueError, match="not a multiple of micro_batch_size"):
         ts.accumulate_gradients(None, None, {"tokens": np.zeros((5, 2)), "loss_mask": np.zeros((5, 2))}, 2)
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, recursing into scan / remat / pjit bodies."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                if hasattr(sub, "eqns"):
+                    yield from _eqns(sub)
+                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    yield from _eqns(sub.jaxpr)
+
+
+def test_mixed_precision_layout(tiny, host_params, rl_batch, mesh1, cfgs):
+    """bf16 compute: the layer matmuls run in bfloat16 under full remat, while log-probs, loss,
+    gradients, master params and Adam state stay float32 (checked on the traced program, no compile)."""
+    loss_cfg, optim_cfg, micro = cfgs
+    bf16 = tiny.replace(dtype="bfloat16", remat="full")
+    nt, ns = grpo.batch_counts(rl_batch["loss_mask"])
+    grad_fn = jax.value_and_grad(lambda p: ts.rl_loss(bf16, loss_cfg, p, None, rl_batch, nt, ns), has_aux=True)
+    eqns = list(_eqns(jax.make_jaxpr(grad_fn)(host_params).jaxpr))
+    dot_dtypes = {tuple(str(v.aval.dtype) for v in e.invars) for e in eqns if e.primitive.name == "dot_general"}
+    assert ("bfloat16", "bfloat16") in dot_dtypes and ("float32", "float32") not in dot_dtypes, dot_dtypes
+    assert any(e.primitive.name in ("checkpoint", "remat") for e in eqns)
+    (loss, _), grads = jax.eval_shape(grad_fn, host_params)
+    assert loss.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    state = ts.create_train_state(bf16, host_params, optim_cfg, mesh1)
+    out_state, _ = jax.eval_shape(ts.make_train_step(bf16, loss_cfg, optim_cfg, mesh1, micro).jitted, state,
+                                  jax.device_put(rl_batch, ts.batch_sharding(mesh1)))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((out_state.params, out_state.opt_state)) if x.ndim)

@@ -49,6 +49,12 @@ def test_algorithm_runs_end_to_end_with_the_sampler(tiny_model_dir, small_config
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in lines] == [1, 2]
     assert os.path.exists(tmp_path / "config.json")
+    assert os.listdir(tmp_path / "tb")  # TensorBoard events
+    if algorithm in ("masa", "masa_efficient"):
+        for fig in ("calibration.png", "meta_rewards.png"):
+            assert (tmp_path / "figures" / fig).stat().st_size > 1000
+        calib = [json.loads(line) for line in open(tmp_path / "calibration.jsonl")]
+        assert [r["step"] for r in calib] == [1, 2] and len(calib[0]["pred"]) == len(calib[0]["true"])
     # A second invocation finds the finished run's checkpoint and restores it instead of training.
     again = train.train(config, str(tmp_path))
     assert [h["step"] for h in again] == [1, 2]
