@@ -78,5 +78,4 @@ def get_config():
     c.checkpoint.max_to_keep = 2
 
     c.log.wandb = False
-    c.log.heldout_eval_size = 0  # > 0 draws the calibration figure on held-out toy problems
     return c

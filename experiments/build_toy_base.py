@@ -70,6 +70,21 @@ def model_config(vocab_size: int, hidden: int = 128, layers: int = 4, ffn: int =
         param_dtype="float32", dtype="float32", remat="none")
 
 
+def init_params(cfg: qwen.ModelConfig, seed: int, qk_norm_init: float):
+    """`qwen.init_params`, with the q/k RMSNorm weights set to `qk_norm_init` instead of 1.
+
+    Why: Qwen3 normalises q and k per head, so with unit norm weights an attention logit is at most
+    sqrt(head_dim) (5.7 here) and the model cannot attend sharply to one digit of the question until
+    those weights have grown, which at a fine-tuning learning rate takes most of a CPU-sized budget.
+    Copying operands out of the question is exactly what the toy solutions need.
+    """
+    params = qwen.init_params(cfg, jax.random.key(seed))
+    layers = dict(params["layers"])
+    for name in ("q_norm", "k_norm"):
+        layers[name] = jnp.full_like(layers[name], qk_norm_init)
+    return dict(params, layers=layers)
+
+
 # -------------------------------------------------------------------------------------------- data
 
 
@@ -377,6 +392,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--ffn", type=int, default=384)
+    ap.add_argument("--qk_norm_init", type=float, default=1.0)
     ap.add_argument("--examples", type=int, default=24_000, help="training sequences (one pass)")
     ap.add_argument("--tokens_per_batch", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -405,7 +421,7 @@ def main(argv=None) -> dict:
     print(f"{len(examples)} examples -> {len(batches)} batches, {n_tok:,} tokens "
           f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    params = qwen.init_params(cfg, jax.random.key(args.seed))
+    params = init_params(cfg, args.seed, args.qk_norm_init)
     params = train(cfg, params, batches, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay)
     t_train = time.perf_counter() - t0
 

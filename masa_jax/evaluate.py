@@ -69,14 +69,19 @@ def load_policy(config, checkpoint: str):
 
 
 def main(argv):
+    """absl entry point: evaluates with the command-line flags (exit code 0 on success)."""
     from absl import flags
+    del argv
+    run_evaluation(flags.FLAGS)
+
+
+def run_evaluation(F) -> dict:
+    """Evaluates the model named by the parsed flags `F`; prints the table, writes and returns the JSON."""
     from masa_jax import config as config_lib
     from masa_jax.rewards import math as math_reward
     from masa_jax.sampling.generate import generate as sampling_generate
     from masa_jax.tokenization import load_codec
 
-    del argv
-    F = flags.FLAGS
     config = config_lib.resolve(F.config)
     model_cfg, params, mesh = load_policy(config, F.checkpoint)
     codec = load_codec(config.model.tokenizer_path)

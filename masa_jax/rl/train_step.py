@@ -18,9 +18,10 @@ Design:
 - Mixed precision: float32 master params and AdamW state; the model computes in `ModelConfig.dtype`
   (bfloat16 on accelerators); log-probs, losses and gradient sums are float32. Log-probs come from the
   chunked `token_logprobs`, so no [B, T, V] logits tensor exists.
-- Gradient accumulation: a `lax.scan` over micro-batches inside the jitted step. Every loss is divided
-  by the token / sequence counts of the WHOLE batch (computed before the scan), so the summed
-  micro-batch gradients equal the one-batch gradient exactly, for every loss aggregation.
+- Gradient accumulation: a `lax.scan` over micro-batches inside the jitted step (a plain gradient when
+  the batch is one micro-batch). Every loss is divided by the token / sequence counts of the WHOLE
+  batch (computed before the scan), so the summed micro-batch gradients equal the one-batch gradient
+  exactly, for every loss aggregation.
 - Micro-batch m takes the rows m, m + M, m + 2M, ... (M micro-batches): with the batch sharded in
   contiguous blocks over the data-parallel devices, each micro-batch is then spread evenly over all of
   them and splitting needs no communication.
@@ -33,6 +34,8 @@ Design:
 - A non-finite loss or gradient norm keeps params, optimizer state and step; `num_skipped` counts it.
 - The reference policy (for kl_coef > 0) lives in `state.ref_params` in the compute dtype; with
   kl_coef = 0 it is None and no reference forward is traced.
+- The step and `make_compute_logprobs` return a `PlacedBatchFn`: it puts the batch on the mesh, then
+  calls the jax.jit object (`.jitted`, for `.lower()` / cache inspection).
 """
 from __future__ import annotations
 
@@ -281,7 +284,6 @@ class PlacedBatchFn:
 
     def __call__(self, first, batch: Batch):
         return self.jitted(first, jax.device_put(batch, self.batch_sharding))
-
 
 
 def make_update_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.sharding.Mesh,

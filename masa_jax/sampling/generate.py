@@ -100,7 +100,7 @@ def _pick(buckets: Sequence[int], need: int) -> int:
 
 def _prompt_bucket(n: int, max_len: int, buckets: Sequence[int] | None) -> int:
     if buckets is not None:
-        return min(_pick(tuple(buckets) + (max_len,), n), max_len)
+        return min(_pick(tuple(sorted(buckets)) + (max_len,), n), max_len)
     return min(max(16, 1 << (n - 1).bit_length()), max_len)
 
 
@@ -168,7 +168,8 @@ def generate(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *
       refill: continuous batching (default); False runs static batches of num_slots prompts.
       refill_fraction: return to the host to refill once this fraction of slots is free.
       max_cache_len: cache positions per slot; a prompt needs len(prompt) + budget - 1 of them (default:
-        the largest need of this call, rounded up to a cache bucket). cache_buckets / prompt_buckets: override the length buckets.
+        the largest need of this call, rounded up to a cache bucket).
+      cache_buckets / prompt_buckets: override the length buckets (see the module doc).
       max_prefill_tokens: rows x bucket length of one prefill call (bounds its activation memory).
       schedule: "longest_first" (admit the largest budgets first: shortens the tail) or "fifo".
       mesh: run under this mesh with params in the sampling layout (tensor-parallel, slots over data).
@@ -200,7 +201,7 @@ def generate(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *
         if need[i] > max_cache_len:
             raise ValueError(f"prompt {i} has {plen[i]} tokens and may generate {limits[i]}: it needs "
                              f"{need[i]} cache positions > max_cache_len={max_cache_len}")
-    buckets = tuple(b for b in (cache_buckets or default_cache_buckets(max_cache_len)) if b < max_cache_len)
+    buckets = tuple(sorted(b for b in (cache_buckets or default_cache_buckets(max_cache_len)) if b < max_cache_len))
     buckets = buckets + (max_cache_len,)
 
     stats = GenerateStats()

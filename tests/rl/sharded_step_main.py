@@ -19,7 +19,7 @@ assert jax.device_count() == 8, jax.devices()
 # Every sharded dim divisible by its mesh axes: hidden 32 / fsdp 2, vocab 64, mlp 64, heads 4, kv 2 / tensor 2.
 CFG = ModelConfig(family="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=8)
-LOSS = ts.LossConfig(chunk_size=8, kl_coef=0.05)
+LOSS = ts.LossConfig(chunk_size=8, kl_coef=0.05, entropy_metric=True)
 # Adam eps 1e-4, not 1e-8: with a tiny eps the first update is ~ g / |g| per element, which turns the
 # float32 reduction-order noise of gradients that cancel to ~1e-9 into full-size update differences;
 # that is Adam's conditioning, not the sharding's. Adam's first moment (the gradient) is compared too.
@@ -49,7 +49,8 @@ def run(mesh, params, batch):
         for _ in range(2):
             lp, lm = clp(state.params, batch)
             state, m = step(state, dict(batch, old_logprobs=lp))
-            metrics.append({**jax.device_get(lm), **jax.device_get(m)})
+            lm = {f"old_logprobs/{k}": v for k, v in jax.device_get(lm).items()}
+            metrics.append({**lm, **jax.device_get(m)})
             if not grads:  # after one step Adam's first moment is (1 - b1) * the clipped gradient
                 grads.append(jax.device_get(state.opt_state[1].mu))
     expected = ts.state_shardings(CFG, OPTIM, mesh, keep_reference=True)
@@ -80,6 +81,9 @@ def main():
                               if not abs(float(a[k]) - float(b[k])) <= 1e-5 * abs(float(b[k])) + 1e-6],
         "num_metrics": len(m1[0]),
         "kl_loss": [float(m["kl_loss"]) for m in m8],
+        # Entropy of the same params on the same batch, from the old-log-prob pass and from inside the
+        # first update's forward (LossConfig.entropy_metric).
+        "entropy_pair": [float(m8[0]["old_logprobs/entropy"]), float(m8[0]["entropy"])],
         "skipped": [float(m["skipped"]) for m in m1 + m8],
         "steps": [int(s1.step), int(s8.step)],
         "shardings_as_configured": same8,

@@ -24,6 +24,8 @@ def test_sharded_step_matches_single_device():
     assert r["ref_err"] == 0.0                      # the reference policy is frozen
     assert r["metrics_differing"] == [] and r["num_metrics"] >= 15, r  # old-log-prob and step metrics
     assert r["kl_loss"][0] < 1e-9 < r["kl_loss"][1]  # KL 0 before the first update, then positive
+    assert abs(r["entropy_pair"][0] - r["entropy_pair"][1]) <= 1e-5 * r["entropy_pair"][0]
+    assert r["entropy_pair"][0] > 1.0
     assert r["skipped"] == [0.0] * 4 and r["steps"] == [2, 2]
 
     # Params, Adam moments and reference sharded as the rules say: q_proj [L, D, H, hd] with D over

@@ -1,6 +1,7 @@
 """Run by test_sharded_generate.py in a subprocess with 4 fake CPU devices (XLA_FLAGS must be set
 before jax starts): reshards FSDP x tensor training params into the sampling layout on a
-(data=1, fsdp=2, tensor=2) mesh, generates on the mesh, and compares greedy outputs with one device (8 slots: one prefill, one decode executable each)."""
+(data=1, fsdp=2, tensor=2) mesh, generates on the mesh, and compares greedy outputs with one device
+(8 slots: one prefill and one decode executable each)."""
 from __future__ import annotations
 
 import json

@@ -14,48 +14,21 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from masa_jax import train  # noqa: E402
-from masa_jax.config import base_config  # noqa: E402
+from small_config import make_small_config  # noqa: E402
 
 
 def main(process_id: int, port: int, model_dir: str, workdir: str) -> None:
-    c = base_config()
-    c.algorithm = "masa"
-    c.total_steps = 2
-    c.model.path = model_dir
-    c.model.dtype = "float32"
-    c.model.remat = "none"
-    c.mesh.shape = (1, -1, 1)
-    c.mesh.coordinator_address = f"localhost:{port}"
-    c.mesh.num_processes = 2
-    c.mesh.process_id = process_id
-    c.data.train_files = ("toy:64",)
-    c.data.problems_per_step = 4          # 2 problems per host
-    c.data.max_prompt_length = 512
-    c.rollout.num_solutions = 2
-    c.rollout.num_meta = 2
-    c.rollout.max_response_length = 16
-    c.rollout.meta_max_new_tokens = 16
-    c.rollout.num_slots = 8
-    c.prompts.min_solution_length = 4
-    c.prompts.meta_template = "Assess {question} <meta></meta> JSON pass_rate 0-{k} length {min_length}-{max_length}."
-    c.prompts.solution_template = "{question} Answer in \\boxed{{}}."
-    c.bc.buffer_size = 2
-    c.bc.steps = 1
-    c.bc.min_notion_reward = 0.0
-    c.rl.lr = 1e-3
-    c.rl.warmup_steps = 1
-    c.rl.micro_batch_size = 8
-    c.rl.chunk_size = 64
-    c.reward.num_workers = 1
-    c.checkpoint.every = 2
-    c.log.tensorboard = False
+    c = make_small_config(model_dir, "masa", **{
+        "total_steps": 2, "mesh.coordinator_address": f"localhost:{port}", "mesh.num_processes": 2,
+        "mesh.process_id": process_id, "data.problems_per_step": 4,  # 2 problems per host
+        "rollout.max_response_length": 16, "rollout.meta_max_new_tokens": 16, "rl.micro_batch_size": 8,
+        "checkpoint.every": 2, "log.tensorboard": False})
     train.train(c, workdir)
     assert jax.process_count() == 2 and jax.device_count() == 8
     # Params after training, gathered to every host: both processes must hold the same model.
     from masa_jax.checkpointing import RunCheckpointer
     from masa_jax.rl import update as update_lib
     from masa_jax.config import resolve
-    from masa_jax.dry_run import model_config_for
     from masa_jax.models import qwen
     from masa_jax.parallel.mesh import make_mesh
     config = resolve(c)
