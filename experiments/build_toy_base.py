@@ -70,21 +70,6 @@ def model_config(vocab_size: int, hidden: int = 128, layers: int = 4, ffn: int =
         param_dtype="float32", dtype="float32", remat="none")
 
 
-def init_params(cfg: qwen.ModelConfig, seed: int, qk_norm_init: float):
-    """`qwen.init_params`, with the q/k RMSNorm weights set to `qk_norm_init` instead of 1.
-
-    Why: Qwen3 normalises q and k per head, so with unit norm weights an attention logit is at most
-    sqrt(head_dim) (5.7 here) and the model cannot attend sharply to one digit of the question until
-    those weights have grown, which at a fine-tuning learning rate takes most of a CPU-sized budget.
-    Copying operands out of the question is exactly what the toy solutions need.
-    """
-    params = qwen.init_params(cfg, jax.random.key(seed))
-    layers = dict(params["layers"])
-    for name in ("q_norm", "k_norm"):
-        layers[name] = jnp.full_like(layers[name], qk_norm_init)
-    return dict(params, layers=layers)
-
-
 # -------------------------------------------------------------------------------------------- data
 
 
@@ -134,12 +119,13 @@ def meta_example(codec: ChatCodec, end_id: int, problem, rng: random.Random) -> 
 
 
 def build_examples(codec: ChatCodec, n: int, seed: int, meta_frac: float, hint_prob: float,
-                   mix: tuple[float, ...]) -> list[Example]:
-    """n examples over the training stream `seed` with level weights `mix`, a `meta_frac` share meta."""
-    rng = random.Random(f"masa-toy-base/{seed}")
+                   mix: tuple[float, ...], start: int = 0) -> list[Example]:
+    """Examples for problems start..start+n-1 of the training stream `seed` drawn with level weights
+    `mix`; a `meta_frac` share are meta examples, a `hint_prob` share of the rest carry a hint."""
+    rng = random.Random(f"masa-toy-base/{seed}/{start}")
     end_id = codec.tokenizer.convert_tokens_to_ids("<|im_end|>")
     out = []
-    for i in range(n):
+    for i in range(start, start + n):
         problem = world.problem_at(i, seed=seed, difficulty_mix=mix)
         if rng.random() < meta_frac:
             out.append(meta_example(codec, end_id, problem, rng))
@@ -392,17 +378,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--ffn", type=int, default=384)
-    ap.add_argument("--qk_norm_init", type=float, default=1.0)
-    ap.add_argument("--examples", type=int, default=24_000, help="training sequences (one pass)")
-    ap.add_argument("--tokens_per_batch", type=int, default=4096)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--stage1_examples", type=int, default=8000,
+                    help="first stage: short solutions only, where the model learns to copy operands")
+    ap.add_argument("--stage1_mix", default="1,1,1,0,0", help="stage-1 weights of levels 1..5")
+    ap.add_argument("--stage2_examples", type=int, default=8000, help="second stage: everything")
+    ap.add_argument("--stage2_mix", default="1,2,2,1,1",
+                    help="stage-2 weights of levels 1..5: most updates where a small model can still learn "
+                         "(levels 2-3); levels 4-5 are there for the format of long solutions")
+    ap.add_argument("--meta_frac", type=float, default=0.12, help="stage-2 share of meta examples")
+    ap.add_argument("--hint_prob", type=float, default=0.15, help="stage-2 share of hinted solution prompts")
+    ap.add_argument("--tokens_per_batch", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--weight_decay", type=float, default=0.01)
-    ap.add_argument("--mix", default="2,3,3,1,1",
-                    help="training weights of levels 1..5: most updates go where a small model can learn "
-                         "(levels 1-3); levels 4-5 are there for the format of long solutions")
-    ap.add_argument("--meta_frac", type=float, default=0.15, help="share of meta examples")
-    ap.add_argument("--hint_prob", type=float, default=0.25, help="share of solution prompts with a hint")
     ap.add_argument("--eval_per_level", type=int, default=40)
     ap.add_argument("--eval_samples", type=int, default=4, help="temperature-1 samples per eval problem")
     ap.add_argument("--eval_meta", type=int, default=100)
@@ -413,15 +401,22 @@ def main(argv=None) -> dict:
     codec = load_codec(TOKENIZER_DIR)
     cfg = model_config(len(codec.tokenizer), args.hidden, args.layers, args.ffn)
     print(f"model: {cfg}\nparams: {cfg.num_params():,}", flush=True)
-    mix = tuple(float(w) for w in args.mix.split(","))
-    examples = build_examples(codec, args.examples, args.seed, args.meta_frac, args.hint_prob, mix)
-    batches = bucket_batches(examples, (64, 96, 128, 168, 256), args.tokens_per_batch, codec.pad_id,
-                             random.Random(f"masa-toy-base/batches/{args.seed}"))
+    # Two stages, each shuffled within itself: small transformers learn to copy the question's digits
+    # (which every worked solution starts with) after a few hundred updates on short sequences, and
+    # long sequences / meta examples before that only cost time.
+    batches = []
+    for stage, (n, mix, meta_frac, hint_prob, start) in enumerate((
+            (args.stage1_examples, args.stage1_mix, 0.0, 0.0, 0),
+            (args.stage2_examples, args.stage2_mix, args.meta_frac, args.hint_prob, args.stage1_examples))):
+        mix = tuple(float(w) for w in mix.split(","))
+        examples = build_examples(codec, n, args.seed, meta_frac, hint_prob, mix, start=start)
+        batches += bucket_batches(examples, (64, 96, 128, 168, 256), args.tokens_per_batch, codec.pad_id,
+                                  random.Random(f"masa-toy-base/batches/{args.seed}/{stage}"))
+        print(f"stage {stage + 1}: {n} examples -> {len(batches)} batches in all", flush=True)
     n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
-    print(f"{len(examples)} examples -> {len(batches)} batches, {n_tok:,} tokens "
-          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    print(f"{n_tok:,} tokens ({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    params = init_params(cfg, args.seed, args.qk_norm_init)
+    params = qwen.init_params(cfg, jax.random.key(args.seed))
     params = train(cfg, params, batches, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay)
     t_train = time.perf_counter() - t0
 

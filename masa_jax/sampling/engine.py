@@ -144,15 +144,26 @@ def prefill(spec: EngineSpec, params, state: SlotState, knobs: Knobs, tokens: ja
 # ------------------------------------------------------------------------------------------- decode
 
 
+def rope_table(cfg: ModelConfig, length: int) -> tuple[jax.Array, jax.Array]:
+    """cos / sin [length, hd] for positions 0..length-1 (the same float32 math as `rope_cos_sin`)."""
+    return qm.rope_cos_sin(jnp.arange(length), cfg.head_dim, cfg.rope_theta)
+
+
 def decode_logits(cfg: ModelConfig, params, cache: KVCache, tokens: jax.Array, positions: jax.Array,
-                  write: jax.Array) -> tuple[KVCache, jax.Array]:
+                  write: jax.Array, table: tuple[jax.Array, jax.Array] | None = None) -> tuple[KVCache, jax.Array]:
     """One decode step for every slot: feeds tokens [S] at positions [S] (= their cache lengths), writes
-    their keys / values where `write` [S] is set, and returns (cache, float32 logits [S, V])."""
+    their keys / values where `write` [S] is set, and returns (cache, float32 logits [S, V]).
+
+    `table` (from `rope_table(cfg, cache.length)`, built once outside the decode loop) turns RoPE into a
+    row lookup; otherwise XLA fuses cos / sin into every layer's q and k and recomputes them each step.
+    """
     C = cache.length
     write_pos = jnp.where(write, positions, C)          # out of range: the write is dropped
     x = qm.embed(cfg, params, tokens[:, None])          # [S, 1, D]
-    # The barrier makes XLA compute cos / sin once: otherwise it fuses them into every layer's q and k.
-    cos, sin = jax.lax.optimization_barrier(qm.rope_cos_sin(positions[:, None], cfg.head_dim, cfg.rope_theta))
+    if table is None:
+        table = rope_table(cfg, C)
+    pos = jnp.minimum(positions, C - 1)[:, None]        # finished slots may sit at C: any row will do
+    cos, sin = jnp.take(table[0], pos, axis=0), jnp.take(table[1], pos, axis=0)    # [S, 1, hd]
     ks, vs = list(cache.k), list(cache.v)
     for l, lp in enumerate(params["layers"]):
         lp = qm.cast_layer(cfg, lp)
@@ -167,9 +178,9 @@ def decode_logits(cfg: ModelConfig, params, cache: KVCache, tokens: jax.Array, p
     return KVCache(k=tuple(ks), v=tuple(vs)), qm.unembed(cfg, params, h)
 
 
-def _decode_step(spec: EngineSpec, params, cache: KVCache, st: SlotState, knobs: Knobs):
+def _decode_step(spec: EngineSpec, params, cache: KVCache, st: SlotState, knobs: Knobs, table=None):
     act = st.active
-    cache, logits = decode_logits(spec.cfg, params, cache, st.last_token, st.lengths, act)
+    cache, logits = decode_logits(spec.cfg, params, cache, st.last_token, st.lengths, act, table)
     tok, lp = _sample(spec, logits, knobs, st.request, st.num_generated)
     rows = jnp.arange(act.shape[0])
     out_idx = jnp.where(act, st.num_generated, st.tokens.shape[1])   # inactive rows: dropped
@@ -189,6 +200,7 @@ def decode(spec: EngineSpec, params, cache: KVCache, state: SlotState, knobs: Kn
     """Decode steps until no slot is active, or >= free_target (int32 []) slots are free, or an active
     slot has filled the cache's current length. Returns (cache, state, number of steps run)."""
     C = cache.length
+    table = rope_table(spec.cfg, C)   # loop-invariant
 
     def cond(carry):
         _, st, _ = carry
@@ -198,7 +210,7 @@ def decode(spec: EngineSpec, params, cache: KVCache, state: SlotState, knobs: Kn
 
     def body(carry):
         cache, st, steps = carry
-        cache, st = _decode_step(spec, params, cache, st, knobs)
+        cache, st = _decode_step(spec, params, cache, st, knobs, table)
         return cache, st, steps + 1
 
     return jax.lax.while_loop(cond, body, (cache, state, jnp.zeros((), jnp.int32)))

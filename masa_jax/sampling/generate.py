@@ -2,8 +2,9 @@
 
 The host never runs per token. It loops over *chunks*:
 
-1. refill: take waiting requests for the free slots, group them by prompt-length bucket and run one
-   jitted `engine.prefill` per group (each writes its prompts into the slot rows of the shared cache);
+1. refill: take waiting requests for the free slots, group them by prompt-length bucket, run one
+   jitted `engine.prefill` per group and write the prompts' keys / values into the slot rows of the
+   shared cache (`kv_cache.insert`);
 2. decode: one jitted `engine.decode` call, a device-side while loop that returns when enough slots
    have finished to be worth a refill (`refill_fraction` of the slots, or all that the queue can fill),
    when no slot is active, or when the cache's length bucket is full;
@@ -15,15 +16,19 @@ its longest member ends: the behaviour of samplers that share one step counter.
 
 Compiled shapes. For fixed (model config, num_slots, max_new_tokens, sampling mode, number of EOS ids
 rounded up to 4) a run compiles at most:
-  * decode: one executable per cache-length bucket reached (`cache_buckets`, default two per octave:
-    64, 128, 192, 256, 384, 512, 768, 1024, ..., capped at max_cache_len);
+  * decode: one executable per cache-length bucket reached (`cache_buckets`, default 64, 96, ..., 256
+    in steps of 32, then two per octave: 384, 512, 768, 1024, ..., capped at max_cache_len);
   * prefill: one per (rows n, prompt bucket P) reached, P a power of two >= 16 (capped at
-    max_cache_len), n a power of two <= min(num_slots, max_prefill_tokens / P) rounded up;
+    max_cache_len), n a power of four or nmax = min(num_slots, max_prefill_tokens / P) (rounded to
+    powers of two), so at most ceil(log4(nmax)) + 1 per P;
   * small scatter / pad programs (fast to compile): insert, one per (n, P, cache bucket) reached, and
     resize, one per (from, to) pair of cache buckets the run moves between;
 and jax's cache reuses them across calls with the same static values. Pass `max_cache_len` and
 `num_slots` explicitly to keep them fixed across calls. `GenerateOutput.stats.shapes` lists the
-executables a call used.
+executables a call used. Example: 256 slots, prompts <= 32 tokens, budgets <= 1024 (cache <= 1056)
+compile at most 12 decode + 5 prefill (n = 1, 4, 16, 64, 256) model executables; 256 slots with
+prompts <= 1024 and responses <= 8192 tokens at most 18 decode + 29 prefill (7 prompt buckets), fewer
+in practice: only the buckets that occur.
 """
 from __future__ import annotations
 
@@ -81,12 +86,13 @@ class GenerateOutput:
 # ------------------------------------------------------------------------------------------ buckets
 
 
-def default_cache_buckets(max_len: int, smallest: int = 64) -> tuple[int, ...]:
-    """Two buckets per octave in multiples of `smallest` (64, 128, 192, 256, 384, 512, 768, ...), the
-    last one replaced by max_len: attention reads at most 1.5x the longest active sequence."""
-    out, p = [smallest], 2 * smallest
+def default_cache_buckets(max_len: int) -> tuple[int, ...]:
+    """Cache lengths the decode loop compiles for: every multiple of 32 from 64 to 256 (short rollouts,
+    where attention is a large share of a step), then two per octave (384, 512, 768, 1024, 1536, ...);
+    the last one is replaced by max_len. Attention reads at most 1.5x the longest active sequence."""
+    out, p = list(range(64, 257, 32)), 256
     while out[-1] < max_len:
-        out += [p, p + p // 2]
+        out += [p + p // 2, 2 * p]
         p *= 2
     return tuple(b for b in out if b < max_len) + (max_len,)
 
@@ -106,6 +112,15 @@ def _prompt_bucket(n: int, max_len: int, buckets: Sequence[int] | None) -> int:
 
 def _pow2_ceil(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _prefill_rows(k: int, nmax: int) -> int:
+    """Rows of a prefill call for k prompts (k <= nmax): the next power of four, or nmax. Powers of four
+    halve the number of prefill executables against powers of two, padding at most 4x rows."""
+    n = 1
+    while n < k:
+        n *= 4
+    return min(n, nmax)
 
 
 # ------------------------------------------------------------------------------------------ generate
@@ -137,6 +152,22 @@ def _limits(n: int, budgets, max_new_tokens: int):
         if b is not None and b <= max_new_tokens:
             limits[i], reasons[i] = int(b), BUDGET
     return limits, reasons
+
+
+def _prefill_batches(members, P: int, nmax: int, S: int, prompts, limits, reasons):
+    """Yields right-padded int32 token blocks [n, P] and their int32 [5, n] row metadata (prompt
+    length, slot, request, limit, limit reason) for (request, slot) pairs, n = `_prefill_rows`; padding
+    rows point at slot S, so every write they make is dropped."""
+    for c0 in range(0, len(members), nmax):
+        chunk = members[c0:c0 + nmax]
+        n = _prefill_rows(len(chunk), nmax)
+        toks = np.zeros((n, P), np.int32)
+        meta = np.zeros((5, n), np.int32)
+        meta[:, len(chunk):] = np.array([[1], [S], [0], [1], [MAX_NEW_TOKENS]])
+        for j, (r, s) in enumerate(chunk):
+            toks[j, :len(prompts[r])] = prompts[r]
+            meta[:, j] = (len(prompts[r]), s, r, limits[r], reasons[r])
+        yield toks, meta
 
 
 def _fetch(*arrays):
@@ -282,21 +313,13 @@ def generate(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *
                 t0 = time.perf_counter()
                 for P, members in sorted(groups.items()):
                     nmax = max(1, min(_pow2_ceil(S), 1 << int(math.log2(max(1, max_prefill_tokens // P)))))
-                    for c0 in range(0, len(members), nmax):
-                        chunk = members[c0:c0 + nmax]
-                        n = min(_pow2_ceil(len(chunk)), nmax)
-                        toks = np.zeros((n, P), np.int32)
-                        meta = np.zeros((5, n), np.int32)             # lens, slots, requests, limits, reasons
-                        meta[:, len(chunk):] = np.array([[1], [S], [0], [1], [MAX_NEW_TOKENS]])
-                        for j, (r, s) in enumerate(chunk):
-                            toks[j, :plen[r]] = prompts[r]
-                            meta[:, j] = (plen[r], s, r, limits[r], reasons[r])
+                    for toks, meta in _prefill_batches(members, P, nmax, S, prompts, limits, reasons):
                         kv, state = engine.prefill(spec, sp, state, knobs, toks, *meta)
                         cache = kv_cache.insert(cache, kv, meta[1])
                         del kv
                         stats.prefill_calls += 1
-                        stats.shapes.add(("prefill", n, P))
-                        stats.shapes.add(("insert", n, P, cache.length))
+                        stats.shapes.add(("prefill", len(toks), P))
+                        stats.shapes.add(("insert", len(toks), P, cache.length))
                 active = harvest(state)
                 stats.prefill_seconds += time.perf_counter() - t0
                 continue                                  # refill slots whose first token ended them
