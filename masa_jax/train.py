@@ -359,6 +359,7 @@ def write_figures(workdir: str, history: list[dict], calibration_steps: int) -> 
 def main(argv):
     from absl import flags
     del argv
+    _quiet_library_logs()
     FLAGS = flags.FLAGS
     config = FLAGS.config
     if FLAGS.dry_run:
@@ -379,8 +380,14 @@ def _define_flags():
     flags.mark_flags_as_required(["config"])
 
 
+def _quiet_library_logs() -> None:
+    """Our INFO lines on the console; Orbax's / JAX's per-save chatter only from WARNING up."""
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("masa_jax").setLevel(logging.INFO)
+
+
 if __name__ == "__main__":
     from absl import app
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _define_flags()
     app.run(main)
