@@ -223,7 +223,6 @@ def _peak_bandwidth(kind: str, override: float | None) -> float | None:
 
 def mode_gpu(args):
     import jax
-    import jax.numpy as jnp
 
     from masa_jax import sampling
     from masa_jax.models import qwen

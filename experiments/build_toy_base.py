@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from masa_jax.models import qwen
-from masa_jax.models.qwen import model as qwen_model
 from masa_jax.parallel.mesh import make_mesh
+from masa_jax import sampling
 from masa_jax.rewards import math as math_lib
 from masa_jax.rewards import meta as meta_lib
 from masa_jax.rewards import prompts
@@ -202,108 +202,15 @@ def train(cfg: qwen.ModelConfig, params, batches: list[dict], *, lr: float, warm
     return jax.device_get(state.params)
 
 
-# --------------------------------------------------------------------------- measurement-only decoder
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new", "greedy", "eos_ids", "pad_id"))
-def _decode(cfg: qwen.ModelConfig, params, prompt: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
-            max_new: int, greedy: bool, eos_ids: tuple[int, ...], pad_id: int):
-    """Incremental decoding with a KV cache, one token per step for every row.
-
-    prompt int32 [B, P] left padded, prompt_mask bool [B, P]. The prompt is fed token by token through
-    the same step as generation (no separate prefill: prompts are short and this keeps one code path).
-    Returns (tokens int32 [B, max_new], valid bool [B, max_new]); a row stops after its first eos
-    (included, valid) and is padded afterwards. Temperature 1 or greedy.
-    """
-    B, P = prompt.shape
-    S = P + max_new
-    L, KV, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-    buf = jnp.full((B, S), pad_id, jnp.int32).at[:, :P].set(prompt)
-    valid = jnp.zeros((B, S), bool).at[:, :P].set(prompt_mask)
-    pad_len = P - prompt_mask.sum(-1)
-    cache = jnp.zeros((2, L, B, S, KV, hd), cfg.jnp_dtype)
-    eos = jnp.asarray(eos_ids, jnp.int32)
-    key_pos = jnp.arange(S)
-
-    def step(carry):
-        t, buf, valid, cache, done, rng = carry
-        tok = jax.lax.dynamic_index_in_dim(buf, t, 1, keepdims=True)               # [B, 1]
-        pos = jnp.maximum(t - pad_len, 0)[:, None]
-        cos, sin = qwen_model.rope_cos_sin(pos, hd, cfg.rope_theta)
-        # Real keys up to t, plus the query itself so a padding row's softmax stays finite.
-        mask = (valid & (key_pos <= t)[None]) | (key_pos == t)[None]
-        x = qwen_model.embed(cfg, params, tok)
-        for l in range(L):
-            lp = qwen_model.cast_layer(cfg, jax.tree.map(lambda a: a[l], params["layers"]))
-            h = qwen_model.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-            q, k, v = qwen_model.project_qkv(cfg, lp, h, cos, sin)
-            cache = jax.lax.dynamic_update_slice(cache, jnp.stack([k, v])[:, None], (0, l, 0, t, 0, 0))
-            attn = qwen_model.attention(cfg, q, cache[0, l], cache[1, l], mask[:, None, :])
-            x = x + qwen_model.attention_output(lp, attn)
-            x = x + qwen_model.mlp(lp, qwen_model.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
-        x = qwen_model.rms_norm(x, params["final_norm"].astype(cfg.jnp_dtype), cfg.rms_norm_eps)
-        logits = qwen_model.unembed(cfg, params, x)[:, 0]
-        rng, sub = jax.random.split(rng)
-        sampled = jnp.argmax(logits, -1) if greedy else jax.random.categorical(sub, logits)
-        sampled = sampled.astype(jnp.int32)
-        in_prompt = t + 1 < P
-        nxt_prompt = jax.lax.dynamic_index_in_dim(buf, jnp.minimum(t + 1, S - 1), 1, keepdims=False)
-        nxt_valid = jax.lax.dynamic_index_in_dim(valid, jnp.minimum(t + 1, S - 1), 1, keepdims=False)
-        nxt = jnp.where(in_prompt, nxt_prompt, jnp.where(done, pad_id, sampled))
-        nxt_valid = jnp.where(in_prompt, nxt_valid, ~done)
-        buf = jax.lax.dynamic_update_slice(buf, nxt[:, None], (0, t + 1))
-        valid = jax.lax.dynamic_update_slice(valid, nxt_valid[:, None], (0, t + 1))
-        done = done | (~in_prompt & jnp.isin(sampled, eos))
-        return t + 1, buf, valid, cache, done, rng
-
-    def cond(carry):
-        t, done = carry[0], carry[4]
-        return (t < S - 1) & ~(jnp.all(done) & (t >= P - 1))
-
-    init = (jnp.int32(0), buf, valid, cache, jnp.zeros((B,), bool), rng)
-    _, buf, valid, _, _, _ = jax.lax.while_loop(cond, step, init)
-    return buf[:, P:], valid[:, P:]
+# -------------------------------------------------------------------------------------- evaluation
 
 
 def generate(cfg: qwen.ModelConfig, params, codec: ChatCodec, prompt_ids: list[list[int]], *, max_new: int,
-             greedy: bool, rng: jax.Array, batch_size: int = 512) -> list[list[int]]:
-    """Response ids (up to and including the first eos) for each prompt; batches share one compile."""
-    out = []
-    for s in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[s:s + batch_size]
-        P = max(map(len, chunk))
-        n = batch_size if len(prompt_ids) > batch_size else len(chunk)
-        prompt = np.full((n, P), codec.pad_id, np.int32)
-        mask = np.zeros((n, P), bool)
-        for r, ids in enumerate(chunk):
-            prompt[r, P - len(ids):] = ids
-            mask[r, P - len(ids):] = True
-        rng, sub = jax.random.split(rng)
-        toks, valid = jax.device_get(_decode(cfg, params, prompt, mask, sub, max_new=max_new, greedy=greedy,
-                                             eos_ids=tuple(codec.eos_ids), pad_id=codec.pad_id))
-        out += [list(toks[r][valid[r]]) for r in range(len(chunk))]
-    return out
-
-
-def check_decoder(cfg: qwen.ModelConfig, params, prompt_ids: list[list[int]], responses: list[list[int]]) -> None:
-    """Greedy responses must be the argmax of a full `qwen.forward` over prompt + response: guards the
-    hand-written KV-cache decoder, since every number this script reports rests on it. One jitted,
-    right-padded batch, so it costs one compile."""
-    seqs = [ids + resp for ids, resp in zip(prompt_ids, responses)]
-    T = max(map(len, seqs))
-    tokens = np.zeros((len(seqs), T), np.int32)
-    mask = np.zeros((len(seqs), T), bool)
-    for r, s in enumerate(seqs):
-        tokens[r, :len(s)] = s
-        mask[r, :len(s)] = True
-    logits = np.asarray(jax.jit(qwen.forward, static_argnums=0)(cfg, params, tokens, mask))
-    for r, (ids, resp) in enumerate(zip(prompt_ids, responses)):
-        want = logits[r, len(ids) - 1:len(ids) + len(resp) - 1].argmax(-1)
-        if not np.array_equal(want, np.asarray(resp)):
-            raise AssertionError(f"KV-cache decoder disagrees with qwen.forward: {resp} vs {want.tolist()}")
-
-
-# -------------------------------------------------------------------------------------- evaluation
+             temperature: float, rng: jax.Array) -> list[list[int]]:
+    """Responses (ending in the stop token when there is one) from the trainer's own sampler."""
+    out = sampling.generate(cfg, params, prompt_ids, rng=rng, max_new_tokens=max_new, temperature=temperature,
+                            eos_ids=codec.eos_ids, num_slots=256)
+    return out.tokens
 
 
 def is_correct(codec: ChatCodec, response: list[int], answer: str) -> bool:
@@ -318,12 +225,11 @@ def evaluate(cfg, params, codec: ChatCodec, *, per_level: int, samples: int, met
     problems = world.heldout(per_level * len(world.LEVELS))
     rng = jax.random.key(seed + 1)
     sol_prompts = [solution_prompt_ids(codec, p.question) for p in problems]
-    greedy = generate(cfg, params, codec, sol_prompts, max_new=defaults.MAX_RESPONSE_LENGTH, greedy=True, rng=rng)
-    every = max(1, len(problems) // 16)
-    check_decoder(cfg, params, sol_prompts[::every], greedy[::every])
+    greedy = generate(cfg, params, codec, sol_prompts, max_new=defaults.MAX_RESPONSE_LENGTH, temperature=0.0,
+                      rng=rng)
     print(f"greedy eval done ({time.perf_counter() - t0:.0f}s)", flush=True)
     sampled = generate(cfg, params, codec, [p for p in sol_prompts for _ in range(samples)],
-                       max_new=defaults.MAX_RESPONSE_LENGTH, greedy=False, rng=jax.random.fold_in(rng, 1))
+                       max_new=defaults.MAX_RESPONSE_LENGTH, temperature=1.0, rng=jax.random.fold_in(rng, 1))
     by_level = collections.defaultdict(lambda: {"greedy": [], "t1": [], "len": []})
     for i, p in enumerate(problems):
         d = by_level[p.difficulty]
@@ -338,7 +244,7 @@ def evaluate(cfg, params, codec: ChatCodec, *, per_level: int, samples: int, met
 
     meta_problems = problems[:meta_n]
     meta_out = generate(cfg, params, codec, [meta_prompt_ids(codec, p.question) for p in meta_problems],
-                        max_new=defaults.META_MAX_NEW_TOKENS, greedy=False, rng=jax.random.fold_in(rng, 2))
+                        max_new=defaults.META_MAX_NEW_TOKENS, temperature=1.0, rng=jax.random.fold_in(rng, 2))
     parsed = [meta_lib.parse(codec.decode(r), k=defaults.K, min_length=defaults.MIN_SOLUTION_LENGTH,
                              max_length=defaults.MAX_RESPONSE_LENGTH) for r in meta_out]
     full = [all(f is not None for f in m) for m in parsed]

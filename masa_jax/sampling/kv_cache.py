@@ -56,7 +56,7 @@ def init_cache(cfg: ModelConfig, num_slots: int, length: int, dtype) -> KVCache:
 @functools.partial(jax.jit, static_argnames=("length",))
 def resize(cache: KVCache, length: int) -> KVCache:
     """The same cache with `length` positions: zero-padded when growing, truncated when shrinking (the
-    host only shrinks below every active slot's length)."""
+    host only shrinks to a length that still holds every active slot's entries)."""
     def fit(x, axis):
         cur = x.shape[axis]
         if length >= cur:

@@ -168,3 +168,13 @@ def test_edge_cases_raise_or_work(qwen3_tiny):
     # A budget above max_new_tokens is capped by it.
     out = _gen(tiny, budgets=[100] * 5)
     assert out.tokens == tiny.greedy and out.finish_reasons == ["max_new_tokens"] * 5
+
+
+def test_bucket_helpers():
+    from masa_jax.sampling.generate import _prefill_rows, default_cache_buckets
+
+    assert default_cache_buckets(160) == (64, 96, 128, 160)
+    assert default_cache_buckets(1056) == (64, 96, 128, 160, 192, 224, 256, 384, 512, 768, 1024, 1056)
+    assert default_cache_buckets(40) == (40,)
+    assert [_prefill_rows(k, 256) for k in (1, 2, 4, 5, 17, 64, 65, 256)] == [1, 4, 4, 16, 64, 64, 256, 256]
+    assert [_prefill_rows(k, 8) for k in (1, 3, 5, 8)] == [1, 4, 8, 8]
