@@ -1,11 +1,11 @@
-"""MASA-efficient on the toy world with the shipped ~1 M parameter base model: a whole run on a laptop CPU.
+"""MASA-efficient on the toy world with the shipped 0.8 M parameter base model: a whole run on a laptop CPU.
 
     python -m masa_jax.train --config=configs/tiny.py
 
 The model (masa_jax/toy/assets/base_model, built by experiments/build_toy_base.py) was fine-tuned on
 exactly these prompt templates and prompt-length values (masa_jax.toy.defaults): it speaks both
-formats, solves easy toy problems and fails hard ones, and its meta predictions are uninformative, so
-there is something for the meta reward to teach. Change a template or a length knob below and the
+formats, solves level 1 ~always, level 2 sometimes and levels 3-5 never (docs/results.md), and its meta
+predictions are uninformative, so there is something for the meta reward to teach. Change a template or a length knob below and the
 prompts leave the model's training distribution (rebuild the base model with the recipe if you must).
 First values, sized so a run takes minutes on 2 cores; to be tuned once the trainer runs end to end.
 """
@@ -21,7 +21,7 @@ def get_config():
 
     # Model: the shipped float32 checkpoint (its dir has the tokenizer files too), resolved from the
     # package so the config works from any cwd. Float32 compute and no remat: on CPU bf16 is slower
-    # and the activations of a 1 M parameter model are tiny.
+    # and the activations of a 0.8 M parameter model are tiny.
     c.model.path = defaults.BASE_MODEL_DIR
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"
@@ -31,15 +31,16 @@ def get_config():
     # One host, whatever devices it has (CPU: one).
     c.mesh.shape = (1, -1, 1)
 
-    # Data: the first 4096 problems of the toy training stream, levels 1..5 uniform (so pass rates
-    # span ~1 to ~0 and the gating has both easy and hopeless problems to find).
+    # Data: the first 4096 problems of the toy training stream, levels 1..5 uniform: the gating has
+    # easy (level 1) and hopeless (3-5) problems to find; the GRPO signal comes from levels 1-2. For
+    # more groups with variance per step, weight the easy levels ("toy:4096:2,3,2,1,1").
     # Prompts are <= ~150 tokens (character-level tokenizer); 192 leaves room for notion hints.
     c.data.train_files = ("toy:4096",)
     c.data.problems_per_step = 8
     c.data.max_prompt_length = 192
 
     # Rollouts: G = M = 8. Toy solutions are <= ~100 tokens and the base model's meta outputs
-    # <= ~85; the values are the ones the meta prompt prints (defaults), so keep them in sync.
+    # <= 52; the lengths the meta prompt prints come from the same defaults, so keep them in sync.
     c.rollout.num_solutions = 8
     c.rollout.num_meta = 8
     c.rollout.max_response_length = defaults.MAX_RESPONSE_LENGTH
@@ -64,7 +65,7 @@ def get_config():
     c.bc.steps = 2
     c.bc.lr = 1e-4
 
-    # RL: a 1 M parameter model fine-tuned at 3e-3 moves at ~1e-4 where an 8B model needs 1e-6.
+    # RL: a 0.8 M parameter model fine-tuned at 3.5e-3 moves at ~1e-4 where an 8B model needs 1e-6.
     # 8 problems x (8 + 8) rollouts = 128 sequences per step, in micro-batches of 32.
     c.rl.lr = 1e-4
     c.rl.warmup_steps = 3

@@ -1,25 +1,25 @@
-"""Builds the toy world's shipped base model: a ~1 M parameter Qwen3 fine-tuned with masa_jax's own code.
+"""Builds the toy world's shipped base model: a 0.8 M parameter Qwen3 fine-tuned with masa_jax's own code.
 
     python experiments/build_toy_base.py --seed 0          # writes masa_jax/toy/assets/base_model/
 
 What it is for: `configs/tiny.py` runs MASA end to end on a CPU, so it needs a policy that already
 speaks both prompt formats but is only partly competent and not calibrated:
   * solution prompts (the toy short template, `masa_jax.toy.defaults`) -> the toy world's worked
-    solutions ending in \\boxed{answer}; a quarter of them carry the trainer's notion hint with random
-    notions, so hinted prompts (MASA-efficient) are in distribution but the hint carries no signal;
-  * meta prompts -> "<meta> the expression </meta>" + the JSON `masa_jax.rewards.meta.parse` reads,
+    solutions ending in \\boxed{answer}; some carry the trainer's notion hint with random notions, so
+    hinted prompts (MASA-efficient) are in distribution but the hint carries no signal;
+  * meta prompts -> "<meta> assessed </meta>" + the JSON `masa_jax.rewards.meta.parse` reads,
     written by `prompts.serialize_expert_meta`, with UNINFORMATIVE targets: pass_rate uniform 0..K,
     solution_length uniform over the toy range, notions a random subset of `world.NOTIONS`. The
     format is learned, the calibration is left for MASA's meta reward to teach.
-Training is short on purpose: pass rates must vary with difficulty (level 1 ~always solved, level 5
-~never, the middle levels in between), so GRPO groups have variance to learn from.
+Training is short on purpose (and by necessity: 2 shared CPU cores): level 1 ends up ~always solved,
+level 2 sometimes, levels 3-5 ~never, so the RL run has easy, hard and in-between problems.
 
 Recipe: `qwen.init_params`, then AdamW (`masa_jax.rl.train_step.make_update_step` with the BC loss
 `masa_jax.rl.bc.bc_microbatch_loss` = masked token cross-entropy, prompt masked) with linear warm-up
-and cosine decay. Sequences are bucketed by length and batches hold a roughly constant number of
-tokens, because the character-level prompts are long and padding would double the cost. Evaluation
-samples with a small KV-cache decoder defined here (measurement only; the trainer has its own
-sampler), checked against a full `qwen.forward` pass. Deterministic given --seed.
+and cosine decay, over the stages of `DEFAULT_STAGES`. Sequences are bucketed by length and batches
+hold a roughly constant number of tokens (small batches: at this budget the number of updates is what
+limits learning). Evaluation uses the trainer's sampler (`masa_jax.sampling.generate`) and verifier
+rules on held-out problems. Deterministic given --seed.
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ import collections
 import dataclasses
 import functools
 import json
-import math
 import os
 import random
 import shutil
@@ -48,7 +47,7 @@ from masa_jax.rewards import prompts
 from masa_jax.rl import bc
 from masa_jax.rl import train_step as ts
 from masa_jax.tokenization import ChatCodec, load_codec
-from masa_jax.toy import defaults, solver, world
+from masa_jax.toy import defaults, world
 from masa_jax.toy.tokenizer import TOKENIZER_DIR
 
 # ------------------------------------------------------------------------------------------- model
@@ -58,7 +57,9 @@ def model_config(vocab_size: int, hidden: int = 128, layers: int = 4, ffn: int =
                  kv_heads: int = 2) -> qwen.ModelConfig:
     """The shipped architecture: Qwen3 (q/k RMSNorm, no qkv bias), tied embeddings, float32.
 
-    ~1 M parameters is what 2 CPU cores can fine-tune in a few minutes. rope_theta 10k rather than
+    0.8 M parameters (hidden 128, 4 layers, 4 query / 2 kv heads of 32, ffn 384): within the recipe's
+    10-minute budget on 2 shared cores the number of updates limits learning, not capacity, and a wider
+    ffn (1.4 M) ran 1.6x slower per update. rope_theta 10k rather than
     Qwen3's 1M: sequences are < 300 tokens and the higher frequencies give a 32-dim head more
     positional resolution. eos = (<|im_end|>, <|endoftext|>) so `transformers` generation also stops
     at the end of the chat turn.
@@ -85,6 +86,9 @@ class Example:
         return len(self.prompt) + len(self.response)
 
 
+META_REASONING = "assessed"  # the <meta> reasoning of every meta target (see meta_example)
+
+
 def _random_notions(rng: random.Random, lo: int = 1, hi: int = 3) -> list[str]:
     return rng.sample(world.NOTIONS, rng.randint(lo, hi))
 
@@ -103,18 +107,22 @@ def solution_prompt_ids(codec: ChatCodec, question: str, hint_notions=None) -> l
 
 
 def solution_example(codec: ChatCodec, end_id: int, problem, rng: random.Random, hint_prob: float) -> Example:
+    """Solution prompt (with probability `hint_prob` a hint of random notions) -> the worked solution."""
     hint = _random_notions(rng) if rng.random() < hint_prob else None
     return Example(tuple(solution_prompt_ids(codec, problem.question, hint)),
                    tuple(codec.encode(problem.solution)) + (end_id,), "solution")
 
 
 def meta_example(codec: ChatCodec, end_id: int, problem, rng: random.Random) -> Example:
-    """Meta target with targets drawn independently of the problem (see the module docstring). The
-    <meta> reasoning restates the expression: it teaches the model to look at the problem on the meta
-    path without telling it anything about difficulty."""
+    """Meta target with every prediction drawn independently of the problem (see the module docstring).
+
+    The <meta> reasoning is a fixed word: restating the expression there (tried first) made the model
+    copy long level-4/5 expressions, which it cannot yet do reliably, and a derailed copy took the JSON
+    with it (~20% unparseable outputs). A constant reasoning keeps the format robust; what the
+    predictions should depend on is for the meta reward to teach."""
     text = prompts.serialize_expert_meta(
-        solver.expression_of(problem.question), _random_notions(rng),
-        pass_rate_int=rng.randint(0, defaults.K), solution_length=rng.randint(10, 100))
+        META_REASONING, _random_notions(rng), pass_rate_int=rng.randint(0, defaults.K),
+        solution_length=rng.randint(10, 100))
     return Example(tuple(meta_prompt_ids(codec, problem.question)), tuple(codec.encode(text)) + (end_id,), "meta")
 
 
@@ -132,6 +140,26 @@ def build_examples(codec: ChatCodec, n: int, seed: int, meta_frac: float, hint_p
         else:
             out.append(solution_example(codec, end_id, problem, rng, hint_prob))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One block of training data: `examples` problems with level weights `mix` (levels 1..5), a
+    `meta_frac` share turned into meta examples and a `hint_prob` share of the rest hinted."""
+
+    examples: int
+    mix: tuple[float, ...]
+    meta_frac: float
+    hint_prob: float
+
+
+def parse_stages(spec: str) -> list[Stage]:
+    """"6000:1,2,0,0,0:0:0;..." -> [Stage, ...] (see --stages)."""
+    stages = []
+    for part in spec.split(";"):
+        n, mix, meta_frac, hint_prob = part.split(":")
+        stages.append(Stage(int(n), tuple(float(w) for w in mix.split(",")), float(meta_frac), float(hint_prob)))
+    return stages
 
 
 def bucket_batches(examples: list[Example], buckets: tuple[int, ...], tokens_per_batch: int, pad_id: int,
@@ -161,6 +189,18 @@ def bucket_batches(examples: list[Example], buckets: tuple[int, ...], tokens_per
             batches.append(dict(tokens=tokens, attention_mask=attn, loss_mask=loss))
     rng.shuffle(batches)
     return batches
+
+
+# Sequence-length buckets (tokens): toy solutions + prompt are 55-160 tokens, hinted ones and meta
+# examples (prompt ~130 + output ~50) up to ~250.
+BUCKETS = (64, 96, 128, 192, 256)
+
+# Short solutions first: small transformers learn to copy the question's digits into the worked solution
+# (every solution starts that way) after a few hundred updates on levels 1-2, while long sequences and
+# meta examples before that only cost time. Then everything: the format of long solutions, the meta
+# format, hinted prompts. Last, a low-learning-rate pass over levels 1-2 (+ meta) that repairs what the
+# harder data disturbed in the easy arithmetic.
+DEFAULT_STAGES = "14000:1,1,0,0,0:0:0;6000:1,3,1,0.5,0.5:0.25:0.1;5000:1,2,0,0,0:0.2:0"
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -219,46 +259,47 @@ def is_correct(codec: ChatCodec, response: list[int], answer: str) -> bool:
 
 
 def evaluate(cfg, params, codec: ChatCodec, *, per_level: int, samples: int, meta_n: int, seed: int) -> dict:
-    """Pass rates per level (greedy, and temperature 1 with `samples` draws) on the held-out set, and
-    the parse rate of temperature-1 meta outputs."""
+    """On `per_level` held-out problems per level: greedy accuracy, temperature-1 accuracy over `samples`
+    draws, the share of problems whose temperature-1 draws are neither all right nor all wrong (the
+    ones that give GRPO a learning signal), mean response length; and on `meta_n` of them the share of
+    temperature-1 meta outputs `meta.parse` reads completely, with the mean predicted pass rate per
+    level (flat when, as intended, the predictions are uninformative)."""
     t0 = time.perf_counter()
     problems = world.heldout(per_level * len(world.LEVELS))
+    levels = np.asarray([p.difficulty for p in problems])
     rng = jax.random.key(seed + 1)
     sol_prompts = [solution_prompt_ids(codec, p.question) for p in problems]
     greedy = generate(cfg, params, codec, sol_prompts, max_new=defaults.MAX_RESPONSE_LENGTH, temperature=0.0,
                       rng=rng)
-    print(f"greedy eval done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    greedy_ok = np.asarray([is_correct(codec, r, p.answer) for r, p in zip(greedy, problems)])
     sampled = generate(cfg, params, codec, [p for p in sol_prompts for _ in range(samples)],
                        max_new=defaults.MAX_RESPONSE_LENGTH, temperature=1.0, rng=jax.random.fold_in(rng, 1))
-    by_level = collections.defaultdict(lambda: {"greedy": [], "t1": [], "len": []})
-    for i, p in enumerate(problems):
-        d = by_level[p.difficulty]
-        d["greedy"].append(is_correct(codec, greedy[i], p.answer))
-        d["t1"] += [is_correct(codec, r, p.answer) for r in sampled[i * samples:(i + 1) * samples]]
-        d["len"] += [len(r) for r in sampled[i * samples:(i + 1) * samples]]
-    # Per-problem T=1 success counts: how many problems have solution groups with reward variance.
-    per_problem = np.asarray([[is_correct(codec, r, p.answer) for r in sampled[i * samples:(i + 1) * samples]]
-                              for i, p in enumerate(problems)])
-    mixed = float(np.mean((per_problem.sum(1) > 0) & (per_problem.sum(1) < samples)))
-    print(f"temperature-1 eval done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    t1_ok = np.asarray([is_correct(codec, r, problems[i // samples].answer)
+                        for i, r in enumerate(sampled)]).reshape(len(problems), samples)
+    t1_len = np.asarray(list(map(len, sampled))).reshape(len(problems), samples)
+    mixed = (t1_ok.sum(1) > 0) & (t1_ok.sum(1) < samples)
+    print(f"solution eval done ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     meta_problems = problems[:meta_n]
     meta_out = generate(cfg, params, codec, [meta_prompt_ids(codec, p.question) for p in meta_problems],
                         max_new=defaults.META_MAX_NEW_TOKENS, temperature=1.0, rng=jax.random.fold_in(rng, 2))
     parsed = [meta_lib.parse(codec.decode(r), k=defaults.K, min_length=defaults.MIN_SOLUTION_LENGTH,
                              max_length=defaults.MAX_RESPONSE_LENGTH) for r in meta_out]
-    full = [all(f is not None for f in m) for m in parsed]
-    any_field = [any(f is not None for f in m) for m in parsed]
+    complete = np.asarray([all(f is not None for f in m) for m in parsed])
+    pred_pass = np.asarray([m.pass_rate if m.pass_rate is not None else np.nan for m in parsed])
+    meta_levels = levels[:meta_n]
+    by_level = lambda x, lv=levels: {int(l): round(float(np.nanmean(x[lv == l])), 3) for l in np.unique(lv)}
     return {
-        "pass_rate_greedy": {lvl: float(np.mean(d["greedy"])) for lvl, d in sorted(by_level.items())},
-        "pass_rate_t1": {lvl: float(np.mean(d["t1"])) for lvl, d in sorted(by_level.items())},
-        "mean_response_tokens_t1": {lvl: float(np.mean(d["len"])) for lvl, d in sorted(by_level.items())},
-        "mixed_groups_t1": mixed,
-        "meta_parse_rate": float(np.mean(full)),
-        "meta_any_field_rate": float(np.mean(any_field)),
+        "pass_rate_greedy": by_level(greedy_ok),
+        "pass_rate_t1": by_level(t1_ok.mean(1)),
+        "mixed_problems_t1": by_level(mixed),
+        "mean_response_tokens_t1": by_level(t1_len.mean(1)),
+        "meta_parse_rate": float(complete.mean()),
+        "meta_pred_pass_rate_by_level": by_level(pred_pass, meta_levels),
         "meta_max_tokens": int(max(map(len, meta_out))),
         "meta_example": codec.decode(meta_out[0]),
         "solution_example": codec.decode(greedy[len(problems) // 2]),
+        "eval_s": round(time.perf_counter() - t0),
     }
 
 
@@ -284,17 +325,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--ffn", type=int, default=384)
-    ap.add_argument("--stage1_examples", type=int, default=8000,
-                    help="first stage: short solutions only, where the model learns to copy operands")
-    ap.add_argument("--stage1_mix", default="1,1,1,0,0", help="stage-1 weights of levels 1..5")
-    ap.add_argument("--stage2_examples", type=int, default=8000, help="second stage: everything")
-    ap.add_argument("--stage2_mix", default="1,2,2,1,1",
-                    help="stage-2 weights of levels 1..5: most updates where a small model can still learn "
-                         "(levels 2-3); levels 4-5 are there for the format of long solutions")
-    ap.add_argument("--meta_frac", type=float, default=0.12, help="stage-2 share of meta examples")
-    ap.add_argument("--hint_prob", type=float, default=0.15, help="stage-2 share of hinted solution prompts")
-    ap.add_argument("--tokens_per_batch", type=int, default=1024)
-    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--stages", default=DEFAULT_STAGES,
+                    help="training stages separated by ';', each 'examples:w1,...,w5:meta_frac:hint_prob' "
+                         "(level weights of the toy stream, share of meta examples, share of hinted "
+                         "solution prompts); each stage is shuffled within itself")
+    ap.add_argument("--tokens_per_batch", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=3.5e-3)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--weight_decay", type=float, default=0.01)
     ap.add_argument("--eval_per_level", type=int, default=40)
@@ -307,18 +343,14 @@ def main(argv=None) -> dict:
     codec = load_codec(TOKENIZER_DIR)
     cfg = model_config(len(codec.tokenizer), args.hidden, args.layers, args.ffn)
     print(f"model: {cfg}\nparams: {cfg.num_params():,}", flush=True)
-    # Two stages, each shuffled within itself: small transformers learn to copy the question's digits
-    # (which every worked solution starts with) after a few hundred updates on short sequences, and
-    # long sequences / meta examples before that only cost time.
-    batches = []
-    for stage, (n, mix, meta_frac, hint_prob, start) in enumerate((
-            (args.stage1_examples, args.stage1_mix, 0.0, 0.0, 0),
-            (args.stage2_examples, args.stage2_mix, args.meta_frac, args.hint_prob, args.stage1_examples))):
-        mix = tuple(float(w) for w in mix.split(","))
-        examples = build_examples(codec, n, args.seed, meta_frac, hint_prob, mix, start=start)
-        batches += bucket_batches(examples, (64, 96, 128, 168, 256), args.tokens_per_batch, codec.pad_id,
-                                  random.Random(f"masa-toy-base/batches/{args.seed}/{stage}"))
-        print(f"stage {stage + 1}: {n} examples -> {len(batches)} batches in all", flush=True)
+    batches, start = [], 0
+    for i, stage in enumerate(parse_stages(args.stages)):
+        examples = build_examples(codec, stage.examples, args.seed, stage.meta_frac, stage.hint_prob, stage.mix,
+                                  start=start)
+        start += stage.examples
+        batches += bucket_batches(examples, BUCKETS, args.tokens_per_batch, codec.pad_id,
+                                  random.Random(f"masa-toy-base/batches/{args.seed}/{i}"))
+        print(f"stage {i + 1}: {stage} -> {len(batches)} batches in all", flush=True)
     n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
     print(f"{n_tok:,} tokens ({time.perf_counter() - t0:.0f}s)", flush=True)
 

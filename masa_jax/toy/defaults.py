@@ -27,7 +27,7 @@ META_TEMPLATE = (
 K = 8                     # pass_rate counts correct attempts out of K (config meta.k)
 MIN_SOLUTION_LENGTH = 8   # toy solutions are ~10-100 tokens (config prompts.min_solution_length)
 MAX_RESPONSE_LENGTH = 128  # longest toy solution is ~100 tokens (config rollout.max_response_length)
-META_MAX_NEW_TOKENS = 96   # the meta outputs the base model writes are <= ~85 tokens
+META_MAX_NEW_TOKENS = 64   # the meta outputs the base model is trained on are <= 52 tokens
 
 # The shipped HF directory (config.json, model.safetensors, tokenizer files) built by the recipe.
 BASE_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "base_model")

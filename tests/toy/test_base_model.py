@@ -1,7 +1,7 @@
 """The shipped toy base model (masa_jax/toy/assets/base_model): a complete HF directory that masa_jax and
 transformers load to the same logits, small enough to live in the repo, whose tokenizer the trainer's
-codec reads, and which answers an easy toy problem in the \\boxed{} format; plus the tiny config that
-points at it. Rebuild it with experiments/build_toy_base.py."""
+codec reads, which answers an easy toy problem in the \\boxed{} format and writes a meta output that
+meta.parse reads; plus the tiny config that points at it. Rebuild it with experiments/build_toy_base.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -14,6 +14,7 @@ import pytest
 
 from masa_jax.models import qwen
 from masa_jax.rewards import math as math_lib
+from masa_jax.rewards import meta as meta_lib
 from masa_jax.rewards import prompts
 from masa_jax.tokenization import load_codec
 from masa_jax.toy import defaults, world
@@ -74,7 +75,7 @@ def test_transformers_logits_match(loaded, codec):
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
 
 
-def _greedy(cfg, params, prompt: list[int], eos: tuple[int, ...], max_new: int = 40) -> list[int]:
+def _greedy(cfg, params, prompt: list[int], eos: tuple[int, ...], max_new: int = 64) -> list[int]:
     """Plain greedy decoding over a fixed-size buffer with the full forward (one compile)."""
     S = len(prompt) + max_new
     buf = np.zeros((1, S), np.int32)
@@ -98,6 +99,20 @@ def test_greedy_level1_solution_is_boxed(loaded, codec):
     prompt = codec.encode_chat(prompts.solution_prompt(p.question, template=defaults.SOLUTION_TEMPLATE))
     text = codec.decode(_greedy(cfg, params, prompt, codec.eos_ids))
     assert math_lib.last_boxed(text) is not None, text
+    # The recipe measured 100% greedy accuracy on level 1; a wrong answer here means a broken rebuild.
+    assert math_lib.last_boxed(text) == p.answer, (p.question, text)
+
+
+def test_greedy_meta_output_parses(loaded, codec):
+    cfg, params = loaded
+    p = world.heldout(3)[2]
+    prompt = codec.encode_chat(prompts.meta_prompt(
+        p.question, max_length=defaults.MAX_RESPONSE_LENGTH, k=defaults.K,
+        min_length=defaults.MIN_SOLUTION_LENGTH, template=defaults.META_TEMPLATE))
+    text = codec.decode(_greedy(cfg, params, prompt, codec.eos_ids, max_new=defaults.META_MAX_NEW_TOKENS))
+    pred = meta_lib.parse(text, k=defaults.K, min_length=defaults.MIN_SOLUTION_LENGTH,
+                          max_length=defaults.MAX_RESPONSE_LENGTH)
+    assert all(field is not None for field in pred), text
 
 
 def test_tiny_config_uses_the_shipped_model_and_its_templates():
