@@ -7,7 +7,9 @@ model) and after each run, a held-out evaluation rolls out the meta path (M pred
 the solution path (G samples per problem) on fixed held-out toy problems — for every algorithm, GRPO
 included (its meta path is evaluated but never trained) — and measures accuracy and the calibration of
 the predicted pass rate (mean |predicted - actual|). Writes a results JSON, figures and the tables of
-docs/results.md (the "GRPO vs MASA" section is replaced, the rest of the file kept).
+docs/results.md (the "GRPO vs MASA" section is replaced, the rest of the file kept). A finished run
+leaves `experiment_run.json` in its workdir; invoking the script again reuses it (same steps and held-out
+size), so an interrupted sweep resumes where it stopped — delete the workdir to rerun from scratch.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from masa_jax import evaluate, metrics as metrics_lib, train  # noqa: E402
+from masa_jax import config as config_lib, evaluate, metrics as metrics_lib, train  # noqa: E402
 from masa_jax.rewards import math as math_reward  # noqa: E402
 from masa_jax.rl import rollout as rollout_lib  # noqa: E402
 from masa_jax.sampling.generate import generate as sampling_generate  # noqa: E402
@@ -45,6 +47,7 @@ def tiny_config(algorithm: str, seed: int, steps: int):
 
 def heldout_eval(config, checkpoint: str, problems, verifier, seed: int) -> dict:
     """Accuracy and pass-rate calibration of the policy at `checkpoint` (a run dir or an HF dir)."""
+    config = config_lib.resolve(config)  # fills model.tokenizer_path from model.path
     model_cfg, params, mesh = evaluate.load_policy(config, checkpoint)
     codec = load_codec(config.model.tokenizer_path)
     rcfg = dataclasses.replace(train.rollout_config(config), use_meta=True)
@@ -77,13 +80,24 @@ def run_all(args) -> dict:
         for algorithm in algorithms:
             for seed in seeds:
                 workdir = os.path.join(args.workdir, f"{algorithm}_s{seed}")
+                done_file = os.path.join(workdir, "experiment_run.json")
+                if os.path.exists(done_file):  # finished in an earlier invocation: a long sweep can resume
+                    with open(done_file) as f:
+                        run = json.load(f)
+                    if run.get("steps") == args.steps and run.get("heldout_n") == args.heldout:
+                        results["runs"][f"{algorithm}/{seed}"] = run
+                        print(algorithm, seed, "reused", done_file, flush=True)
+                        continue
                 config = tiny_config(algorithm, seed, args.steps)
                 t0 = time.perf_counter()
                 history = train.train(config, workdir)
                 wall = time.perf_counter() - t0
                 ev = heldout_eval(config, workdir, problems, verifier, seed)
-                results["runs"][f"{algorithm}/{seed}"] = {"algorithm": algorithm, "seed": seed, "wall_s": wall,
-                                                          "history": history, "heldout": ev}
+                run = {"algorithm": algorithm, "seed": seed, "steps": args.steps, "heldout_n": args.heldout,
+                       "wall_s": wall, "history": history, "heldout": ev}
+                with open(done_file, "w") as f:
+                    json.dump(run, f, default=float)
+                results["runs"][f"{algorithm}/{seed}"] = run
                 print(algorithm, seed, f"{wall:.0f}s", {k: v for k, v in ev.items() if k not in ("pred", "true")},
                       flush=True)
     finally:

@@ -528,32 +528,45 @@ def plot_curves(series: Mapping[str, tuple], xlabel: str, ylabel: str, path: str
     return _save(fig, path)
 
 
-def summary_table(history: Sequence[Mapping[str, Any]], keys: Sequence[str] | None = None) -> str:
-    """A short end-of-run table: each key's first and last logged value and the change.
+def summary_table(history: Sequence[Mapping[str, Any]], keys: Sequence[str] | None = None,
+                  window: int = 1) -> str:
+    """A short end-of-run table: each key's value at the start and at the end of the run and the change.
 
-    ``keys`` defaults to the ``SUMMARY_KEYS`` present in the history, or every numeric key if none
-    of those is. The first / last values are the first and last non-null ones (their steps are
-    shown when they differ from the history's first / last step).
+    With ``window`` > 1 the start / end values are the means of the first / last ``window`` logged
+    values (single RL steps are noisy: one step of 8 problems says little). ``keys`` defaults to the
+    ``SUMMARY_KEYS`` present in the history, or every numeric key if none of those is. Values are the
+    non-null ones; with ``window`` == 1 their steps are shown when they differ from the history's
+    first / last step.
     """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
     if keys is None:
         keys = [k for k in SUMMARY_KEYS if history_series(history, k)[0].size]
         if not keys:
             keys = sorted({k for r in history for k, v in r.items()
                            if k != "step" and _number(v) is not None})
-    steps = [s for s in (_number(r.get("step")) for r in history) if s is not None]
+    steps = sorted(s for s in (_number(r.get("step")) for r in history) if s is not None)
     if not steps or not keys:
         return "(no metrics logged)"
-    first_step, last_step = min(steps), max(steps)
-    header = ("metric", f"first (step {first_step:g})", f"last (step {last_step:g})", "change")
+    first_step, last_step = steps[0], steps[-1]
+    if window == 1:
+        header = ("metric", f"first (step {first_step:g})", f"last (step {last_step:g})", "change")
+    else:
+        head, tail = steps[:window], steps[-window:]
+        header = ("metric", f"first {len(head)} steps ({head[0]:g}-{head[-1]:g})",
+                  f"last {len(tail)} steps ({tail[0]:g}-{tail[-1]:g})", "change")
     rows = []
     for key in keys:
         key_steps, values = history_series(history, key)
         if not values.size:
             rows.append((key, "-", "-", "-"))
             continue
-        first = _fmt(values[0]) + ("" if key_steps[0] == first_step else f" @{key_steps[0]:g}")
-        last = _fmt(values[-1]) + ("" if key_steps[-1] == last_step else f" @{key_steps[-1]:g}")
-        rows.append((key, first, last, f"{values[-1] - values[0]:+.4g}"))
+        start, end = values[:window].mean(), values[-window:].mean()
+        first, last = _fmt(start), _fmt(end)
+        if window == 1:
+            first += "" if key_steps[0] == first_step else f" @{key_steps[0]:g}"
+            last += "" if key_steps[-1] == last_step else f" @{key_steps[-1]:g}"
+        rows.append((key, first, last, f"{end - start:+.4g}"))
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(row, widths))) for row in (header, *rows)]

@@ -316,7 +316,7 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
     if jax.process_index() == 0:
         if config.log.figures:
             write_figures(workdir, history, config.log.calibration_steps)
-        print(metrics_lib.summary_table(history))
+        print(metrics_lib.summary_table(history, window=max(1, min(config.log.calibration_steps, len(history) // 2))))
     return history
 
 

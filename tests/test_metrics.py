@@ -300,3 +300,16 @@ def test_summary_table_first_vs_last():
     raw = [{"step": s, **_step_metrics(s)} for s in range(1, 6)]
     raw[0]["reward/meta_notion"] = float("nan")
     assert metrics.summary_table(raw) == table
+
+
+def test_summary_table_window_means():
+    history = [{"step": s, **metrics.to_json_value(_step_metrics(s))} for s in range(1, 6)]
+    history[0]["reward/meta_notion"] = None
+    lines = metrics.summary_table(history, window=2).splitlines()
+    assert "first 2 steps (1-2)" in lines[0] and "last 2 steps (4-5)" in lines[0]
+    row = lambda key: next(line for line in lines if line.startswith(key + " ")).split()[1:]
+    assert row("reward/solution_mean") == ["0.325", "0.475", "+0.15"]  # (0.3+0.35)/2, (0.45+0.5)/2
+    assert row("gate/fraction") == ["0", "0.35", "+0.35"]
+    assert row("reward/meta_notion") == ["0.3", "0.3", "+0"]  # the null at step 1 is skipped
+    with pytest.raises(ValueError):
+        metrics.summary_table(history, window=0)

@@ -103,6 +103,18 @@ def test_greedy_level1_solution_is_boxed(loaded, codec):
     assert math_lib.last_boxed(text) == p.answer, (p.question, text)
 
 
+def test_greedy_level1_solution_survives_a_hint(loaded, codec):
+    """MASA-efficient appends a notion hint after its switch-over; the base model must still solve."""
+    cfg, params = loaded
+    p = world.heldout(6)[5]
+    assert p.difficulty == 1
+    hint = world.NOTIONS[:defaults.MAX_HINT_NOTIONS]
+    prompt = codec.encode_chat(prompts.solution_prompt(p.question, hint_notions=hint,
+                                                       template=defaults.SOLUTION_TEMPLATE))
+    text = codec.decode(_greedy(cfg, params, prompt, codec.eos_ids))
+    assert math_lib.last_boxed(text) == p.answer, (p.question, text)
+
+
 def test_greedy_meta_output_parses(loaded, codec):
     cfg, params = loaded
     p = world.heldout(3)[2]
@@ -126,3 +138,4 @@ def test_tiny_config_uses_the_shipped_model_and_its_templates():
     assert c.prompts.min_solution_length == defaults.MIN_SOLUTION_LENGTH
     assert c.rollout.max_response_length == defaults.MAX_RESPONSE_LENGTH and c.meta.k == defaults.K
     assert c.algorithm == "masa_efficient"
+    assert c.efficient.max_hint_notions == defaults.MAX_HINT_NOTIONS
