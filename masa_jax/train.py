@@ -315,7 +315,8 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
         run.verifier.close()
     if jax.process_index() == 0:
         if config.log.figures:
-            write_figures(workdir, history, config.log.calibration_steps)
+            write_figures(workdir, history, config.log.calibration_steps, meta=config_lib.uses_meta(config),
+                          gating=config.algorithm == "masa_efficient")
         print(metrics_lib.summary_table(history, window=max(1, min(config.log.calibration_steps, len(history) // 2))))
     return history
 
@@ -336,9 +337,11 @@ def _append_calibration(run: Run, loop: LoopState) -> None:
     loop.calibration = None
 
 
-def write_figures(workdir: str, history: list[dict], calibration_steps: int) -> None:
+def write_figures(workdir: str, history: list[dict], calibration_steps: int, *, meta: bool = True,
+                  gating: bool = True) -> None:
     """End-of-run PNGs: predicted vs actual pass rate at the start and the end (the paper's Figure 2),
-    the meta reward and its parts over steps, and the gated fraction over steps."""
+    the meta reward and its parts over steps (`meta`: the algorithm trains a meta path), and the gated
+    fraction over steps (`gating`: MASA-efficient)."""
     fig_dir = os.path.join(workdir, "figures")
     os.makedirs(fig_dir, exist_ok=True)
     path = os.path.join(workdir, "calibration.jsonl")
@@ -352,8 +355,10 @@ def write_figures(workdir: str, history: list[dict], calibration_steps: int) -> 
                 [p0, p1], [t0, t1], os.path.join(fig_dir, "calibration.png"), "predicted vs actual pass rate",
                 panel_titles=[f"steps {records[0]['step']}-{records[n - 1]['step']}",
                               f"steps {records[-n]['step']}-{records[-1]['step']}"])
-    metrics_lib.plot_meta_rewards(history, os.path.join(fig_dir, "meta_rewards.png"))
-    metrics_lib.plot_gating(history, os.path.join(fig_dir, "gating.png"))
+    if meta:
+        metrics_lib.plot_meta_rewards(history, os.path.join(fig_dir, "meta_rewards.png"))
+    if gating:
+        metrics_lib.plot_gating(history, os.path.join(fig_dir, "gating.png"))
 
 
 def main(argv):

@@ -55,6 +55,10 @@ def test_algorithm_runs_end_to_end_with_the_sampler(tiny_model_dir, small_config
             assert (tmp_path / "figures" / fig).stat().st_size > 1000
         calib = [json.loads(line) for line in open(tmp_path / "calibration.jsonl")]
         assert [r["step"] for r in calib] == [1, 2] and len(calib[0]["pred"]) == len(calib[0]["true"])
+    # Only the figures the algorithm has data for (no empty plots, no warnings about them).
+    figures = set(os.listdir(tmp_path / "figures")) if os.path.isdir(tmp_path / "figures") else set()
+    assert ("meta_rewards.png" in figures) == (algorithm in ("masa", "masa_efficient"))
+    assert ("gating.png" in figures) == (algorithm == "masa_efficient")
     # A second invocation finds the finished run's checkpoint and restores it instead of training.
     again = train.train(config, str(tmp_path))
     assert [h["step"] for h in again] == [1, 2]
