@@ -4,9 +4,10 @@
 
 The model (masa_jax/toy/assets/base_model, built by experiments/build_toy_base.py) was fine-tuned on
 exactly these prompt templates and prompt-length values (masa_jax.toy.defaults): it speaks both
-formats, solves level 1 ~always, level 2 sometimes and levels 3-5 never (docs/results.md), and its meta
-predictions are uninformative, so there is something for the meta reward to teach. Change a template or a length knob below and the
-prompts leave the model's training distribution (rebuild the base model with the recipe if you must).
+formats, solves level 1 ~always, level 2 sometimes and levels 3-5 never (docs/results.md), and its
+meta predictions are uninformative, so there is something for the meta reward to teach. Change a
+template or a length knob below and the prompts leave the model's training distribution (rebuild the
+base model with the recipe if you must).
 Measured: 30 steps in ~4.5 min on 2 CPU cores (README); what MASA does here: docs/results.md.
 """
 from masa_jax.config import base_config

@@ -263,8 +263,9 @@ def is_correct(codec: ChatCodec, response: list[int], answer: str) -> bool:
 
 def evaluate(cfg, params, codec: ChatCodec, *, per_level: int, samples: int, meta_n: int, seed: int) -> dict:
     """On `per_level` held-out problems per level: greedy accuracy, temperature-1 accuracy over `samples`
-    draws (also with a random-notion hint appended, as MASA-efficient's hinted prompts), the share of problems whose temperature-1 draws are neither all right nor all wrong (the
-    ones that give GRPO a learning signal), mean response length; and on `meta_n` of them the share of
+    draws (also with a random-notion hint appended, as MASA-efficient's hinted prompts), the share of
+    problems whose temperature-1 draws are neither all right nor all wrong (the ones that give GRPO a
+    learning signal), mean response length; and on `meta_n` of them the share of
     temperature-1 meta outputs `meta.parse` reads completely, with the mean predicted pass rate per
     level (flat when, as intended, the predictions are uninformative)."""
     t0 = time.perf_counter()
@@ -284,9 +285,10 @@ def evaluate(cfg, params, codec: ChatCodec, *, per_level: int, samples: int, met
     # The same draws with a hint of random notions, as MASA-efficient sends after its switch-over: the
     # hint must not derail the model (its notions carry no signal for the base model).
     hint_rng = random.Random(seed + 7)
-    hinted = generate(cfg, params, codec, [solution_prompt_ids(codec, p.question, _random_notions(hint_rng, 1, defaults.MAX_HINT_NOTIONS))
-                                           for p in problems for _ in range(samples)],
-                      max_new=defaults.MAX_RESPONSE_LENGTH, temperature=1.0, rng=jax.random.fold_in(rng, 3))
+    hinted_prompts = [solution_prompt_ids(codec, p.question, _random_notions(hint_rng, 1, defaults.MAX_HINT_NOTIONS))
+                      for p in problems for _ in range(samples)]
+    hinted = generate(cfg, params, codec, hinted_prompts, max_new=defaults.MAX_RESPONSE_LENGTH, temperature=1.0,
+                      rng=jax.random.fold_in(rng, 3))
     hint_ok = np.asarray([is_correct(codec, r, problems[i // samples].answer)
                           for i, r in enumerate(hinted)]).reshape(len(problems), samples)
     print(f"solution eval done ({time.perf_counter() - t0:.0f}s)", flush=True)

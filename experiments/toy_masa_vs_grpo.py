@@ -8,8 +8,8 @@ the solution path (G samples per problem) on fixed held-out toy problems — for
 included (its meta path is evaluated but never trained) — and measures accuracy and the calibration of
 the predicted pass rate (mean |predicted - actual|). Writes a results JSON, figures and the tables of
 docs/results.md (the "GRPO vs MASA" section is replaced, the rest of the file kept). A finished run
-leaves `experiment_run.json` in its workdir; invoking the script again reuses it (same steps and held-out
-size), so an interrupted sweep resumes where it stopped — delete the workdir to rerun from scratch.
+leaves `experiment_run.json` in its workdir; invoking the script again reuses it (a different --steps or --heldout
+is an error), so an interrupted sweep resumes where it stopped — delete the workdir to rerun from scratch.
 """
 from __future__ import annotations
 
@@ -84,10 +84,14 @@ def run_all(args) -> dict:
                 if os.path.exists(done_file):  # finished in an earlier invocation: a long sweep can resume
                     with open(done_file) as f:
                         run = json.load(f)
-                    if run.get("steps") == args.steps and run.get("heldout_n") == args.heldout:
-                        results["runs"][f"{algorithm}/{seed}"] = run
-                        print(algorithm, seed, "reused", done_file, flush=True)
-                        continue
+                    if (run.get("steps"), run.get("heldout_n")) != (args.steps, args.heldout):
+                        # Training in that workdir would resume its finished checkpoint, not start afresh.
+                        raise SystemExit(f"{done_file} is a run of {run.get('steps')} steps / {run.get('heldout_n')} "
+                                         f"held-out problems, not {args.steps} / {args.heldout}: delete {workdir} "
+                                         "or pass another --workdir")
+                    results["runs"][f"{algorithm}/{seed}"] = run
+                    print(algorithm, seed, "reused", done_file, flush=True)
+                    continue
                 config = tiny_config(algorithm, seed, args.steps)
                 t0 = time.perf_counter()
                 history = train.train(config, workdir)

@@ -116,7 +116,7 @@ def base_config() -> mlc.ConfigDict:
     c.log.wandb = False
     c.log.wandb_project = "masa_jax"
     c.log.figures = True            # PNGs at the end of a run: calibration, meta rewards, gating
-    c.log.calibration_steps = 5     # steps pooled for the start / end calibration panels
+    c.log.calibration_steps = 5     # steps pooled for the start / end calibration panels and summary table
     c.lock()  # config files and overrides may change fields, never invent them (typos are errors)
     return c
 
