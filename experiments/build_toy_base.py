@@ -12,7 +12,7 @@ speaks both prompt formats but is only partly competent and not calibrated:
     solution_length uniform over the toy range, notions a random subset of `world.NOTIONS`. The
     format is learned, the calibration is left for MASA's meta reward to teach.
 Training is short on purpose (and by necessity: 2 shared CPU cores): level 1 ends up ~always solved,
-level 2 sometimes, levels 3-5 ~never, so the RL run has easy, hard and in-between problems.
+level 2 often, level 3 sometimes, levels 4-5 ~never, so the RL run has easy, hard and in-between problems.
 
 Recipe: `qwen.init_params`, then AdamW (`masa_jax.rl.train_step.make_update_step` with the BC loss
 `masa_jax.rl.bc.bc_microbatch_loss` = masked token cross-entropy, prompt masked) with linear warm-up
@@ -196,14 +196,15 @@ def bucket_batches(examples: list[Example], buckets: tuple[int, ...], tokens_per
 BUCKETS = (64, 96, 128, 192, 256)
 
 # Short solutions first: small transformers learn to copy the question's digits into the worked solution
-# (every solution starts that way) after a few hundred updates on levels 1-2, while long sequences and
+# (every solution starts that way) after a few hundred updates on levels 1-3, while long sequences and
 # meta examples before that only cost time. Then everything: the format of long solutions, the meta
-# format. Last, a low-learning-rate pass over levels 1-3 (+ meta) that repairs what the harder data
+# format. Last, a low-learning-rate pass over levels 1-4 (+ meta) that repairs what the harder data
 # disturbed in the easy arithmetic. A quarter of the solution prompts (a fifth in the first stage) carry
 # a hint of random notions in every stage: MASA-efficient hints every rolled-out problem after its
 # switch-over, and a model that saw hints only in the middle stage solved 11 % of hinted level-1
-# problems against 91 % unhinted.
-DEFAULT_STAGES = "16000:1,1,0,0,0:0:0.2;8000:1,3,1,0.5,0.5:0.25:0.25;12000:1,3,0.5,0,0:0.2:0.25"
+# problems against 91 % unhinted. Level 2 (one-digit subtraction / multiplication, 162 questions) gets
+# about a fifth of each stage: enough that it ends in between, not so much that it is memorised.
+DEFAULT_STAGES = "16000:3,1,2,0,0:0:0.2;8000:1,1,2,1,0.5:0.25:0.25;14000:2,1,2,0.5,0:0.2:0.25"
 
 
 # ---------------------------------------------------------------------------------------- training

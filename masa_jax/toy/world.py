@@ -8,8 +8,9 @@ worked solution names the notions it uses, so notion predictions can be checked.
     solution (≲ 200 chars)   parentheses first\nadd 37+5=42 carry\nmultiply 42*4=168\n
                              subtract 168-12=156\n\\boxed{156}
 
-Difficulty levels 1..5 (`LEVELS`) go from "Compute 3+4." to five 2-3 digit operands with up to two
-parenthesised groups. The solution format and the notions are defined in `masa_jax.toy.solver`
+Difficulty levels 1..5 (`LEVELS`) go from "Compute 3+4." (one-digit addition) through one-digit
+subtraction and multiplication (2), a two-digit operand (3) and three operands with parentheses (4) to
+four two-digit operands (5). Each level draws only questions the level below could not have drawn. The solution format and the notions are defined in `masa_jax.toy.solver`
 (re-exported here: `solve`, `notions_of`, `NOTIONS`).
 
 Everything is a pure function of (seed, index): `problem_at(i, seed, mix)` is random access, so the
@@ -64,10 +65,10 @@ class LevelSpec:
 
 LEVELS: Mapping[int, LevelSpec] = {
     1: LevelSpec((2, 2), (1, 1), "+", 0, 0.0, 0, 18),  # "Compute 3+4."
-    2: LevelSpec((2, 2), (1, 2), "+-*", 0, 0.0, 9, 999),  # "Compute 47-9."
-    3: LevelSpec((3, 3), (1, 2), "+-*", 1, 0.4, 9, 9_999),  # "Compute (12+7)*3."
-    4: LevelSpec((4, 4), (2, 2), "+-*", 1, 0.5, 99, 99_999),  # "Compute 45-(12+38)*17."
-    5: LevelSpec((5, 5), (2, 3), "+-*", 2, 0.6, 99, 999_999),  # "Compute (123-45)*(67+18)-910."
+    2: LevelSpec((2, 2), (1, 1), "+-*", 0, 0.0, 9, 81),  # "Compute 3-7.", "Compute 6*8."
+    3: LevelSpec((2, 2), (1, 2), "+-*", 0, 0.0, 9, 999),  # "Compute 47-9."
+    4: LevelSpec((3, 3), (1, 2), "+-*", 1, 0.4, 9, 9_999),  # "Compute (12+7)*3."
+    5: LevelSpec((4, 4), (2, 2), "+-*", 1, 0.5, 99, 99_999),  # "Compute 45-(12+38)*17."
 }
 MIN_LEVEL, MAX_LEVEL = min(LEVELS), max(LEVELS)
 
@@ -276,8 +277,8 @@ def heldout(n: int, seed: int = 1234, levels: Sequence[int] = tuple(LEVELS)) -> 
     """A fixed evaluation set of `n` distinct problems, levels cycled evenly (1, 2, ..., 5, 1, ...).
 
     Drawn from its own random namespace, so it never shifts with the training stream. Level 1 has
-    only 81 questions, so with n > 405 level-1 questions repeat; levels 1-2 overlap the training
-    stream by design, from level 3 on the overlap is negligible. uid "toy-heldout-<seed>:<i>", source "toy:heldout".
+    only 81 questions and level 2 162, so with n > 405 level-1 questions repeat; levels 1-2 overlap the
+    training stream by design, from level 3 on the overlap is small (level 3: ~2 %). uid "toy-heldout-<seed>:<i>", source "toy:heldout".
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")

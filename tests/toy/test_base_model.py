@@ -139,3 +139,26 @@ def test_tiny_config_uses_the_shipped_model_and_its_templates():
     assert c.rollout.max_response_length == defaults.MAX_RESPONSE_LENGTH and c.meta.k == defaults.K
     assert c.algorithm == "masa_efficient"
     assert c.efficient.max_hint_notions == defaults.MAX_HINT_NOTIONS
+
+
+def test_pass_rate_varies_with_difficulty(loaded, codec):
+    """What the tiny run needs from its base model (issue: "some ~always solved, some ~never, many in
+    between"): at temperature 1 with G = 8 samples, level 1 is mostly solved, levels 4-5 ~never, and
+    most level-2 problems give mixed groups (the ones with a GRPO signal). Recipe numbers: docs/results.md."""
+    from masa_jax import sampling
+
+    cfg, params = loaded
+    problems = [p for p in world.heldout(60) if p.difficulty in (1, 2, 5)]  # 12 per level
+    G = 8
+    ids = [codec.encode_chat(prompts.solution_prompt(p.question, template=defaults.SOLUTION_TEMPLATE))
+           for p in problems for _ in range(G)]
+    out = sampling.generate(cfg, params, ids, rng=jax.random.key(0), max_new_tokens=defaults.MAX_RESPONSE_LENGTH,
+                            temperature=1.0, eos_ids=codec.eos_ids)
+    ok = np.asarray([math_lib.extract_answer(codec.decode(r)) == problems[i // G].answer
+                     for i, r in enumerate(out.tokens)]).reshape(len(problems), G)
+    level = np.asarray([p.difficulty for p in problems])
+    n_ok = ok.sum(1)
+    assert ok[level == 1].mean() >= 0.8
+    assert 0.15 <= ok[level == 2].mean() <= 0.85
+    assert np.mean((n_ok[level == 2] > 0) & (n_ok[level == 2] < G)) >= 0.5
+    assert ok[level == 5].mean() <= 0.05

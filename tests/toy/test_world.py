@@ -198,8 +198,7 @@ def test_difficulty_controls_size(by_level):
             assert p.question.count("(") <= spec.max_parens
             assert len(p.question) <= 40
             assert abs(int(p.answer)) <= spec.max_abs
-            if lvl <= 4:
-                assert len(p.solution) <= 200, p.solution
+            assert len(p.solution) <= 200, p.solution
         stats[lvl] = (
             statistics.mean(len(p.solution) for p in ps),
             statistics.mean(len(re.findall(r"\d+", p.question)) for p in ps),
@@ -207,11 +206,15 @@ def test_difficulty_controls_size(by_level):
         )
     sol_len = [stats[lvl][0] for lvl in sorted(stats)]
     operands = [stats[lvl][1] for lvl in sorted(stats)]
-    assert sol_len == sorted(sol_len) and sol_len[0] < 30 and 40 < sol_len[2] < 120 and sol_len[4] < 200
-    assert operands == sorted(operands) and operands[0] == 2 and operands[4] == 5
-    assert stats[1][2] == stats[2][2] == 0 and stats[5][2] > 0.5
-    # Level 1 is trivial: two one-digit numbers added.
+    assert sol_len == sorted(sol_len) and sol_len[0] < 30 and 40 < sol_len[3] < 120 and sol_len[4] < 200
+    assert operands == sorted(operands) and operands[:3] == [2, 2, 2] and operands[4] == 4
+    assert stats[1][2] == stats[2][2] == stats[3][2] == 0 and stats[5][2] > 0.4
+    # Level 1 is trivial: two one-digit numbers added; level 2 one-digit subtraction or multiplication
+    # (both occur); level 3 always has a two-digit operand.
     assert all(re.fullmatch(r"Compute [1-9]\+[1-9]\.", p.question) for p in by_level[1])
+    assert all(re.fullmatch(r"Compute [1-9][-*][1-9]\.", p.question) for p in by_level[2])
+    assert {p.question[9] for p in by_level[2]} == {"-", "*"}
+    assert all(re.search(r"\d\d", p.question) for p in by_level[3])
 
 
 def test_difficulty_mix():
@@ -236,7 +239,9 @@ def test_heldout_is_fixed_distinct_and_balanced():
         assert p.answer == str(reference(p.question)[0])
     # Hard levels barely overlap the training stream (easy levels are small spaces by design).
     train = {world.problem_at(i, 0).question for i in range(3000)}
-    hard = [p for p in ev if p.difficulty >= 3]
+    level3 = [p for p in ev if p.difficulty == 3]
+    hard = [p for p in ev if p.difficulty >= 4]
+    assert sum(p.question in train for p in level3) <= 0.1 * len(level3)
     assert sum(p.question in train for p in hard) <= 0.02 * len(hard)
 
 
