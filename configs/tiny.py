@@ -8,7 +8,7 @@ formats, solves level 1 ~always, level 2 about half the time, level 3 rarely and
 (docs/results.md), and its meta predictions are uninformative, so there is something for the meta
 reward to teach. Change a template or a length knob below and the prompts leave the model's training
 distribution (rebuild the base model with the recipe if you must).
-Measured: 30 steps in ~4.5 min on 2 CPU cores (README); what MASA does here: docs/results.md.
+Measured: 30 steps in ~4 min on 2 CPU cores (README); what MASA does here: docs/results.md.
 """
 from masa_jax.config import base_config
 from masa_jax.toy import defaults

@@ -203,7 +203,7 @@ BUCKETS = (64, 96, 128, 192, 256)
 # a hint of random notions in every stage: MASA-efficient hints every rolled-out problem after its
 # switch-over, and a model that saw hints only in the middle stage solved 11 % of hinted level-1
 # problems against 91 % unhinted. Level 2 (one-digit subtraction / multiplication, 162 questions) gets
-# about a fifth of each stage: enough that it ends in between, not so much that it is memorised.
+# a sixth to a fifth of each stage: enough that it ends in between, not so much that it is memorised.
 DEFAULT_STAGES = "16000:3,1,2,0,0:0:0.2;8000:1,1,2,1,0.5:0.25:0.25;14000:2,1,2,0.5,0:0.2:0.25"
 
 

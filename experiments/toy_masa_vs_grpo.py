@@ -3,14 +3,15 @@
     python experiments/toy_masa_vs_grpo.py [--seeds 0,1,2] [--steps 60] [--heldout 64]
 
 Each (algorithm, seed) is a full `masa_jax.train` run of configs/tiny.py, for twice the default run's 30
-steps: on this world the meta path's predictions sharpen enough to gate only after ~50 steps (docs/results.md). Before training (the base
-model) and after each run, a held-out evaluation rolls out the meta path (M predictions per problem) and
-the solution path (G samples per problem) on fixed held-out toy problems — for every algorithm, GRPO
-included (its meta path is evaluated but never trained) — and measures accuracy and the calibration of
-the predicted pass rate (mean |predicted - actual|). Writes a results JSON, figures and the tables of
-docs/results.md (the "GRPO vs MASA" section is replaced, the rest of the file kept). A finished run
-leaves `experiment_run.json` in its workdir; invoking the script again reuses it (a different --steps or --heldout
-is an error), so an interrupted sweep resumes where it stopped — delete the workdir to rerun from scratch.
+steps: on this world the meta path's predictions agree enough to gate only from step ~32-51
+(docs/results.md). Before training (the base model) and after each run, a held-out evaluation rolls out
+the meta path (M predictions per problem) and the solution path (G samples per problem) on fixed
+held-out toy problems — for every algorithm, GRPO included (its meta path is evaluated but never
+trained) — and measures accuracy and the calibration of the predicted pass rate (mean |predicted -
+actual|). Writes a results JSON, figures and the tables of docs/results.md (the "GRPO vs MASA" section
+is replaced, the rest of the file kept). A finished run leaves `experiment_run.json` in its workdir;
+invoking the script again reuses it (a different --steps or --heldout is an error), so an interrupted
+sweep resumes where it stopped — delete the workdir to rerun from scratch.
 """
 from __future__ import annotations
 

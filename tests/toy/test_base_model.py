@@ -143,7 +143,7 @@ def test_tiny_config_uses_the_shipped_model_and_its_templates():
 
 def test_pass_rate_varies_with_difficulty(loaded, codec):
     """What the tiny run needs from its base model (issue: "some ~always solved, some ~never, many in
-    between"): at temperature 1 with G = 8 samples, level 1 is mostly solved, levels 4-5 ~never, and
+    between"): at temperature 1 with G = 8 samples, level 1 is mostly solved, level 5 ~never, and
     most level-2 problems give mixed groups (the ones with a GRPO signal). Recipe numbers: docs/results.md."""
     from masa_jax import sampling
 
