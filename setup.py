@@ -13,6 +13,9 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.20",
     "transformers>=5.0,<6",  # tokenizer + chat template loading only; never imported for modelling
     "pyarrow>=14",
+    "jinja2>=3.1",  # transformers' apply_chat_template needs it, and transformers does not require it
+    "etils[epath]>=1.7",
+    "ml_dtypes>=0.5",
     "sympy==1.14.*",
     "math-verify==0.9.*",
     # math-verify's LaTeX path goes through sympy's antlr parser, which needs exactly this runtime.
@@ -36,6 +39,7 @@ setup(
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.12"],
         "tfds": ["tensorflow-datasets>=4.9.10", "array_record>=0.5"],
+        "wandb": ["wandb>=0.16"],  # config.log.wandb
         "dev": [
             "pytest>=8",
             "pytest-xdist>=3.5",

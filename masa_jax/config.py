@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
+from masa_jax.errors import UserError
+
 ALGORITHMS = ("grpo", "dapo", "masa", "masa_efficient")
 
 
@@ -93,7 +95,15 @@ def base_config() -> mlc.ConfigDict:
     c.rl.adv_eps = 1e-6
     c.rl.kl_coef = 0.0
     c.rl.kl_estimator = "low_var_kl"
-    c.rl.updates_per_step = 1     # policy updates on each rollout batch
+    # PPO mini-batching as verl (ppo_mini_batch_size / ppo_epochs): each step's problems are shuffled and
+    # split into ceil(problems / mini_batch_size) mini-batches, one optimizer update each, ppo_epochs
+    # passes. Counted in PROBLEMS over all hosts (verl counts prompts too): a mini-batch holds all
+    # solution and meta rollouts of its problems. 0 (or >= problems_per_step) = one update per step.
+    # The paper gives no mini-batch size; 32 problems and 1 epoch are verl's DAPO recipe
+    # (recipe/dapo/run_dapo_qwen2.5_32b.sh: train_prompt_bsz=512, train_prompt_mini_bsz=32; verl's
+    # default ppo_epochs=1): 128 problems / step -> 4 updates.
+    c.rl.mini_batch_size = 32
+    c.rl.ppo_epochs = 1
     c.rl.micro_batch_size = 8     # sequences per gradient-accumulation micro-batch
     c.rl.chunk_size = 512         # log-prob chunk along the sequence
 
@@ -106,6 +116,12 @@ def base_config() -> mlc.ConfigDict:
     c.reward.per_item_timeout_s = 5.0
     c.reward.batch_budget_s = 120.0
     c.reward.answer_fallback = "boxed"   # boxed | answer_is | last_number (authors' code)
+
+    c.eval = mlc.ConfigDict()     # held-out evaluation inside the training run (solution path, no hints)
+    c.eval.files = ()             # held-out problems: files, tfds:... or "toy-heldout:<n>[:<seed>]"; () = none
+    c.eval.every = 0              # also after every N-th step (0: only before the first and after the last)
+    c.eval.num_samples = 4        # samples per problem; accuracy = mean over them (pass@1)
+    c.eval.temperature = 1.0      # 0 = greedy
 
     c.checkpoint = mlc.ConfigDict()
     c.checkpoint.every = 20
@@ -130,17 +146,48 @@ def resolve(config: mlc.ConfigDict) -> mlc.ConfigDict:
     """
     c = mlc.ConfigDict(config.to_dict())
     if c.algorithm not in ALGORITHMS:
-        raise ValueError(f"config.algorithm must be one of {ALGORITHMS}, got {c.algorithm!r}")
+        raise UserError(f"config.algorithm must be one of {ALGORITHMS}, got {c.algorithm!r}")
+    _check_values(c)
     if c.algorithm == "dapo":
         c.dapo.dynamic_sampling = True
     if not c.model.tokenizer_path:
         c.model.tokenizer_path = c.model.path
     if abs(sum(c.meta.weights) - 1.0) > 1e-6 or len(c.meta.weights) != 3:
-        raise ValueError(f"config.meta.weights must be 3 weights summing to 1, got {c.meta.weights}")
+        raise UserError(f"config.meta.weights must be 3 weights summing to 1, got {c.meta.weights}")
     if c.rl.loss_agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
-        raise ValueError(f"config.rl.loss_agg {c.rl.loss_agg!r} unknown")
+        raise UserError(f"config.rl.loss_agg {c.rl.loss_agg!r} unknown")
+    if not c.rl.mini_batch_size >= 0:
+        raise UserError(f"config.rl.mini_batch_size must be >= 0 (0: the whole step), got {c.rl.mini_batch_size!r}")
     c.lock()
     return c
+
+
+# Counts that must be >= 1: 0 divides by zero (checkpoint.every) or silently trains on nothing.
+_COUNTS = ("total_steps", "data.problems_per_step", "data.max_prompt_length", "rollout.num_solutions",
+           "rollout.max_response_length", "rollout.num_slots", "meta.k", "bc.buffer_size", "rl.ppo_epochs",
+           "rl.micro_batch_size", "rl.chunk_size", "reward.num_workers", "checkpoint.every",
+           "checkpoint.max_to_keep", "efficient.auto_switch_window", "log.calibration_steps")
+_META_COUNTS = ("rollout.num_meta", "rollout.meta_max_new_tokens")  # only read when the meta path runs
+
+
+def _check_values(c: mlc.ConfigDict) -> None:
+    """Rejects values that would fail only later (mid-run), naming the field."""
+    for name in _COUNTS + (_META_COUNTS if uses_meta(c) else ()):
+        if not c[name] >= 1:
+            raise UserError(f"config.{name} must be >= 1, got {c[name]!r}")
+    r = c.rollout
+    if not r.temperature > 0:
+        raise UserError(f"config.rollout.temperature must be > 0 (the training log-probs divide the logits by it), "
+                        f"got {r.temperature!r}")
+    if not 0 < r.top_p <= 1:
+        raise UserError(f"config.rollout.top_p must be in (0, 1], got {r.top_p!r}")
+    if not r.top_k >= 0:
+        raise UserError(f"config.rollout.top_k must be >= 0 (0: off), got {r.top_k!r}")
+    if not c.eval.every >= 0 or not c.eval.num_samples >= 1 or not c.eval.temperature >= 0:
+        raise UserError(f"config.eval needs every >= 0, num_samples >= 1 and temperature >= 0, got every="
+                        f"{c.eval.every!r}, num_samples={c.eval.num_samples!r}, temperature={c.eval.temperature!r}")
+    if c.data.on_error not in ("raise", "skip"):
+        raise UserError(f"config.data.on_error must be one of ('raise', 'skip'), got {c.data.on_error!r}")
 
 
 def uses_meta(config) -> bool:

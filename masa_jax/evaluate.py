@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from masa_jax import checkpointing
+from masa_jax import errors
 from masa_jax import metrics as metrics_lib
 from masa_jax.data import sources
 from masa_jax.rewards import prompts
@@ -22,21 +23,31 @@ from masa_jax.rewards import prompts
 log = logging.getLogger("masa_jax.evaluate")
 
 
-def evaluate_problems(problems: Sequence[sources.Problem], generate: Callable, codec, verify: Callable, *,
-                      n: int, ks: Sequence[int], max_new_tokens: int, rng: jax.Array,
-                      solution_template: str = "") -> dict:
-    """Samples n solutions per problem and scores them. Returns pass@1, pass@k for k <= n, the number
-    of problems and mean response length."""
+def sample_and_score(problems: Sequence[sources.Problem], generate: Callable, codec, verify: Callable, *,
+                     n: int, max_new_tokens: int, rng: jax.Array, solution_template: str = ""
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """n solutions per problem (solution prompt, no hint), scored: (correct bool [P, n], response
+    tokens int [P, n])."""
     prompt_ids = [codec.encode_chat(prompts.solution_prompt(p.question, template=solution_template or None))
                   for p in problems]
     out = generate([ids for ids in prompt_ids for _ in range(n)], None, max_new_tokens, rng)
     texts = [codec.decode(t[:-1] if r == "eos" and t else t) for t, r in zip(out.tokens, out.finish_reasons)]
     answers = [p.answer for p in problems for _ in range(n)]
     ok, _ = verify(texts, answers)
-    correct = np.asarray(ok, bool).reshape(len(problems), n)
+    lengths = np.array([len(t) for t in out.tokens], np.int64).reshape(len(problems), n)
+    return np.asarray(ok, bool).reshape(len(problems), n), lengths
+
+
+def evaluate_problems(problems: Sequence[sources.Problem], generate: Callable, codec, verify: Callable, *,
+                      n: int, ks: Sequence[int], max_new_tokens: int, rng: jax.Array,
+                      solution_template: str = "") -> dict:
+    """Samples n solutions per problem and scores them. Returns pass@1, pass@k for k <= n, the number
+    of problems and mean response length."""
+    correct, lengths = sample_and_score(problems, generate, codec, verify, n=n, max_new_tokens=max_new_tokens,
+                                        rng=rng, solution_template=solution_template)
     c = correct.sum(axis=1)
     result = {"problems": len(problems), "n": n, "pass@1": float(correct.mean()),
-              "mean_length": float(np.mean([len(t) for t in out.tokens]))}
+              "mean_length": float(lengths.mean())}
     for k in ks:
         if 1 < k <= n:
             result[f"pass@{k}"] = float(np.mean(metrics_lib.pass_at_k(n, c, k)))
@@ -50,9 +61,9 @@ def load_policy(config, checkpoint: str):
     from masa_jax.parallel import mesh as mesh_lib
     from masa_jax.rl import update as update_lib
 
+    _check_checkpoint(checkpoint)
     mesh = mesh_lib.make_mesh(config.mesh.shape)
-    has = lambda name: os.path.exists(os.path.join(checkpoint, name))
-    if has("config.json") and (has("model.safetensors") or has("model.safetensors.index.json")):
+    if errors.is_hf_dir(checkpoint):
         cfg, params = qwen.from_pretrained(checkpoint, dtype=config.model.param_dtype, mesh=mesh,
                                            compute_dtype=config.model.dtype)
         return cfg, params, mesh
@@ -64,8 +75,17 @@ def load_policy(config, checkpoint: str):
         else checkpoint
     restored = checkpointing.RunCheckpointer(ckpt_dir, max_to_keep=1000).restore_latest(updater.state)
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint found in {checkpoint}")
+        raise errors.UserError(f"no checkpoint found in {checkpoint}: {_CHECKPOINT_HINT}")
     return model_cfg, restored[0].params, mesh
+
+
+_CHECKPOINT_HINT = "pass a training workdir, its checkpoints/ folder or an HF model directory"
+
+
+def _check_checkpoint(checkpoint: str) -> None:
+    # Checked before Orbax opens it: its CheckpointManager would create a missing directory.
+    if not os.path.isdir(checkpoint):
+        raise errors.UserError(f"--checkpoint {checkpoint} is not a directory: {_CHECKPOINT_HINT}")
 
 
 def main(argv):
@@ -82,7 +102,14 @@ def run_evaluation(F) -> dict:
     from masa_jax.sampling.generate import generate as sampling_generate
     from masa_jax.tokenization import load_codec
 
-    config = config_lib.resolve(F.config)
+    # Every user error before the model is loaded (or anything is created).
+    config = config_lib.resolve(errors.config_from_flags(F))
+    _check_checkpoint(F.checkpoint)
+    errors.check_model_dir(config, weights=not errors.is_hf_dir(F.checkpoint))
+    errors.check_data_files(F.data.split(","), field="--data")
+    out = F.output or os.path.join(F.checkpoint, "eval.json")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise errors.UserError(f"--output {out}: its directory does not exist")
     model_cfg, params, mesh = load_policy(config, F.checkpoint)
     codec = load_codec(config.model.tokenizer_path)
 
@@ -107,7 +134,6 @@ def run_evaluation(F) -> dict:
     finally:
         verifier.close()
     print(format_table(results))
-    out = F.output or os.path.join(F.checkpoint, "eval.json")
     if jax.process_index() == 0:
         with open(out, "w") as f:
             json.dump(results, f, indent=2)
@@ -143,7 +169,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
     logging.basicConfig(level=logging.INFO)
-    _define_flags()
-    app.run(main)
+    errors.run_cli(main, _define_flags)

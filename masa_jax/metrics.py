@@ -576,3 +576,15 @@ def summary_table(history: Sequence[Mapping[str, Any]], keys: Sequence[str] | No
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}"
+
+
+def eval_table(evals: Sequence[Mapping[str, Any]]) -> str:
+    """The held-out evaluations of a run: accuracy (and per level) at the first and the last one."""
+    first, last = evals[0], evals[-1]
+    keys = [k for k in first if k.startswith("eval/") and k in last]
+    header = ("held-out", f"step {first['step']:g}", f"step {last['step']:g}", "change")
+    rows = [(k[len("eval/"):], f"{first[k]:.4f}", f"{last[k]:.4f}", f"{last[k] - first[k]:+.4f}") for k in keys]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths))) for row in (header, *rows))
+

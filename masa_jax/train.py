@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Callable
 
@@ -25,6 +26,7 @@ import numpy as np
 
 from masa_jax import checkpointing
 from masa_jax import config as config_lib
+from masa_jax import errors
 from masa_jax import metrics as metrics_lib
 from masa_jax.data import pipeline, sources
 from masa_jax.dry_run import model_config_for
@@ -61,6 +63,7 @@ class Run:
     rollout_cfg: rollout_lib.RolloutConfig
     checkpointer: checkpointing.RunCheckpointer
     writer: metrics_lib.MetricsWriter
+    eval_problems: list                  # this host's share of the held-out problems (config.eval.files)
     generate_fn: Callable | None = None  # injected policy for tests; None = the sampler
 
 
@@ -101,7 +104,8 @@ def load_training_problems(config, codec: ChatCodec, rcfg: rollout_lib.RolloutCo
     if dropped:
         log.warning("dropped %d problems whose prompt exceeds %d tokens", dropped, config.data.max_prompt_length)
     if not kept:
-        raise ValueError(f"no training problems left from {list(config.data.train_files)}")
+        raise errors.UserError(f"no training problems left from {list(config.data.train_files)}: every prompt is "
+                               f"longer than data.max_prompt_length={config.data.max_prompt_length}")
     return kept, dict(stats)
 
 
@@ -112,8 +116,7 @@ def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
     mesh = mesh_lib.make_mesh(m.shape)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
+        write_config(config, workdir)
     codec = load_codec(config.model.tokenizer_path)
     model_cfg = model_config_for(config)
     model_cfg, params = qwen.from_pretrained(config.model.path, dtype=model_cfg.param_dtype, mesh=mesh,
@@ -124,6 +127,8 @@ def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
     per_host = pipeline.per_host_batch_size(config.data.problems_per_step, jax.process_count())
     data = pipeline.batches(problems, batch_size=per_host, seed=config.seed, shuffle=config.data.shuffle)
     log.info("training problems: %d (%s)", len(problems), data_stats)
+    eval_problems = [p for spec in config.eval.files for p in sources.load_problems(spec).problems]
+    eval_problems = eval_problems[jax.process_index()::jax.process_count()]
     verifier = math_reward.MathVerifier(num_workers=config.reward.num_workers,
                                         per_item_timeout_s=config.reward.per_item_timeout_s,
                                         batch_budget_s=config.reward.batch_budget_s,
@@ -134,14 +139,16 @@ def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
     writer = metrics_lib.MetricsWriter(workdir, use_tensorboard=config.log.tensorboard, use_wandb=config.log.wandb,
                                        wandb_project=config.log.wandb_project, is_primary=jax.process_index() == 0)
     return Run(config, workdir, mesh, model_cfg, codec, data, verifier, updater, rcfg, checkpointer, writer,
-               generate_fn)
+               eval_problems, generate_fn)
 
 
-def make_generate(run: Run, params) -> Callable:
-    """The rollout policy for this step: the refill sampler over the sampling-layout weights."""
+def make_generate(run: Run, params, temperature: float | None = None) -> Callable:
+    """The rollout policy for this step: the refill sampler over the sampling-layout weights, at the
+    rollout temperature unless `temperature` is given."""
     if run.generate_fn is not None:
         return run.generate_fn
     c = run.config.rollout
+    temperature = c.temperature if temperature is None else temperature
     sampling_params = to_sampling_params(run.model_cfg, params, mesh=run.mesh)  # the per-step reshard
     mesh = run.mesh
     if jax.process_count() > 1:  # each host samples its own problems on its own devices
@@ -151,7 +158,7 @@ def make_generate(run: Run, params) -> Callable:
     def generate(prompt_ids, budgets, max_new_tokens, rng):
         return sampling_generate(run.model_cfg, sampling_params, prompt_ids, rng=rng, max_new_tokens=max_new_tokens,
                                  budgets=None if budgets is None else [int(b) for b in budgets],
-                                 temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, eos_ids=run.codec.eos_ids,
+                                 temperature=temperature, top_p=c.top_p, top_k=c.top_k, eos_ids=run.codec.eos_ids,
                                  num_slots=c.num_slots, mesh=mesh)
     return generate
 
@@ -164,6 +171,8 @@ class LoopState:
     meta_reward_history: list = dataclasses.field(default_factory=list)
     buffer: expert_lib.ExpertBuffer | None = None
     calibration: dict | None = None            # this step's per-problem (pred, true) pass rates
+    train_time_s: float = 0.0                  # wall-clock of the RL steps so far (evaluations excluded)
+    evals: list = dataclasses.field(default_factory=list)  # held-out evaluations: {"step", "train_time_s", ...}
 
 
 def efficient_active(config, loop: LoopState) -> bool:
@@ -185,7 +194,9 @@ def efficient_active(config, loop: LoopState) -> bool:
 
 def collect_rollouts(run: Run, generate: Callable, active: bool, rng: jax.Array) -> rollout_lib.Rollouts:
     """One step's rollouts; with DAPO's dynamic sampling, more problems are rolled out (up to
-    `dapo.max_rounds` extra rounds) until the batch has `problems_per_step` groups with reward variance."""
+    `dapo.max_rounds` extra rounds) until the batch has `problems_per_step` solution groups with reward
+    variance. Sequences are kept per path (`rollout_lib.dapo_filter`); the problems after the one that
+    completes the batch are dropped, both paths."""
     verify = run.verifier.verify
     problems = next(run.data)
     ro = rollout_lib.run_rollouts(problems, generate=generate, codec=run.codec, verify=verify, cfg=run.rollout_cfg,
@@ -193,20 +204,28 @@ def collect_rollouts(run: Run, generate: Callable, active: bool, rng: jax.Array)
     if not run.config.dapo.dynamic_sampling:
         return ro
     target = len(problems)
-    first_kept = ~rollout_lib.zero_variance(ro)
-    kept = rollout_lib.select(ro, first_kept)
+    first_signal = rollout_lib.solution_signal(ro)
+    kept = rollout_lib.dapo_filter(ro)
     rounds = 0
-    while len(kept.problems) < target and rounds < run.config.dapo.max_rounds:
+    while rollout_lib.solution_signal(kept).sum() < target and rounds < run.config.dapo.max_rounds:
         rounds += 1
         more = rollout_lib.run_rollouts(next(run.data), generate=generate, codec=run.codec, verify=verify,
                                         cfg=run.rollout_cfg, efficient_active=active,
                                         rng=jax.random.fold_in(rng, rounds))
-        kept = rollout_lib.concat(kept, rollout_lib.select(more, ~rollout_lib.zero_variance(more)))
-    keep = np.arange(len(kept.problems)) < target
-    kept = rollout_lib.select(kept, keep)
-    kept.metrics.update({"dapo/rounds": float(rounds), "dapo/kept_groups": float(len(kept.problems)),
-                         "dapo/first_round_kept_fraction": float(first_kept.mean())})
+        kept = rollout_lib.concat(kept, rollout_lib.dapo_filter(more))
+    groups_before = np.cumsum(rollout_lib.solution_signal(kept)) - rollout_lib.solution_signal(kept)
+    kept = rollout_lib.select(kept, groups_before < target)
+    kept.metrics.update({"dapo/rounds": float(rounds),
+                         "dapo/kept_groups": float(rollout_lib.solution_signal(kept).sum()),
+                         "dapo/kept_meta_groups": float(rollout_lib.meta_signal(kept).sum()),
+                         "dapo/first_round_kept_fraction": float(first_signal.mean())})
     return kept
+
+
+def sampling_key(step_key: jax.Array, process_index: int) -> jax.Array:
+    """The rollout key of one host: each process samples its own problems, so it must draw its own
+    random numbers (the step key alone is the same on every host)."""
+    return jax.random.fold_in(step_key, process_index)
 
 
 def train_one_step(run: Run, state, loop: LoopState, rng: jax.Array):
@@ -214,7 +233,7 @@ def train_one_step(run: Run, state, loop: LoopState, rng: jax.Array):
     t_step = time.perf_counter()
     active = efficient_active(run.config, loop)
     generate = make_generate(run, state.params)
-    ro = collect_rollouts(run, generate, active, rng)
+    ro = collect_rollouts(run, generate, active, sampling_key(rng, jax.process_index()))
     metrics = dict(ro.metrics)
     metrics["efficient/active"] = float(active)
 
@@ -259,18 +278,30 @@ def _extras(run: Run, loop: LoopState, history: list) -> dict:
     return {"data": multihost.allgather_json(run.data.get_state()),
             "buffer": multihost.allgather_json(loop.buffer.to_json()),
             "loop": {"step": loop.step, "switched_at": loop.switched_at,
-                     "meta_reward_history": loop.meta_reward_history},
+                     "meta_reward_history": loop.meta_reward_history, "train_time_s": loop.train_time_s,
+                     "evals": loop.evals},
             "history": history}
 
 
-def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_after: int | None = None) -> list[dict]:
+def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_after: int | None = None,
+          allow_config_change: bool = False) -> list[dict]:
     """Runs (or resumes) training in `workdir`; returns the metric history (one dict per step).
 
     stop_after: stop (with a checkpoint) after this many steps of *this* invocation — for tests that
     interrupt and resume. generate_fn: a scripted rollout policy (tests); None uses the sampler.
+    allow_config_change: resume a workdir whose config.json differs from `config` (the old file is kept
+    as config.<n>.json); without it that is a UserError naming the changed fields.
+    Bad inputs (config values, model dir, data files, workdir) raise a UserError before anything is created.
     """
     config = config_lib.resolve(config)
-    run = build_run(config, workdir, generate_fn)
+    check_inputs(config, workdir, allow_config_change)
+    created = _first_missing_dir(workdir)
+    try:
+        run = build_run(config, workdir, generate_fn)
+    except BaseException:
+        if created:  # a failed start leaves no half-made workdir behind
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     state = run.updater.state
     loop = LoopState(buffer=expert_lib.ExpertBuffer(config.bc.buffer_size))
     history: list[dict] = []
@@ -281,7 +312,9 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
         run.data.set_state(extras["data"][me])
         loop = LoopState(step=int(extras["loop"]["step"]), switched_at=int(extras["loop"]["switched_at"]),
                          meta_reward_history=list(extras["loop"]["meta_reward_history"]),
-                         buffer=expert_lib.ExpertBuffer.from_json(extras["buffer"][me]))
+                         buffer=expert_lib.ExpertBuffer.from_json(extras["buffer"][me]),
+                         train_time_s=float(extras["loop"].get("train_time_s", 0.0)),
+                         evals=list(extras["loop"].get("evals", [])))
         history = list(extras["history"])
         log.info("resumed from step %d", loop.step)
     run.writer.truncate_after(loop.step)  # also on a fresh run: a reused workdir must not keep old lines
@@ -292,11 +325,18 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
     steps_this_run = 0
     try:
         with guard:  # the jitted steps carry their own shardings; no global mesh context is needed
+            if config.eval.files and not loop.evals:  # the starting point of the held-out accuracy curve
+                _record_eval(run, loop, heldout_eval(run, state.params, loop.step))
             while loop.step < config.total_steps:
                 state, m = train_one_step(run, state, loop, jax.random.fold_in(base_rng, loop.step))
                 loop.step += 1
                 steps_this_run += 1
+                loop.train_time_s += m["time/step_s"]
                 m["step"] = loop.step
+                m["time/train_elapsed_s"] = loop.train_time_s
+                if config.eval.files and (loop.step == config.total_steps or (
+                        config.eval.every and loop.step % config.eval.every == 0)):
+                    m.update(_record_eval(run, loop, heldout_eval(run, state.params, loop.step)))
                 history.append(m)
                 run.writer.write(loop.step, m)
                 _append_calibration(run, loop)
@@ -318,7 +358,123 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
             write_figures(workdir, history, config.log.calibration_steps, meta=config_lib.uses_meta(config),
                           gating=config.algorithm == "masa_efficient")
         print(metrics_lib.summary_table(history, window=max(1, min(config.log.calibration_steps, len(history) // 2))))
+        if loop.evals:
+            print(metrics_lib.eval_table(loop.evals))
     return history
+
+
+def heldout_eval(run: Run, params, step: int) -> dict[str, float]:
+    """Accuracy of the current policy on the held-out problems (solution prompt, no hint), all hosts'
+    shares pooled; with toy / MATH difficulty levels also per level. Keys `eval/...`."""
+    from masa_jax import evaluate  # the evaluation CLI's scoring, so both measure the same thing
+    c = run.config.eval
+    t0 = time.perf_counter()
+    generate = make_generate(run, params, temperature=c.temperature)
+    # Its own key stream (the training rollouts' stays untouched), different on every host.
+    rng = sampling_key(jax.random.fold_in(jax.random.key(run.config.seed + 1), step), jax.process_index())
+    correct = np.zeros((0, c.num_samples), bool)  # a host with no share still joins the gather below
+    if run.eval_problems:
+        correct, _ = evaluate.sample_and_score(
+            run.eval_problems, generate, run.codec, run.verifier.verify, n=c.num_samples,
+            max_new_tokens=run.config.rollout.max_response_length, rng=rng,
+            solution_template=run.config.prompts.solution_template)
+    mine = {"acc": correct.mean(axis=1).tolist(), "level": [p.difficulty for p in run.eval_problems]}
+    parts = multihost.allgather_json(mine)
+    acc = np.array(sum((p["acc"] for p in parts), []), np.float64)
+    levels = sum((p["level"] for p in parts), [])
+    out = {"eval/accuracy": float(acc.mean())}
+    for level in sorted({lv for lv in levels if lv is not None}):
+        out[f"eval/accuracy_level_{level}"] = float(acc[[lv == level for lv in levels]].mean())
+    out["time/eval_s"] = time.perf_counter() - t0
+    return out
+
+
+def _record_eval(run: Run, loop: LoopState, result: dict[str, float]) -> dict[str, float]:
+    """Keeps one evaluation in the loop state (checkpointed) and in eval.jsonl; returns it."""
+    loop.evals.append({"step": loop.step, "train_time_s": loop.train_time_s, **result})
+    if jax.process_index() == 0:
+        path = os.path.join(run.workdir, "eval.jsonl")
+        with open(path + ".tmp", "w") as f:  # rewritten whole: a resumed run drops an interrupted run's lines
+            for r in loop.evals:
+                f.write(json.dumps(r) + "\n")
+        os.replace(path + ".tmp", path)
+    log.info("held-out accuracy at step %d: %.4f", loop.step, result["eval/accuracy"])
+    return result
+
+
+def check_inputs(config, workdir: str, allow_config_change: bool = False) -> None:
+    """UserErrors a run would otherwise meet only after building the model (or mid-way through its start)."""
+    errors.check_workdir(workdir)
+    check_config_change(config, workdir, allow_config_change)
+    errors.check_model_dir(config)
+    errors.check_data_files(config.data.train_files, on_error=config.data.on_error,
+                            skip_hint=", or skip malformed rows with --config.data.on_error=skip")
+    errors.check_data_files(config.eval.files, field="config.eval.files")
+
+
+def _first_missing_dir(path: str) -> str | None:
+    """The outermost directory that creating `path` would create (None: it exists)."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
+# Where a run's processes meet, not what they train: may differ between invocations and between hosts.
+_PLACEMENT_FIELDS = ("mesh.coordinator_address", "mesh.process_id")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_changes(stored: dict, config) -> list[str]:
+    """'field: old -> new' for each field of `config` that differs from a stored config.json. A field the
+    file lacks (added to the code since) counts only when it is set away from its default."""
+    as_json = lambda c: _flat(json.loads(json.dumps(c.to_dict(), default=str)))
+    old, default = _flat(stored), as_json(config_lib.base_config())
+    return [f"{k}: {old.get(k, default.get(k))!r} -> {v!r}" for k, v in as_json(config).items()
+            if k not in _PLACEMENT_FIELDS and v != old.get(k, default.get(k))]
+
+
+def _stored_config(path: str) -> dict | None:
+    """The config.json at `path`, None when it does not exist; an unreadable one is a UserError."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise errors.UserError(f"{path} cannot be read ({e}): delete it, or pass --allow_config_change") from e
+
+
+def check_config_change(config, workdir: str, allow: bool) -> None:
+    """A workdir resumes the run its config.json describes: another config is an error unless allowed."""
+    stored = None if allow else _stored_config(os.path.join(workdir, "config.json"))
+    changes = config_changes(stored, config) if stored is not None else []
+    if changes:
+        raise errors.UserError(f"{workdir} holds a run with another config: {', '.join(changes)}; pass "
+                               "--allow_config_change to resume it with the new one, or use another --workdir")
+
+
+def write_config(config, workdir: str) -> None:
+    """Writes config.json; a differing one from an earlier invocation is kept as config.<n>.json."""
+    path = os.path.join(workdir, "config.json")
+    try:
+        keep = (stored := _stored_config(path)) is not None and bool(config_changes(stored, config))
+    except errors.UserError:  # unreadable: keep it too
+        keep = True
+    if keep:
+        n = 1
+        while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+            n += 1
+        os.replace(path, os.path.join(workdir, f"config.{n}.json"))
+    with open(path + ".tmp", "w") as f:
+        json.dump(config.to_dict(), f, indent=2, default=str)
+    os.replace(path + ".tmp", path)  # atomic: other hosts may be reading it in check_config_change
 
 
 def _append_calibration(run: Run, loop: LoopState) -> None:
@@ -366,13 +522,13 @@ def main(argv):
     del argv
     _quiet_library_logs()
     FLAGS = flags.FLAGS
-    config = FLAGS.config
+    config = config_lib.resolve(errors.config_from_flags(FLAGS))  # before --dry_run too: it skips the checks
     if FLAGS.dry_run:
         from masa_jax import dry_run
         print(dry_run.report(config, FLAGS.dry_run_devices or None, config.mesh.device_memory_gib or None))
         return
     workdir = FLAGS.workdir or os.path.join("runs", f"{config.algorithm}")
-    train(config, workdir)
+    train(config, workdir, allow_config_change=FLAGS.allow_config_change)
 
 
 def _define_flags():
@@ -381,6 +537,8 @@ def _define_flags():
     config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)", lock_config=True)
     flags.DEFINE_string("workdir", "", "run directory (checkpoints, metrics, figures); resumed when it exists")
     flags.DEFINE_boolean("dry_run", False, "build the model abstractly and print the per-device memory estimate")
+    flags.DEFINE_boolean("allow_config_change", False, "resume a workdir whose config.json differs from --config "
+                         "(the old one is kept as config.<n>.json)")
     flags.DEFINE_integer("dry_run_devices", 0, "device count for a mesh with -1 in --dry_run (0: this host's)")
     flags.mark_flags_as_required(["config"])
 
@@ -393,6 +551,4 @@ def _quiet_library_logs() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-    _define_flags()
-    app.run(main)
+    errors.run_cli(main, _define_flags)

@@ -386,10 +386,14 @@ def load_jsonl(path: str | os.PathLike[str], *, on_error: OnError = "raise") -> 
     """
     path = os.fspath(path)
     stem = _stem(path)
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    with open(path, "rb") as f:  # decoded line by line, so bad UTF-8 is a DataError naming its row
+        lines = f.read().split(b"\n")
 
-    def parse(i: int, line: str) -> Problem:
+    def parse(i: int, raw: bytes) -> Problem:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _FieldError("(line)", f"not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as e:

@@ -186,20 +186,27 @@ def strip_percent(s: str) -> str | None:
     return stripped.rstrip() if stripped != t else None
 
 
+def percent_pairs(pred: str, gold: str) -> list[tuple[str, str]]:
+    """The (pred, gold) forms to compare: as written, and with the trailing percent sign stripped
+    from whichever side has one (MATH targets usually drop it, but some keep it). When both have one
+    only the both-stripped pair is added, so "50\\%" never meets "0.5\\%" read as 0.5."""
+    p, g = strip_percent(pred), strip_percent(gold)
+    if p is None and g is None:
+        return [(pred, gold)]
+    return [(pred, gold), (pred if p is None else p, gold if g is None else g)]
+
+
 def texts_match(pred: str, gold: str) -> bool:
-    """String-level equality after ``canonical_text`` (with and without a trailing percent sign),
-    and unordered equality of letter choices (``\\text{D, A}`` == ``{A,D}``)."""
-    g = canonical_text(gold)
-    if not g:
-        return False
-    for p in (pred, strip_percent(pred)):
-        if p is None:
+    """String-level equality after ``canonical_text`` (with and without a trailing percent sign on
+    either side), and unordered equality of letter choices (``\\text{D, A}`` == ``{A,D}``)."""
+    for p, g in percent_pairs(pred, gold):
+        c, cg = canonical_text(p), canonical_text(g)
+        if not cg:
             continue
-        c = canonical_text(p)
-        if c == g:
+        if c == cg:
             return True
-        if _LETTER_LIST.fullmatch(c) and _LETTER_LIST.fullmatch(g):
-            if sorted(c.split(",")) == sorted(g.split(",")):
+        if _LETTER_LIST.fullmatch(c) and _LETTER_LIST.fullmatch(cg):
+            if sorted(c.split(",")) == sorted(cg.split(",")):
                 return True
     return False
 
@@ -231,26 +238,33 @@ def _compare_literals(p: tuple[fractions.Fraction, bool], g: tuple[fractions.Fra
     return None  # decimals within math-verify's rounding of each other: it decides
 
 
+def _number_values(s: str, stripped: str | None) -> list[tuple[fractions.Fraction, bool]]:
+    """What a number answer may stand for: its literal; for a percentage ``p\\%`` (``stripped`` =
+    p) both p and p/100."""
+    out = [v] if (v := _number_literal(canonical_text(s))) is not None else []
+    if stripped is not None and (q := _number_literal(canonical_text(stripped))) is not None:
+        out += [q, (q[0] / 100, q[1])]
+    return out
+
+
 def quick_decision(pred: str, gold: str) -> bool | None:
     """Decides the common cases without sympy, exactly as math-verify would; None when it must decide.
 
     True on ``texts_match``. For number literals (integer, decimal, ``\\frac{a}{b}``, ``a/b``; a
-    percentage ``p\\%`` stands for p and p/100): True when equal; False when both are exact and
-    differ, or differ by more than 1e-5 (math-verify compares floats rounded to 6 decimals, closer
-    ones are left to it). Most wrong MATH answers are numbers: this keeps them off the workers.
+    percentage ``p\\%`` on one side stands for p and p/100, on both sides the p are compared): True
+    when equal; False when both are exact and differ, or differ by more than 1e-5 (math-verify
+    compares floats rounded to 6 decimals, closer ones are left to it). Most wrong MATH answers are
+    numbers: this keeps them off the workers.
     """
     if texts_match(pred, gold):
         return True
-    g = _number_literal(canonical_text(gold))
-    if g is None:
+    ps, gs = strip_percent(pred), strip_percent(gold)
+    if ps is not None and gs is not None:  # two percentages: their numbers, unscaled
+        pred, gold, ps, gs = ps, gs, None, None
+    golds = _number_values(gold, gs)
+    if not golds:
         return None
-    candidates = []
-    if (p := _number_literal(canonical_text(pred))) is not None:
-        candidates.append(p)
-    stripped = strip_percent(pred)
-    if stripped is not None and (q := _number_literal(canonical_text(stripped))) is not None:
-        candidates += [q, (q[0] / 100, q[1])]
-    decisions = [_compare_literals(c, g) for c in candidates]
+    decisions = [_compare_literals(p, g) for p in _number_values(pred, ps) for g in golds]
     if True in decisions:
         return True
     return False if decisions and all(d is False for d in decisions) else None
@@ -279,19 +293,18 @@ def _parse_latex(s: str, mv_timeout_s: int) -> tuple:
 
 def judge_answer(pred: str, gold: str, *, mv_timeout_s: int = 2) -> bool:
     """True iff the extracted answer ``pred`` equals the ground truth ``gold``: ``quick_decision``,
-    else math-verify on the parsed LaTeX of both (and of ``pred`` without its percent sign).
+    else math-verify on the parsed LaTeX of each of the ``percent_pairs``.
     Must run in a main thread (math-verify times out with signal.alarm)."""
     quick = quick_decision(pred, gold)
     if quick is not None:
         return quick
     from math_verify import verify
 
-    gold_parsed = _parse_latex(prepare_for_parse(gold), mv_timeout_s)
-    if not gold_parsed:
-        return False
-    variants = [pred] + [p for p in (strip_percent(pred),) if p is not None]
-    for variant in variants:
-        parsed = _parse_latex(prepare_for_parse(variant), mv_timeout_s)
+    for p, g in percent_pairs(pred, gold):
+        gold_parsed = _parse_latex(prepare_for_parse(g), mv_timeout_s)
+        if not gold_parsed:
+            continue
+        parsed = _parse_latex(prepare_for_parse(p), mv_timeout_s)
         if parsed and verify(list(gold_parsed), list(parsed), timeout_seconds=mv_timeout_s):
             return True
     return False

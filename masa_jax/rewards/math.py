@@ -7,9 +7,13 @@ rollout is mathematically equal to the ground truth. This module
   capped, nothing evaluated);
 * decides cheap cases in the parent (``answers.quick_decision``: LaTeX-insignificant string
   equality, exact comparison of number literals);
-* sends the rest to persistent worker processes that run ``math_verify`` in their main thread
-  (it times out with ``signal.alarm``), with a hard per-item deadline and a per-batch time budget
-  enforced by the parent, which kills and replaces a hung worker and never waits past the budget.
+* sends the rest to persistent worker processes that run ``math_verify`` under per-item limits on
+  CPU time, not wall-clock time (a loaded host must not turn a correct answer into a timeout), while
+  the parent bounds every batch by a wall-clock budget and replaces workers that die, hang or stop.
+
+The pool survives faults from outside its workers: it rebuilds itself when multiprocessing's
+forkserver dies or freezes, ``close`` waits for a batch another thread is running, and after
+``os.fork`` the child starts workers of its own instead of talking over the parent's pipes.
 
 Model output is untrusted. It is never ``eval``-ed or ``sympify``-ed in the parent; in the workers it
 only goes through math-verify's LaTeX path (antlr grammar -> sympy objects), never through
@@ -24,13 +28,18 @@ import atexit
 import collections
 import contextlib
 import dataclasses
+import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.forkserver
+import multiprocessing.process
 import os
+import resource
 import signal
 import threading
 import time
+import weakref
 from typing import Sequence
 
 import numpy as np
@@ -48,15 +57,34 @@ from masa_jax.rewards.answers import (  # noqa: F401  (re-exported: the answer A
     texts_match,
 )
 
+_log = logging.getLogger(__name__)
+
+# A busy worker that has not answered for this many times ``per_item_timeout_s`` of wall-clock time is
+# not computing (a computing one would have hit its CPU-time limit): it is stopped or starved beyond
+# any load we accept, and is killed. Large, so that load alone never gets there.
+_STALL_FACTOR = 10
+# ``close`` lets a worker start in progress finish for this long (a new forkserver needs about a
+# second to import math-verify) before it abandons the start.
+_CLOSE_GRACE_S = 2.0
+# The counters every metrics dict has (see ``MathVerifier.verify``).
+_COUNTS = ("no_answer", "bad_box", "bad_gold", "quick_decisions", "soft_timeouts", "hard_timeouts",
+           "stalls", "unfinished", "budget_kills", "errors", "retries", "restarts", "start_timeouts",
+           "forkserver_kills")
+
 
 @dataclasses.dataclass(frozen=True)
 class VerifierConfig:
     """Knobs of the verifier pool.
 
     num_workers: worker processes (each does one item at a time).
-    per_item_timeout_s: hard wall-clock limit per item, enforced by the parent (kill + respawn).
+    per_item_timeout_s: hard limit on the CPU time of one item: the kernel (RLIMIT_CPU) ends a worker
+        that spends more, even inside C code (a huge bigint power); the item scores False. A busy
+        worker that answers nothing for ``_STALL_FACTOR`` times this in wall-clock time is killed too.
     batch_budget_s: wall-clock limit of one ``verify`` call; unfinished items score False.
-    mv_timeout_s: math-verify's own ``signal.alarm`` timeout per parse / compare call (whole seconds).
+    mv_timeout_s: soft limit on the CPU time of one item (whole seconds): a CPU timer (SIGPROF)
+        interrupts math-verify, the item scores False and the worker lives on. It replaces
+        math-verify's own ``signal.alarm`` timeout, which counts wall-clock time and so made rewards
+        depend on host load.
     fallback: "boxed" (last \\boxed / \\fbox only, the default), "answer_is" (else the last "the answer
         is ..." phrase) or "last_number" (else the last number in the text, as the authors' code did;
         it rewards truncated rollouts, hence off by default).
@@ -67,7 +95,8 @@ class VerifierConfig:
         server's preload list is process-wide and has no effect once it runs) or "spawn". Never
         "fork": the parent is a JAX process.
     chunk_size: items handed to a worker at once (results still come back one by one).
-    startup_timeout_s: a worker that is not ready after this long is replaced.
+    startup_timeout_s: a worker that is not ready after this long is replaced; if its start is still
+        blocked by then, the forkserver is frozen and is killed (the next start launches a new one).
     """
 
     num_workers: int = 2
@@ -89,89 +118,256 @@ class VerifierConfig:
             raise ValueError("start_method must be 'spawn' or 'forkserver' (fork is unsafe under JAX)")
         if self.num_workers < 1 or self.chunk_size < 1 or self.mv_timeout_s < 1:
             raise ValueError("num_workers, chunk_size and mv_timeout_s must be >= 1")
-        if self.per_item_timeout_s <= 0 or self.batch_budget_s <= 0:
-            raise ValueError("per_item_timeout_s and batch_budget_s must be positive")
+        if self.per_item_timeout_s <= 0 or self.batch_budget_s <= 0 or self.startup_timeout_s <= 0:
+            raise ValueError("per_item_timeout_s, batch_budget_s and startup_timeout_s must be positive")
 
 
-class _TimeoutCounter(logging.Handler):
-    """Counts math-verify's own (soft) timeouts, which it logs instead of raising; also keeps its
-    warnings, which quote the whole model output, off stderr."""
+# -------- The worker ----------------------------------------------------------------------------------
 
-    def __init__(self):
-        super().__init__(level=logging.WARNING)
-        self.count = 0
 
-    def emit(self, record):
-        if str(record.msg).startswith("Timeout"):
-            self.count += 1
+class _CpuTimeLimit(BaseException):
+    """Raised in a worker when an item has used its soft CPU time. A BaseException, like math-verify's
+    own TimeoutException, so that the ``except Exception`` clauses of math-verify and sympy let it
+    through."""
+
+
+_cpu_limit_armed = False  # the SIGPROF handler raises only while an item runs
+
+
+def _on_cpu_limit(signum, frame):
+    global _cpu_limit_armed
+    if _cpu_limit_armed:  # once per item; a tick that lands after the item ended is ignored
+        _cpu_limit_armed = False
+        raise _CpuTimeLimit
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _set_cpu_kill_limit(seconds: float | None) -> None:
+    """RLIMIT_CPU: the kernel sends SIGXCPU (fatal) once this process has used ``seconds`` more CPU
+    time; ``None`` lifts the limit (up to a hard limit set from outside, if any)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    soft = hard if seconds is None else int(_cpu_seconds() + seconds) + 1
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+
+
+def _judge_under_cpu_limits(pred: str, gold: str, soft_s: float, hard_s: float) -> tuple[bool, str]:
+    """Judges one item in a worker: (correct, status), status "ok", "error" or "cpu_timeout".
+
+    Both limits count CPU time, which does not grow while the host is busy with other work, so a
+    correct answer stays correct under load. math-verify's own wall-clock alarm is off
+    (``mv_timeout_s=0``); the SIGPROF timer takes its place and the kernel's RLIMIT_CPU backs it up
+    where Python code no longer runs."""
+    global _cpu_limit_armed
+    _set_cpu_kill_limit(hard_s)
+    _cpu_limit_armed = True
+    signal.setitimer(signal.ITIMER_PROF, soft_s)
+    try:
+        try:
+            return judge_answer(pred, gold, mv_timeout_s=0), "ok"
+        except Exception:  # untrusted input can break sympy anywhere
+            return False, "error"
+    except _CpuTimeLimit:  # also when the timer fires inside the ``except Exception`` clause
+        return False, "cpu_timeout"
+    finally:
+        # First: CPython runs signal handlers only at calls and jumps, so none can raise before this.
+        _cpu_limit_armed = False
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        _set_cpu_kill_limit(None)  # an idle worker has nothing to limit
 
 
 def _limit_memory(headroom_mb: int) -> None:
-    import resource
-
     with open("/proc/self/statm") as f:
         current = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     limit = current + headroom_mb * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _worker_main(conn, mv_timeout_s: int, memory_mb: int) -> None:
-    """Worker loop: receive ("chunk", [(tid, pred, gold), ...]); answer ("res", tid, status, ok, soft
-    timeouts, cpu seconds) per item, in order, so the parent knows which item is running (its
-    deadline clock)."""
+def _worker_main(conn, soft_s: int, hard_s: float, memory_mb: int) -> None:
+    """Worker loop: receive ("chunk", tag, [(tid, pred, gold), ...]); answer ("res", tag, tid, status,
+    ok, cpu seconds) per item, in order, so the parent knows which item is running (its deadline
+    clock). ``tag`` names the batch: the parent drops a reply that carries another batch's tag."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
-    from math_verify.errors import TimeoutException  # import before the memory cap and "ready"
+    signal.signal(signal.SIGPROF, _on_cpu_limit)
+    signal.signal(signal.SIGXCPU, signal.SIG_DFL)  # the hard CPU-time limit ends the worker ...
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # ... without writing a core file
+    import math_verify  # noqa: F401  (before the memory cap and "ready"; a forkserver preloaded it)
 
-    counter = _TimeoutCounter()
-    mv_logger = logging.getLogger("math_verify")
-    mv_logger.addHandler(counter)
+    mv_logger = logging.getLogger("math_verify")  # its warnings quote the whole model output
+    mv_logger.addHandler(logging.NullHandler())
     mv_logger.propagate = False
     if memory_mb > 0 and os.path.exists("/proc/self/statm"):
         _limit_memory(memory_mb)
-    conn.send(("ready", os.getpid()))
+    with contextlib.suppress(OSError):  # the pool gave up on us: recv below sees EOF
+        conn.send(("ready", os.getpid()))
     while True:
         try:
             msg = conn.recv()
         except (EOFError, OSError):
-            return  # parent is gone
+            return  # the pool is gone
         if msg[0] != "chunk":
             return
-        for tid, pred, gold in msg[1]:
-            counter.count = 0
-            cpu0 = time.process_time()
+        _, tag, items = msg
+        for tid, pred, gold in items:
+            cpu0 = _cpu_seconds()
+            ok, status = _judge_under_cpu_limits(pred, gold, soft_s, hard_s)
             try:
-                ok, status = judge_answer(pred, gold, mv_timeout_s=mv_timeout_s), "ok"
-            except (Exception, TimeoutException):  # untrusted input can break sympy anywhere
-                ok, status = False, "error"
-            try:
-                conn.send(("res", tid, status, bool(ok), counter.count, time.process_time() - cpu0))
-            except (BrokenPipeError, OSError):
+                conn.send(("res", tag, tid, status, bool(ok), _cpu_seconds() - cpu0))
+            except OSError:
                 return
 
 
-# -------- The pool --------------------------------------------------------------------------------
-
+# -------- multiprocessing's forkserver ----------------------------------------------------------------
+#
+# Workers fork from multiprocessing's forkserver: one per process, shared by every user of the
+# "forkserver" start method, and reached through the private handle ``forkserver._forkserver``. The
+# standard library copes with a server that died (the next start launches a new one) but not with a
+# frozen one (a start waits for it forever), nor with a handle to a process that is not our child
+# (after ``os.fork``, or once somebody else reaped a dead server: every start raises
+# ChildProcessError). The two functions below handle those cases.
 
 _FORKSERVER_PRELOAD = ("masa_jax.rewards.math", "masa_jax.rewards.answers", "math_verify",
                        "latex2sympy2_extended.latex2sympy2")
 
 
+def _is_our_child(pid: int) -> bool:
+    """True if ``pid`` is a child of this process, running or a zombie (it is not reaped)."""
+    if not hasattr(os, "waitid"):  # macOS before Python 3.13: trust the handle, as the stdlib does
+        return True
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return True
+    except ChildProcessError:
+        return False
+
+
+def _forget_foreign_forkserver() -> None:
+    """Drops a forkserver handle whose process is not our child, so that the next start launches a
+    server of our own. Only this process's copy of the handle's pipe is closed: the server itself (the
+    parent's, after a fork) is left alone."""
+    server = multiprocessing.forkserver._forkserver
+    pid = server._forkserver_pid
+    if pid is None or _is_our_child(pid):
+        return
+    with server._lock:
+        if server._forkserver_alive_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(server._forkserver_alive_fd)
+        server._forkserver_pid = server._forkserver_address = server._forkserver_alive_fd = None
+
+
+def _kill_forkserver() -> bool:
+    """SIGKILLs the forkserver if this process started it (a frozen one blocks every start; the next
+    start launches a new one); True if it did. The workers it forked live on as orphans (see
+    ``_kill_process``)."""
+    pid = multiprocessing.forkserver._forkserver._forkserver_pid
+    if pid is None or not _is_our_child(pid):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    # Wait, without reaping, until it is a zombie: the next start must see it dead, not talk to it.
+    deadline = time.monotonic() + 2.0
+    with contextlib.suppress(ChildProcessError):
+        while (os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+    return True
+
+
+# -------- The pool --------------------------------------------------------------------------------
+
+
 @dataclasses.dataclass
 class _Slot:
+    """One worker process and the pool's view of it."""
+
     proc: multiprocessing.process.BaseProcess
-    conn: multiprocessing.connection.Connection
+    conn: multiprocessing.connection.Connection  # the pool's end: EOF once the worker has exited
     started_at: float
+    starter: threading.Thread | None = None  # runs proc.start(), which waits for the forkserver
     ready: bool = False
+    gone: bool = False  # EOF seen: the worker exited, or never started
     chunk: list = dataclasses.field(default_factory=list)  # task ids not answered yet, in order
     item_t0: float = 0.0  # when the worker began chunk[0]
+
+    @property
+    def starting(self) -> bool:
+        return self.starter is not None and self.starter.is_alive()
+
+
+def _start_process(proc, child_conn) -> None:
+    """Runs in a helper thread. With the forkserver start method ``Process.start`` waits for the
+    server, forever if the server is frozen; the pool waits for the worker's "ready" with a timeout
+    instead, and kills the server when it runs out."""
+    try:
+        proc.start()
+    except Exception as e:  # noqa: BLE001  (a dead, killed or foreign forkserver: the pool retries)
+        _log.warning("a math-verify worker did not start: %r", e)
+    finally:
+        child_conn.close()  # the worker has its own copy; if it never started, the pool sees EOF now
+
+
+def _still_connected(slot: _Slot) -> bool:
+    """False once the worker's end of the pipe is closed, i.e. the process has exited. Pending
+    messages are dropped: the worker is being stopped."""
+    try:
+        while slot.conn.poll():
+            slot.conn.recv()
+    except (EOFError, OSError):
+        return False
+    return True
+
+
+def _kill_process(slot: _Slot) -> None:
+    """SIGKILL (a worker stuck in C code ignores everything else), then reap."""
+    proc = slot.proc
+    if proc.pid is None:
+        return  # never started
+    if proc.exitcode is None:
+        proc.kill()
+    elif not slot.gone and _still_connected(slot):
+        # Its forkserver died, and with it the pipe that reports the worker's exit: multiprocessing
+        # believes the worker dead and proc.kill() no longer signals it, but it holds its end of our
+        # pipe, so it is alive and its pid is still its own.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+    proc.join(timeout=0.5)
+
+
+@dataclasses.dataclass
+class _Batch:
+    """The state of one ``verify`` call."""
+
+    keys: list  # task id -> (pred, gold)
+    tag: tuple  # (pid, batch number): a reply carrying another tag is stale and dropped
+    deadline: float
+    m: collections.Counter
+    pending: collections.deque = dataclasses.field(default_factory=collections.deque)
+    results: dict = dataclasses.field(default_factory=dict)  # task id -> correct
+    crashed: set = dataclasses.field(default_factory=set)  # task ids whose worker died under them
+    startup_failures: int = 0
+
+
+class VerifierClosed(RuntimeError):
+    """``verify`` on a closed ``MathVerifier``."""
+
+
+_pools: weakref.WeakSet = weakref.WeakSet()  # live pools, for the fork hook at the end of the module
 
 
 class MathVerifier:
     """A persistent pool of math-verify workers. ``verify(responses, answers)`` -> (bool[N], metrics).
 
-    ``verify`` may be called from any thread (calls are serialised by a lock; the workers, not the
-    caller, need a main thread). Call ``close()`` (or use it as a context manager) to stop the
-    workers; ``wait_ready()`` blocks until they have imported math-verify.
+    Thread-safe: ``verify`` may be called from any thread (calls are serialised by a lock; the workers,
+    not the caller, need a main thread) and ``close`` waits for a batch in flight. In a child of
+    ``os.fork`` the pool starts workers of its own and never touches the parent's. Call ``close()``
+    (or use it as a context manager) to stop the workers; ``wait_ready()`` blocks until they have
+    imported math-verify.
     """
 
     def __init__(self, config: VerifierConfig | None = None, **overrides):
@@ -182,47 +378,105 @@ class MathVerifier:
             self._ctx.set_forkserver_preload(list(_FORKSERVER_PRELOAD))
         self._lock = threading.Lock()
         self._closed = False
-        self._slots: list[_Slot] = [self._start_worker() for _ in range(self.config.num_workers)]
+        self._pid = os.getpid()  # a different pid means we are a fork's child (see _check_fork)
+        self._batch_numbers = itertools.count()
+        self._slots: list[_Slot] = []
+        self._start_missing_workers()
+        _pools.add(self)
 
     # -- worker life cycle ----------------------------------------------------------------------
     def _start_worker(self) -> _Slot:
+        """A new slot whose worker starts in the background (see ``_start_process``)."""
+        _forget_foreign_forkserver()
+        cfg = self.config
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(child_conn, self.config.mv_timeout_s, self.config.worker_memory_mb),
+            args=(child_conn, cfg.mv_timeout_s, cfg.per_item_timeout_s, cfg.worker_memory_mb),
             daemon=True, name="masa-math-verify")
-        proc.start()
-        child_conn.close()  # so the parent sees EOF when the child dies
-        return _Slot(proc=proc, conn=parent_conn, started_at=time.monotonic())
+        slot = _Slot(proc=proc, conn=parent_conn, started_at=time.monotonic())
+        slot.starter = threading.Thread(target=_start_process, args=(proc, child_conn), daemon=True,
+                                        name="masa-math-verify-start")
+        slot.starter.start()
+        return slot
 
-    @staticmethod
-    def _kill(slot: _Slot) -> None:
-        slot.proc.kill()  # SIGKILL: a worker stuck in C code (huge bigint pow) ignores SIGALRM
-        slot.proc.join(timeout=0.5)
+    def _start_missing_workers(self) -> None:
+        while len(self._slots) < self.config.num_workers:
+            self._slots.append(self._start_worker())
+
+    def _stop(self, slot: _Slot, m: collections.Counter | None = None, *,
+              kill_frozen_server: bool = True) -> None:
+        """Stops a slot's worker for good (idempotent)."""
+        if slot.conn.closed:
+            return
+        if slot.starting and (slot.ready or slot.gone):
+            slot.starter.join(2.0)  # the start got somewhere (the worker spoke, or it failed): finishing
+        if slot.starting and kill_frozen_server and self.config.start_method == "forkserver":
+            # Still blocked, after the caller's wait: the forkserver is frozen. Killed, it fails the
+            # start at once (and the next start launches a new server).
+            if _kill_forkserver() and m is not None:
+                m["forkserver_kills"] += 1
+            slot.starter.join(2.0)
+        if not slot.starting:  # else abandoned: a worker that starts later finds its pipe closed, exits
+            _kill_process(slot)
         slot.conn.close()
+
+    def _check_fork(self) -> None:
+        if self._pid != os.getpid():
+            self._drop_inherited_workers()
+
+    def _drop_inherited_workers(self) -> None:
+        """In a child of ``os.fork`` the slots are the parent's workers and pipes. Using them would mix
+        this process's requests and replies with the parent's, and stopping them would break the
+        parent's pool; so only this process's copies of the pipe ends are closed, and workers of our
+        own start on first use."""
+        self._pid = os.getpid()
+        self._lock = threading.Lock()  # a thread of the parent may have held it at the fork
+        for slot in self._slots:
+            with contextlib.suppress(OSError):
+                slot.conn.close()
+            # else multiprocessing would terminate the parent's (daemon) workers when we exit
+            multiprocessing.process._children.discard(slot.proc)
+        self._slots = []
 
     def wait_ready(self, timeout_s: float = 60.0) -> bool:
         """Blocks until every worker has imported math-verify (or the timeout); True if all are."""
         deadline = time.monotonic() + timeout_s
-        for slot in self._slots:
-            while not slot.ready and slot.conn.poll(max(0.0, deadline - time.monotonic())):
+        self._check_fork()
+        with self._lock:
+            if self._closed:
+                return False
+            self._start_missing_workers()
+            for slot in self._slots:
                 try:
-                    slot.ready = slot.conn.recv()[0] == "ready"
+                    while not slot.ready and slot.conn.poll(max(0.0, deadline - time.monotonic())):
+                        slot.ready = slot.conn.recv()[0] == "ready"
                 except (EOFError, OSError):
+                    slot.gone = True
                     return False  # died while starting; ``verify`` replaces it
-        return all(slot.ready for slot in self._slots)
+                if slot.starting:  # the worker can say "ready" before proc.start() has returned
+                    slot.starter.join(max(0.0, deadline - time.monotonic()))
+            return all(slot.ready and not slot.starting for slot in self._slots)
 
     def close(self) -> None:
-        """Stops all workers (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        for slot in self._slots:
-            with contextlib.suppress(OSError):  # a dead worker's pipe is broken: kill reaps it
-                slot.conn.send(("stop",))
-        for slot in self._slots:
-            slot.proc.join(timeout=1.0)
-            self._kill(slot)
+        """Stops all workers (idempotent); waits for a batch that another thread is running."""
+        self._check_fork()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for slot in self._slots:
+                if slot.ready and not slot.gone:
+                    with contextlib.suppress(OSError):  # a dead worker's pipe is broken
+                        slot.conn.send(("stop",))
+            for slot in self._slots:
+                if slot.starting:  # let a start in progress finish, so that its worker is stopped too
+                    slot.starter.join(_CLOSE_GRACE_S)
+                elif slot.proc.pid is not None:
+                    slot.proc.join(timeout=1.0)  # exits on "stop"
+                # A start still blocked is abandoned: the server may be slow, not frozen, and other
+                # pools may be using it.
+                self._stop(slot, kill_frozen_server=False)
 
     def __enter__(self):
         return self
@@ -234,18 +488,22 @@ class MathVerifier:
     def verify(self, responses: Sequence[str], answers: Sequence[str]) -> tuple[np.ndarray, dict]:
         """Judges ``responses[i]`` against ground truth ``answers[i]``.
 
-        Returns ``correct: bool[N]`` and a metrics dict (counts: n, no_answer, bad_box (unclosed or
+        Returns ``correct: bool[N]`` and a metrics dict of counts: n, no_answer, bad_box (unclosed or
         too long), bad_gold, quick_decisions (decided in the parent), parsed_checks (unique pairs sent
-        to workers), correct, soft_timeouts (math-verify's own), hard_timeouts (worker killed),
-        unfinished (batch budget spent), budget_kills, errors, restarts; worker_cpu_s, seconds). A
-        timed-out, unfinished or failing item scores False. Never blocks much past
-        ``batch_budget_s``.
+        to workers), correct, soft_timeouts (CPU-time limit ``mv_timeout_s``), hard_timeouts (CPU-time
+        limit ``per_item_timeout_s``: worker ended), stalls (a busy worker that stopped running),
+        unfinished (batch budget spent), budget_kills, errors, retries (items re-run after their
+        worker died), restarts (workers replaced), start_timeouts, forkserver_kills (frozen server);
+        and worker_cpu_s, seconds. A timed-out, unfinished or failing item scores False. Never blocks
+        much past ``batch_budget_s``. Raises ``VerifierClosed`` after ``close()``.
         """
         if len(responses) != len(answers):
             raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
-        if self._closed:
-            raise RuntimeError("MathVerifier is closed")
+        self._check_fork()
         with self._lock:
+            if self._closed:
+                raise VerifierClosed("MathVerifier is closed")
+            self._start_missing_workers()
             return self._verify(responses, answers)
 
     def _verify(self, responses, answers):
@@ -276,87 +534,121 @@ class MathVerifier:
         m["correct"] = int(correct.sum())
         metrics = {k: int(v) for k, v in m.items() if k != "worker_cpu_s"}
         metrics["worker_cpu_s"] = float(m["worker_cpu_s"])
-        for k in ("no_answer", "bad_box", "bad_gold", "quick_decisions", "soft_timeouts",
-                  "hard_timeouts", "unfinished", "budget_kills", "errors", "restarts"):
+        for k in _COUNTS:
             metrics.setdefault(k, 0)
         metrics["seconds"] = time.monotonic() - t_start
         return correct, metrics
 
     def _run(self, keys: list, deadline: float, m: collections.Counter) -> dict[int, bool]:
         """Farms task ids 0..len(keys)-1 out to the workers until done or ``deadline``."""
-        cfg = self.config
-        pending = collections.deque(range(len(keys)))
-        results: dict[int, bool] = {}
-        startup_failures = 0
-
-        def replace(i: int, reason: str) -> None:
-            slot = self._slots[i]
-            pending.extendleft(reversed(slot.chunk[1:]))  # the item that was running is lost
-            self._kill(slot)
-            self._slots[i] = self._start_worker()
-            m[reason] += 1
-
-        while pending or any(s.chunk for s in self._slots):
-            now = time.monotonic()
-            if now >= deadline:
-                break
-            for slot in self._slots:  # hand out work to idle, ready workers
-                if slot.ready and not slot.chunk and pending:
-                    size = min(cfg.chunk_size, -(-len(pending) // cfg.num_workers))
-                    slot.chunk = [pending.popleft() for _ in range(min(size, len(pending)))]
-                    try:
-                        slot.conn.send(("chunk", [(t, *keys[t]) for t in slot.chunk]))
-                    except (BrokenPipeError, OSError):  # died idle: requeue, replaced below
-                        pending.extendleft(reversed(slot.chunk))
-                        slot.chunk = []
-                    slot.item_t0 = time.monotonic()
-            wake = [deadline]
-            for slot in self._slots:
-                wake.append(slot.item_t0 + cfg.per_item_timeout_s if slot.chunk else
-                            slot.started_at + cfg.startup_timeout_s if not slot.ready else deadline)
-            timeout = max(0.0, min(wake) - time.monotonic())
-            waitables = [s.conn for s in self._slots] + [s.proc.sentinel for s in self._slots]
-            multiprocessing.connection.wait(waitables, timeout=timeout)
-            for i, slot in enumerate(self._slots):
-                dead = False
-                try:
-                    while slot.conn.poll():
-                        msg = slot.conn.recv()
-                        if msg[0] == "ready":
-                            slot.ready = True
-                        elif msg[0] == "res" and slot.chunk and msg[1] == slot.chunk[0]:
-                            _, tid, status, ok, soft, cpu = msg
-                            results[tid] = ok
-                            m["worker_cpu_s"] += cpu
-                            m["errors"] += status != "ok"
-                            m["soft_timeouts"] += soft
-                            slot.chunk.pop(0)
-                            slot.item_t0 = time.monotonic()
-                except (EOFError, OSError):
-                    dead = True
-                now = time.monotonic()
-                if dead or not slot.proc.is_alive():
-                    if slot.chunk:  # crashed mid-item (e.g. segfault): that item is an error
-                        results[slot.chunk[0]] = False
-                        m["errors"] += 1
-                    elif not slot.ready:
-                        startup_failures += 1
-                        if startup_failures > 2 * cfg.num_workers + 2:
-                            raise RuntimeError("math-verify workers keep dying during start-up; "
-                                               "is math-verify importable in a fresh interpreter?")
-                    replace(i, "restarts")
-                elif slot.chunk and now - slot.item_t0 > cfg.per_item_timeout_s:
-                    results[slot.chunk[0]] = False
-                    m["hard_timeouts"] += 1
-                    replace(i, "restarts")
-                elif not slot.ready and now - slot.started_at > cfg.startup_timeout_s:
-                    replace(i, "restarts")
-        # Budget spent: busy workers are mid-item; replace them so no stale answer reaches a later call.
+        b = _Batch(keys=keys, tag=(os.getpid(), next(self._batch_numbers)), deadline=deadline, m=m,
+                   pending=collections.deque(range(len(keys))))
+        while (b.pending or any(s.chunk for s in self._slots)) and time.monotonic() < deadline:
+            self._hand_out(b)
+            self._wait(b)
+            for i in range(len(self._slots)):
+                self._check(i, b)
+        # Budget spent: busy workers are mid-item; replace them so the next batch need not wait.
         for i, slot in enumerate(self._slots):
             if slot.chunk:
-                replace(i, "budget_kills")
-        m["unfinished"] += len(keys) - len(results)
-        return results
+                self._replace(i, b, "budget_kills")
+        m["unfinished"] += len(keys) - len(b.results)
+        return b.results
+
+    def _hand_out(self, b: _Batch) -> None:
+        """Gives each idle, ready worker a chunk of the pending task ids."""
+        cfg = self.config
+        for slot in self._slots:
+            if slot.ready and not slot.chunk and b.pending:
+                size = min(cfg.chunk_size, -(-len(b.pending) // cfg.num_workers), len(b.pending))
+                slot.chunk = [b.pending.popleft() for _ in range(size)]
+                try:
+                    slot.conn.send(("chunk", b.tag, [(t, *b.keys[t]) for t in slot.chunk]))
+                except OSError:  # died idle: requeue; ``_check`` replaces it
+                    b.pending.extendleft(reversed(slot.chunk))
+                    slot.chunk = []
+                slot.item_t0 = time.monotonic()
+
+    def _wait(self, b: _Batch) -> None:
+        """Sleeps until a worker speaks or exits, or until the next deadline."""
+        cfg = self.config
+        wake = [b.deadline]
+        for slot in self._slots:
+            if slot.chunk:
+                wake.append(slot.item_t0 + _STALL_FACTOR * cfg.per_item_timeout_s)
+            elif not slot.ready:
+                wake.append(slot.started_at + cfg.startup_timeout_s)
+        timeout = max(0.0, min(wake) - time.monotonic())
+        multiprocessing.connection.wait([slot.conn for slot in self._slots], timeout=timeout)
+
+    def _check(self, i: int, b: _Batch) -> None:
+        """Takes in worker i's messages; replaces it if it exited, stalled or never got ready."""
+        cfg = self.config
+        slot = self._slots[i]
+        self._read(slot, b)
+        now = time.monotonic()
+        if slot.gone:
+            self._on_exit(i, b)
+        elif slot.chunk and now - slot.item_t0 > _STALL_FACTOR * cfg.per_item_timeout_s:
+            b.results[slot.chunk.pop(0)] = False
+            b.m["stalls"] += 1
+            self._replace(i, b, "restarts")
+        elif not slot.ready and now - slot.started_at > cfg.startup_timeout_s:
+            b.m["start_timeouts"] += 1
+            self._replace(i, b, "restarts")
+
+    @staticmethod
+    def _read(slot: _Slot, b: _Batch) -> None:
+        """Reads "ready" and the reply to the running item; drops anything else (stale replies)."""
+        try:
+            while slot.conn.poll():
+                msg = slot.conn.recv()
+                if msg[0] == "ready":
+                    slot.ready = True
+                elif msg[0] == "res" and slot.chunk and msg[1:3] == (b.tag, slot.chunk[0]):
+                    _, _, tid, status, ok, cpu = msg
+                    b.results[tid] = ok
+                    b.m["worker_cpu_s"] += cpu
+                    b.m["errors"] += status == "error"
+                    b.m["soft_timeouts"] += status == "cpu_timeout"
+                    slot.chunk.pop(0)
+                    slot.item_t0 = time.monotonic()
+        except (EOFError, OSError):
+            slot.gone = True
+
+    def _on_exit(self, i: int, b: _Batch) -> None:
+        """Worker i has exited. Its running item scores False if the kernel ended it for CPU time
+        (a hang) or if it already cost a worker before (it crashes workers); otherwise it runs again:
+        the death may have had nothing to do with it (the OOM killer, a lost forkserver)."""
+        slot = self._slots[i]
+        self._stop(slot, b.m)  # reaps it: the exit code tells the CPU-time limit from a crash
+        if slot.chunk:
+            tid = slot.chunk.pop(0)
+            if slot.proc.exitcode == -signal.SIGXCPU:
+                b.results[tid] = False
+                b.m["hard_timeouts"] += 1
+            elif tid in b.crashed:
+                b.results[tid] = False
+                b.m["errors"] += 1
+            else:
+                b.crashed.add(tid)
+                b.pending.appendleft(tid)
+                b.m["retries"] += 1
+        elif not slot.ready:
+            b.startup_failures += 1
+            if b.startup_failures > 2 * self.config.num_workers + 2:
+                raise RuntimeError("math-verify workers keep dying during start-up; "
+                                   "is math-verify importable in a fresh interpreter?")
+        self._replace(i, b, "restarts")
+
+    def _replace(self, i: int, b: _Batch, reason: str) -> None:
+        """Stops worker i and starts another; the items of its chunk go back to the queue."""
+        slot = self._slots[i]
+        b.pending.extendleft(reversed(slot.chunk))
+        slot.chunk = []
+        self._stop(slot, b.m)
+        self._slots[i] = self._start_worker()
+        b.m[reason] += 1
 
 
 # -------- Module-level default pool ---------------------------------------------------------------
@@ -366,27 +658,43 @@ _default_lock = threading.Lock()
 
 
 def default_verifier(**opts) -> MathVerifier:
-    """The lazily created shared pool; re-created when ``opts`` ask for another config."""
+    """The lazily created shared pool; re-created when ``opts`` ask for another config. The pool it
+    replaces is closed once a batch that another thread runs on it has finished."""
     global _default
+    cfg = VerifierConfig(**opts)
     with _default_lock:
-        cfg = VerifierConfig(**opts)
-        if _default is None or _default.config != cfg or _default._closed:
-            if _default is not None:
-                _default.close()
-            _default = MathVerifier(cfg)
-        return _default
+        old = _default
+        if old is not None and old.config == cfg and not old._closed:
+            return old
+        _default = new = MathVerifier(cfg)
+    if old is not None:
+        old.close()  # outside the lock: it waits for the other thread's batch
+    return new
 
 
 def close_default() -> None:
     """Stops the shared pool (registered with atexit)."""
     global _default
     with _default_lock:
-        if _default is not None:
-            _default.close()
-            _default = None
+        old, _default = _default, None
+    if old is not None:
+        old.close()
 
 
 atexit.register(close_default)
+
+
+def _after_fork_in_child() -> None:
+    # Runs in the child right after os.fork, while it has a single thread: locks a parent thread held
+    # would never be released here, and the pools must let go of the parent's workers before anything
+    # (an atexit handler, say) touches them.
+    global _default_lock
+    _default_lock = threading.Lock()
+    for pool in list(_pools):
+        pool._drop_inherited_workers()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def verify_batch(responses: Sequence[str], answers: Sequence[str], *, return_metrics: bool = False,
@@ -396,5 +704,11 @@ def verify_batch(responses: Sequence[str], answers: Sequence[str], *, return_met
     ``opts`` are ``VerifierConfig`` fields for the shared default pool. With ``return_metrics=True``
     returns ``(correct, metrics)``.
     """
-    correct, metrics = default_verifier(**opts).verify(responses, answers)
+    for attempt in range(10):
+        try:
+            correct, metrics = default_verifier(**opts).verify(responses, answers)
+            break
+        except VerifierClosed:  # another thread replaced the shared pool between lookup and call
+            if attempt == 9:
+                raise
     return (correct, metrics) if return_metrics else correct

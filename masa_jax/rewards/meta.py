@@ -28,6 +28,8 @@ KEYS = ("math_notion", "pass_rate", "solution_length")
 MAX_CANDIDATE_CHARS = 20_000  # a real meta JSON is < 2k characters
 MAX_CANDIDATES_TRIED = 32
 MAX_LITERAL_DEPTH = 32  # ast.literal_eval compiles recursively: keep hostile nesting away from it
+# Most notions prompts.py writes into a hint or an expert meta. parse keeps any number of them:
+# the candidate object is already bounded by MAX_CANDIDATE_CHARS.
 MAX_NOTIONS = 64
 MAX_NOTION_CHARS = 200
 
@@ -46,33 +48,49 @@ EMPTY = MetaPrediction(None, None, None)
 # -------- Parsing ---------------------------------------------------------------------------------
 
 _STRUCTURAL = re.compile(r"[{}\\]")
+# Tokens of the brace scan: an escape pair (its second character is never structural), a string
+# opener (a quote right after ``{ [ , :``, the only places a JSON / Python-literal string starts,
+# so a quote in prose opens nothing), a bare quote or a brace.
+_TOKENS = re.compile(r"""\\.|[{\[,:]\s*["']|["'{}]""", re.DOTALL)
 
 
-def _brace_candidates(text: str) -> list[tuple[int, int]]:
-    """All balanced ``{...}`` spans (start, end) in one pass with an explicit stack (no recursion).
+def _scan_braces(text: str, strings: bool) -> list[tuple[int, int]]:
+    """Balanced ``{...}`` spans (start, end) in one pass with an explicit stack (no recursion).
 
-    The character after a backslash is skipped, so LaTeX ``\\{`` does not count; unmatched braces
-    are ignored, so a stray ``{`` in the reasoning does not hide the JSON object after it.
+    Escaped characters never count, so LaTeX ``\\{`` in prose does not; unmatched braces are
+    ignored, so a stray ``{`` in the reasoning does not hide the JSON object after it. With
+    ``strings``, braces inside a quoted string of an open object are skipped too (the JSON text
+    ``"\\\\left\\\\{"`` holds a real, unmatched brace).
     """
     stack: list[int] = []
     spans: list[tuple[int, int]] = []
-    escaped = -1
-    for m in _STRUCTURAL.finditer(text):  # one C-speed pass over the structural characters only
-        i = m.start()
-        if i == escaped:
+    quote = ""  # the delimiter of the string being read, "" outside strings
+    for m in _TOKENS.finditer(text):  # one C-speed pass over the structural tokens only
+        tok = m.group()
+        if tok[0] == "\\":
             continue
-        c = text[i]
-        if c == "\\":
-            escaped = i + 1
-        elif c == "{":
-            stack.append(i)
-        elif stack:
-            spans.append((stack.pop(), i + 1))
+        if quote:
+            if tok[-1] == quote:
+                quote = ""
+            continue
+        if tok[0] == "{":
+            stack.append(m.start())
+        elif tok == "}" and stack:
+            spans.append((stack.pop(), m.end()))
+        if strings and stack and len(tok) > 1:
+            quote = tok[-1]
     return spans
 
 
+def _brace_candidates(text: str) -> set[tuple[int, int]]:
+    """Spans of both scans: the string-aware one loses the object when a stray brace and quote in
+    prose flip its string state, the plain one when a string holds an unmatched brace; a wrong
+    span just fails to parse."""
+    return set(_scan_braces(text, True)) | set(_scan_braces(text, False))
+
+
 def braces_balanced(text: str) -> bool:
-    """True when ``_brace_candidates`` sees no unmatched brace in ``text`` (same escape rule)."""
+    """True when the plain (string-unaware) brace scan sees no unmatched brace in ``text``."""
     depth = 0
     escaped = -1
     for m in _STRUCTURAL.finditer(text):
@@ -121,6 +139,11 @@ def _repair_backslashes(s: str) -> str:
 
 
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
+# An integer literal longer than any notion is out of range of every field, and past
+# sys.get_int_max_str_digits() json / ast refuse the whole object for it. Rewritten as a float
+# literal (no digit limit; it reads as +-inf) it voids only its own field; a digit run this long
+# inside a string leaves that string a too-long notion either way.
+_LONG_INT = re.compile(r"(?<![\w.])(\d{%d,})(?![\w.])" % (MAX_NOTION_CHARS + 1))
 
 
 def _max_depth(s: str) -> int:
@@ -137,7 +160,7 @@ def _max_depth(s: str) -> int:
 def _load_object(candidate: str) -> dict | None:
     """json on the repaired text, then without trailing commas, then ``ast.literal_eval`` (single
     quotes); None if all fail or the result is not a dict."""
-    repaired = _repair_backslashes(candidate)
+    repaired = _LONG_INT.sub(r"\1.0", _repair_backslashes(candidate))
     no_trailing = _TRAILING_COMMA.sub(r"\1", repaired)
     for attempt in (repaired, no_trailing):
         try:
@@ -202,25 +225,35 @@ def _length(x, lo: int, hi: int) -> int | None:
 def _notions(x) -> tuple[str, ...] | None:
     if isinstance(x, str):
         x = x.split(",")
-    if not isinstance(x, (list, tuple)) or len(x) > MAX_NOTIONS:
+    if not isinstance(x, (list, tuple)):
         return None
     if not all(isinstance(s, str) for s in x):
         return None
     return tuple(s.strip() for s in x if s.strip() and len(s) <= MAX_NOTION_CHARS)
 
 
+# The key names the meta prompt asks for (prompts.META_TEMPLATE), recognised whatever their case
+# and separators ("Pass Rate", "pass-rate", "passRate") and with "math_notions" plural too.
+_KEY_NAMES = {"mathnotion": "math_notion", "mathnotions": "math_notion", "passrate": "pass_rate",
+              "solutionlength": "solution_length"}
+_KEY_SEPARATORS = re.compile(r"[\W_]+")
+_KEY_MENTION = re.compile(r"(?i)math[\W_]*notion|pass[\W_]*rate|solution[\W_]*length")
+
+
 def _normalise_key(key) -> str:
-    return str(key).strip().lower().replace(" ", "_") if isinstance(key, str) else ""
+    """The ``KEYS`` name ``key`` spells, or "" for any other key."""
+    return _KEY_NAMES.get(_KEY_SEPARATORS.sub("", key.lower()), "") if isinstance(key, str) else ""
 
 
 def parse(text: str, *, k: int = 8, min_length: int = 1, max_length: int = 10**6) -> MetaPrediction:
-    """Reads the last well-formed JSON object (with at least one of ``KEYS``) after the last
-    ``</meta>`` (in the whole text when there is none) into a ``MetaPrediction``.
+    """Reads the last well-formed JSON object (with at least one of ``KEYS``, in any case and with
+    any separators: "Pass Rate", "passRate") after the last ``</meta>`` (in the whole text when
+    there is none) into a ``MetaPrediction``.
 
     ``pass_rate``: an integer 0..k (integral float / numeric string too) -> count / k; a non-integer
     in (0, 1) or an "a/b" string in [0, 1] is taken as the fraction itself. ``solution_length``: an
-    integer in [min_length, max_length] (integral float accepted). ``math_notion``: a list of
-    strings, or one comma-separated string. A missing / mistyped / non-finite / out-of-range field
+    integer in [min_length, max_length] (integral float accepted). ``math_notion``: a list of any
+    number of strings, or one comma-separated string. A missing / mistyped / non-finite / out-of-range field
     is None. Linear in ``len(text)``; never raises.
     """
     if not isinstance(text, str):
@@ -235,7 +268,7 @@ def parse(text: str, *, k: int = 8, min_length: int = 1, max_length: int = 10**6
 def _parse(text: str, k: int, min_length: int, max_length: int) -> MetaPrediction:
     tag = text.rfind("</meta>")
     region = text[tag + len("</meta>") :] if tag >= 0 else text
-    key_pos = sorted(p.start() for key in KEYS for p in re.finditer(re.escape(key), region))
+    key_pos = [m.start() for m in _KEY_MENTION.finditer(region)]  # a candidate must hold one
     if not key_pos:
         return EMPTY
     spans = []
@@ -262,17 +295,21 @@ def _parse(text: str, k: int, min_length: int, max_length: int) -> MetaPredictio
 
 # -------- Notion matching -------------------------------------------------------------------------
 _INVARIANT_PLURALS = frozenset({"series", "species"})
+_OE_PLURALS = frozenset({"aloes", "canoes", "floes", "foes", "hoes", "oboes", "shoes", "throes", "toes",
+                         "tiptoes", "woes"})  # of nouns in -oe; other "-oes" plurals are of -o nouns
 
 
 def singularise(word: str) -> str:
-    """Singular of a regular English plural: identities->identity, boxes->box, medians->median;
-    words ending in "ss" / "us" / "is", "series" and short words are left alone."""
+    """Singular of a regular English plural: identities->identity, boxes->box, zeroes->zero,
+    medians->median; words ending in "ss" / "us" / "is", "series" and short words are left alone."""
     w = word
     if len(w) <= 3 or w in _INVARIANT_PLURALS or not w.endswith("s") or w.endswith(("ss", "us", "is")):
         return w
     if w.endswith("ies") and len(w) > 4:
         return w[:-3] + "y"
     if w.endswith(("sses", "shes", "ches", "xes")):
+        return w[:-2]
+    if w.endswith("oes") and w not in _OE_PLURALS:
         return w[:-2]
     return w[:-1]
 

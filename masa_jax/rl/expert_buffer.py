@@ -35,12 +35,17 @@ def meta_reasoning(text: str) -> str:
 def true_targets(correct: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(pass_rate int [P] in 0..k, solution_length int [P]) that the step's solution rollouts showed.
 
-    correct bool [P, G], lengths int [P, G]. Length: mean over correct rollouts, or over all rollouts
-    when none is correct.
+    correct bool [P, G], lengths int [P, G]. Pass rate: round(n_correct / G * k), halves rounded up,
+    and kept inside 1..k-1 unless the group is all wrong / all right: a mixed group (the one with GRPO
+    signal) must never teach 0 or k, the values the gate skips. Length: mean over correct rollouts,
+    or over all rollouts when none is correct.
     """
     correct = correct.astype(bool)
-    pass_int = np.rint(correct.mean(axis=1) * k).astype(np.int64)
     n_correct = correct.sum(axis=1)
+    group = correct.shape[1]
+    pass_int = (2 * n_correct * k + group) // (2 * group)  # exact integer round-half-up
+    mixed = (n_correct > 0) & (n_correct < group)
+    pass_int = np.where(mixed, np.clip(pass_int, 1, k - 1), pass_int).astype(np.int64)
     mean_correct = np.where(n_correct > 0, (lengths * correct).sum(axis=1) / np.maximum(n_correct, 1), 0.0)
     mean_all = lengths.mean(axis=1)
     length = np.where(n_correct > 0, mean_correct, mean_all)

@@ -156,10 +156,14 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     then aggregated with `agg` (see `aggregate_loss`). `entropy` [N, T], when given, is reported as a
     metric only.
 
-    Metrics (token means over the mask, normalised by `num_tokens`): clipfrac_low (A < 0 and
-    ratio < 1 - clip_low), clipfrac_high (A > 0 and ratio > 1 + clip_high), clipfrac_dual (A < 0 and
-    ratio > clip_c), clipfrac (low + high), approx_kl (k3 estimate of KL(old || new)), ppo_kl (k1,
-    mean of old_logp - logp, verl's name), ratio_mean, ratio_max, ratio_min, entropy.
+    Metrics (token means over the mask, normalised by `num_tokens`): clip_fraction_low (A < 0 and
+    ratio < 1 - clip_low), clip_fraction_high (A > 0 and ratio > 1 + clip_high), clip_fraction (low +
+    high: the tokens where the clipped branch was taken, verl's pg_clipfrac), clip_fraction_dual (A < 0
+    and ratio > clip_c: the dual clip is active, verl's pg_clipfrac_lower), approx_kl (k3 estimate of
+    KL(old || new)), ppo_kl (k1, mean of old_logp - logp, verl's name), ratio_mean, ratio_max,
+    ratio_min, entropy. On-policy (old_logp = logp) every clip fraction and ppo_kl is 0 and the loss is
+    REINFORCE with the group baseline; they move once an earlier PPO mini-batch update has changed the
+    params.
     """
     if clip_c is not None and clip_c <= 1.0:
         raise ValueError(f"dual-clip constant clip_c must be > 1, got {clip_c}")
@@ -186,10 +190,10 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     high = (adv > 0) & (ratio_sg > 1.0 + clip_high)
     metrics = {
         "pg_loss": jax.lax.stop_gradient(loss),
-        "clipfrac_low": tmean(low),
-        "clipfrac_high": tmean(high),
-        "clipfrac": tmean(low | high),
-        "clipfrac_dual": tmean((adv < 0) & (ratio_sg > clip_c)) if clip_c is not None else jnp.zeros(()),
+        "clip_fraction_low": tmean(low),
+        "clip_fraction_high": tmean(high),
+        "clip_fraction": tmean(low | high),
+        "clip_fraction_dual": tmean((adv < 0) & (ratio_sg > clip_c)) if clip_c is not None else jnp.zeros(()),
         "approx_kl": tmean(ratio_sg - 1.0 - log_ratio_sg),
         "ppo_kl": tmean(-log_ratio_sg),
         "ratio_mean": tmean(ratio_sg),

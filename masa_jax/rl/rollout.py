@@ -152,7 +152,9 @@ def run_rollouts(problems: Sequence[Problem], *, generate: GenerateFn, codec: Te
             text = codec.decode(_strip_stop(toks, reason))
             solution_texts[p].append(text)
             lengths[p, g] = _response_length(toks, reason)
-            finish_budget[p, g] = reason == "budget"
+            # Only a real cutoff (a budget below the global cap) may zero a reward: a budget equal to
+            # the cap cuts nothing, so the outcome scores as it would before the switch-over.
+            finish_budget[p, g] = reason == "budget" and budgets_per_problem[p] < cfg.max_response_length
             texts.append(text)
             answers.append(problems[p].answer)
         t0 = time.perf_counter()
@@ -212,20 +214,53 @@ def run_rollouts(problems: Sequence[Problem], *, generate: GenerateFn, codec: Te
 
 
 # ------------------------------------------------------------------ DAPO dynamic sampling helpers
+#
+# Dynamic sampling decides per path. Solution path: a rolled-out problem whose G rollouts are all right or
+# all wrong has zero advantages, so its solution sequences are dropped, and only problems with reward
+# variance count towards the batch's `problems_per_step` groups (a gated problem has no solution group:
+# it never counts). Meta path: the meta group is judged by its own rewards. A problem that every
+# solution rollout solved (or failed) is exactly where the meta path must learn K/K (0/K), so its meta
+# sequences stay whenever its meta rewards vary; a meta group with equal rewards is dropped.
 
 
-def zero_variance(ro: Rollouts) -> np.ndarray:
-    """bool [P]: rolled-out problems whose solution group is all right or all wrong (no GRPO signal)."""
-    acc = ro.correct.mean(axis=1)
-    return ro.rolled_out & ((acc == 0.0) | (acc == 1.0))
+def _has_variance(rewards: np.ndarray) -> np.ndarray:
+    """bool [P]: rows of a [P, n] reward array that are not all equal (nan rows: False)."""
+    finite = np.isfinite(rewards).all(axis=1)
+    spread = np.nanmax(rewards, axis=1, initial=-np.inf) - np.nanmin(rewards, axis=1, initial=np.inf)
+    return finite & (spread > 0)
 
 
-def select(ro: Rollouts, keep: np.ndarray) -> Rollouts:
-    """The rollouts of the problems where `keep` (bool [P]) is set, with their training sequences."""
+def solution_signal(ro: Rollouts) -> np.ndarray:
+    """bool [P]: rolled-out problems whose solution group has reward variance (GRPO signal)."""
+    return ro.rolled_out & _has_variance(ro.correct.astype(np.float32))
+
+
+def meta_signal(ro: Rollouts) -> np.ndarray:
+    """bool [P]: rolled-out problems whose meta group's total rewards vary (False without a meta path)."""
+    if ro.meta_rewards is None:
+        return np.zeros(len(ro.problems), bool)
+    return ro.rolled_out & _has_variance(ro.meta_rewards["total"])
+
+
+def dapo_filter(ro: Rollouts) -> Rollouts:
+    """The training sequences with signal, per path, and the problems that still bring any."""
+    keep_seq = np.where(ro.train_kind == 0, solution_signal(ro)[ro.train_problem],
+                        meta_signal(ro)[ro.train_problem]) if len(ro.train_problem) else np.zeros(0, bool)
+    keep = np.zeros(len(ro.problems), bool)
+    keep[ro.train_problem[keep_seq]] = True
+    return select(ro, keep, keep_seq)
+
+
+def select(ro: Rollouts, keep: np.ndarray, keep_sequences: np.ndarray | None = None) -> Rollouts:
+    """The rollouts of the problems where `keep` (bool [P]) is set, with their training sequences (only
+    those where `keep_sequences`, bool [N], is set, when given)."""
     idx = np.flatnonzero(keep)
     remap = -np.ones(len(ro.problems), np.int64)
     remap[idx] = np.arange(len(idx))
-    seq = np.flatnonzero(keep[ro.train_problem]) if len(ro.train_problem) else np.zeros(0, np.int64)
+    seq_keep = keep[ro.train_problem] if len(ro.train_problem) else np.zeros(0, bool)
+    if keep_sequences is not None:
+        seq_keep = seq_keep & keep_sequences
+    seq = np.flatnonzero(seq_keep)
     pick = lambda xs: None if xs is None else [xs[i] for i in idx]
     ctrl = ro.controls
     if ctrl is not None:

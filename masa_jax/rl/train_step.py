@@ -27,7 +27,10 @@ Design:
   them and splitting needs no communication.
 - Optimiser: optax `clip_by_global_norm -> scale_by_adam -> add_decayed_weights` (exactly optax.adamw
   after global-norm clipping), with the learning rate applied by the step itself. RL uses the warm-up
-  schedule of `state.step`; BC uses its own constant `bc_learning_rate` on the SAME optimizer state.
+  schedule of `state.step`, which counts RL steps (rollout batches), not optimizer updates: the step
+  takes an `advance` flag, and `Updater.policy_update` sets it on the last of a step's PPO mini-batch
+  updates only, so every update of a step has the same learning rate (verl steps its scheduler once per
+  training step). BC uses its own constant `bc_learning_rate` on the SAME optimizer state.
   Why shared: a second AdamW state costs two more float32 copies of the params (64 GB for 8B), the
   gradients Adam sees are global-norm clipped to the same bound in both cases, and BC steps do not
   advance `state.step`, so they leave the RL warm-up untouched.
@@ -97,7 +100,7 @@ class OptimConfig:
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array              # int32 []: applied RL updates (drives the warm-up); BC does not count
+    step: jax.Array              # int32 []: RL steps applied (drives the warm-up); see make_update_step
     params: Params               # float32 master weights, training layout
     opt_state: optax.OptState    # AdamW moments, sharded like params
     num_skipped: jax.Array       # int32 []: updates (RL or BC) skipped for a non-finite loss / gradient
@@ -286,13 +289,32 @@ class PlacedBatchFn:
         return self.jitted(first, jax.device_put(batch, self.batch_sharding))
 
 
+class UpdateStepFn(PlacedBatchFn):
+    """The jitted `(state, batch, advance)` update of `make_update_step`, called as
+    `(state, batch, advance=True)`. `advance` (a replicated bool, so both values share one compilation)
+    says whether an applied update counts as an RL step for `state.step`."""
+
+    def __init__(self, jitted, batch_sharding: NamedSharding, flag_sharding: NamedSharding):
+        super().__init__(jitted, batch_sharding)
+        self.flag_sharding = flag_sharding
+
+    def __call__(self, state, batch: Batch, advance: bool = True):
+        flag = jax.device_put(np.asarray(advance, bool), self.flag_sharding)
+        return self.jitted(state, jax.device_put(batch, self.batch_sharding), flag)
+
+
 def make_update_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.sharding.Mesh,
                      micro_batch_size: int, loss_fn: LossFn, *, lr_fn: Callable[[jax.Array], jax.Array],
                      advance_step: bool, keep_reference: bool = False):
-    """The shared machinery of the RL and BC steps: a jitted `(state, batch) -> (state, metrics)` that
-    accumulates `loss_fn`'s gradient over micro-batches, applies AdamW with learning rate
-    `lr_fn(state.step)`, and skips non-finite updates. The state is donated; state, batch and metrics
-    have explicit shardings on `mesh`, so one compilation serves every call with the same shapes.
+    """The shared machinery of the RL and BC steps: a jitted `(state, batch, advance=True) -> (state,
+    metrics)` (an `UpdateStepFn`) that accumulates `loss_fn`'s gradient over micro-batches, applies AdamW
+    with learning rate `lr_fn(state.step)`, and skips non-finite updates. The state is donated; state,
+    batch and metrics have explicit shardings on `mesh`, so one compilation serves every call with the
+    same shapes.
+
+    `state.step` grows by one when the update is applied (finite), `advance_step` (static: True for RL,
+    False for BC) and the call's `advance` (traced: False for all but the last PPO mini-batch update of
+    an RL step) all hold.
 
     Metrics: those of `loss_fn` plus loss, grad_norm (before clipping), lr, skipped (0/1),
     num_skipped, num_tokens, num_seqs.
@@ -301,7 +323,7 @@ def make_update_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.s
     sh = state_shardings(model_cfg, optim_cfg, mesh, keep_reference)
     repl = NamedSharding(mesh, P())
 
-    def step(state: TrainState, batch: Batch):
+    def step(state: TrainState, batch: Batch, advance: jax.Array):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             grads, metrics = accumulate_gradients(loss_fn, state.params, batch, micro_batch_size,
                                                   ref_params=state.ref_params, grad_shardings=sh.params)
@@ -313,7 +335,7 @@ def make_update_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.s
             # jnp.where rather than lax.cond: it fuses into the update and never holds two states.
             keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
             new_state = state.replace(
-                step=state.step + (ok & advance_step).astype(jnp.int32),
+                step=state.step + (ok & advance & advance_step).astype(jnp.int32),
                 params=keep(params, state.params),
                 opt_state=keep(opt_state, state.opt_state),
                 num_skipped=state.num_skipped + (~ok).astype(jnp.int32))
@@ -324,8 +346,8 @@ def make_update_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.s
         return new_state, metrics
 
     bsh = batch_sharding(mesh)
-    return PlacedBatchFn(jax.jit(step, in_shardings=(sh, bsh), out_shardings=(sh, repl), donate_argnums=0),
-                         bsh)
+    jitted = jax.jit(step, in_shardings=(sh, bsh, repl), out_shardings=(sh, repl), donate_argnums=0)
+    return UpdateStepFn(jitted, bsh, repl)
 
 
 def rl_loss(model_cfg: ModelConfig, loss_cfg: LossConfig, params: Params, ref_params: Params | None,
@@ -352,10 +374,12 @@ def rl_loss(model_cfg: ModelConfig, loss_cfg: LossConfig, params: Params, ref_pa
 
 def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optim_cfg: OptimConfig,
                     mesh: jax.sharding.Mesh, micro_batch_size: int):
-    """The jitted RL step `(state, batch) -> (state, metrics)` (batch layout: module docstring).
+    """The jitted RL step `(state, batch, advance=True) -> (state, metrics)` (batch layout: module
+    docstring; `advance`: `make_update_step`).
 
-    One AdamW update on the clipped policy loss over the whole batch, accumulated over micro-batches of
-    `micro_batch_size` sequences; the state must come from `create_train_state(...,
+    One AdamW update on the clipped policy loss over the whole batch (one PPO mini-batch), accumulated
+    over micro-batches of `micro_batch_size` sequences and normalised by the batch's own token / sequence
+    counts; the state must come from `create_train_state(...,
     keep_reference=loss_cfg.keep_reference)`. Metrics: `grpo.policy_loss`'s, kl_loss when kl_coef > 0,
     and those of `make_update_step`.
     """

@@ -3,6 +3,14 @@
 Each JAX process packs its own sequences; `to_global` assembles the per-process blocks into one batch
 sharded over the mesh (all processes agree on the padded shape first), so the same code runs on one
 CPU and on a pod.
+
+PPO mini-batching (verl's `ppo_mini_batch_size` / `ppo_epochs`): the old log-probs are computed once per
+step with the pre-update params for every sequence; then, `rl.ppo_epochs` times, the step's problems are
+shuffled and split into ceil(P / `rl.mini_batch_size`) mini-batches (P: problems with sequences, over
+all processes), and each mini-batch (all solution and meta sequences of its problems: no group is
+split) gets one optimizer update, gradient-accumulated over micro-batches and normalised by its own
+token count. The first update is on-policy (ratio 1: plain REINFORCE with the group baseline); the
+later ones see ratio != 1, where clip-higher and the dual clip act.
 """
 from __future__ import annotations
 
@@ -42,7 +50,9 @@ class Updater:
     mesh: jax.sharding.Mesh
     pad_id: int
     micro_batch_size: int
-    updates_per_step: int
+    mini_batch_size: int      # problems per PPO mini-batch (0 = the whole step)
+    ppo_epochs: int
+    seed: int                 # with state.step, seeds the mini-batch shuffle
     bc_steps: int
     buckets: tuple[int, ...]
     train_step: object
@@ -62,7 +72,8 @@ class Updater:
                                                       config.rollout.meta_max_new_tokens)
         return cls(
             model_cfg=model_cfg, mesh=mesh, pad_id=pad_id, micro_batch_size=mb,
-            updates_per_step=config.rl.updates_per_step, bc_steps=config.bc.steps,
+            mini_batch_size=config.rl.mini_batch_size, ppo_epochs=config.rl.ppo_epochs, seed=config.seed,
+            bc_steps=config.bc.steps,
             buckets=batching.default_buckets(max_len),
             train_step=train_step.make_train_step(model_cfg, lcfg, ocfg, mesh, mb),
             bc_step=bc.make_bc_step(model_cfg, ocfg, mesh, mb, keep_reference=lcfg.keep_reference,
@@ -90,12 +101,13 @@ class Updater:
 
     # ------------------------------------------------------------------------------------ updates
     def policy_update(self, state: train_step.TrainState, ro) -> tuple[train_step.TrainState, dict]:
-        """Old log-probs with the current params, then `updates_per_step` clipped-surrogate updates on
-        the step's solution and meta rollouts."""
-        n_local = len(ro.train_response_ids)
-        n_any = n_local if jax.process_count() == 1 else int(
-            np.sum(multihost_utils.process_allgather(np.array(n_local))))
-        if n_any == 0:  # every problem gated: nothing to learn from this step
+        """Old log-probs of the step's solution and meta rollouts with the current params, then
+        `ppo_epochs` passes of one clipped-surrogate update per PPO mini-batch (module docstring).
+
+        Metrics: the old-log-prob pass's (entropy, logprob gap), the update metrics averaged over the
+        step's updates (`_max` / `_min` keys: max / min), num_updates, num_minibatches."""
+        n_seqs, n_problems, host_max_problems = _global_counts(ro.train_problem)
+        if n_seqs == 0:  # every problem gated: nothing to learn from this step
             return state, {"actor/empty_batch": 1.0}
         local = self.pack(ro.train_prompt_ids, ro.train_response_ids, advantages=ro.train_advantages,
                           sampler_logprobs=ro.train_sampler_logprobs)
@@ -103,13 +115,35 @@ class Updater:
         old_logprobs, lp_metrics = self.compute_logprobs(state.params, batch)
         batch = {k: v for k, v in batch.items() if k != "sampler_logprobs"}
         batch["old_logprobs"] = old_logprobs
+        # Mini-batches with no problem on any process are dropped (possible when hosts are unbalanced).
+        num_mb = min(num_minibatches(n_problems, self.mini_batch_size), host_max_problems)
+        if num_mb == 1:  # the whole step is one mini-batch: no shuffle, no repacking
+            minibatches = [batch] * self.ppo_epochs
+        else:
+            minibatches = self._minibatches(local, old_logprobs, ro.train_problem, num_mb, int(state.step))
+        per_update = []
+        for i, mb in enumerate(minibatches):
+            last = i == num_mb * self.ppo_epochs - 1  # state.step counts the RL step once, at its end
+            state, m = self.train_step(state, mb, last)
+            per_update.append(m)
         metrics = _host_metrics(lp_metrics, "actor/")
-        for _ in range(self.updates_per_step):
-            state, m = self.train_step(state, batch)
-        metrics.update(_host_metrics(m, "actor/"))
+        metrics.update(_combine_updates(jax.device_get(per_update), "actor/"))
+        metrics["actor/num_updates"] = float(len(per_update))
+        metrics["actor/num_minibatches"] = float(num_mb)
         metrics["actor/batch_rows"] = float(local["tokens"].shape[0])
         metrics["actor/batch_len"] = float(local["tokens"].shape[1])
         return state, metrics
+
+    def _minibatches(self, local: dict[str, np.ndarray], old_logprobs: jax.Array, problem_of_row: np.ndarray,
+                     num_mb: int, step: int):
+        """Yields the step's `ppo_epochs * num_mb` global mini-batches, epoch by epoch, each epoch a new
+        shuffle of this process's problems, seeded by (seed, step) so a resumed run repeats it."""
+        local = {k: v for k, v in local.items() if k != "sampler_logprobs"}
+        local["old_logprobs"] = _local_rows(old_logprobs, *local["tokens"].shape)
+        rng = np.random.default_rng([self.seed, step])
+        for _ in range(self.ppo_epochs):
+            for rows in shuffled_minibatches(problem_of_row, num_mb, rng):
+                yield self.to_global(take_rows(local, rows, self.micro_batch_size, self.buckets))
 
     def bc_update(self, state: train_step.TrainState, experts: Sequence[Expert], codec) -> tuple[
             train_step.TrainState, dict]:
@@ -125,6 +159,67 @@ class Updater:
         metrics = {"bc/experts": float(len(experts)), "bc/loss_first": first["bc/loss"],
                    "bc/loss_last": last["bc/loss"], "bc/skipped": last["bc/skipped"]}
         return state, metrics
+
+
+# ------------------------------------------------------------------------------------ mini-batches
+
+
+def num_minibatches(num_problems: int, mini_batch_size: int) -> int:
+    """ceil(num_problems / mini_batch_size); 1 when mini_batch_size is 0 or covers the step."""
+    if mini_batch_size <= 0 or num_problems <= mini_batch_size:
+        return 1
+    return -(-num_problems // mini_batch_size)
+
+
+def shuffled_minibatches(problem_of_row: np.ndarray, num: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Row indices of `num` mini-batches: this process's problems (the distinct values of
+    `problem_of_row`) in a random order from `rng`, split into `num` near-equal chunks; a mini-batch
+    holds every row of its problems, in row order. Chunks are empty when there are fewer problems."""
+    order = rng.permutation(np.unique(problem_of_row))
+    return [np.flatnonzero(np.isin(problem_of_row, chunk)) for chunk in np.array_split(order, num)]
+
+
+def take_rows(local: dict[str, np.ndarray], rows: np.ndarray, row_multiple: int,
+              buckets: Sequence[int]) -> dict[str, np.ndarray]:
+    """`rows` of a packed batch, padded with all-masked rows to a multiple of `row_multiple` (at least
+    one multiple) and trimmed to the length bucket of its longest sequence (sequences start at 0)."""
+    n = max(row_multiple, -(-len(rows) // row_multiple) * row_multiple)
+    longest = int(local["attention_mask"][rows].sum(axis=1).max(initial=1))
+    t = batching.bucket_length(longest, buckets) if buckets else local["tokens"].shape[1]
+    out = {}
+    for k, v in local.items():
+        x = v[rows] if v.ndim == 1 else v[rows, :t]
+        out[k] = np.concatenate([x, np.zeros((n - len(rows),) + x.shape[1:], x.dtype)])
+    return out
+
+
+def _global_counts(problem_of_row: np.ndarray) -> tuple[int, int, int]:
+    """(sequences, problems with sequences) summed over processes, and the most problems on one."""
+    local = np.array([len(problem_of_row), len(np.unique(problem_of_row))])
+    if jax.process_count() == 1:
+        return int(local[0]), int(local[1]), int(local[1])
+    every = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 2)
+    return int(every[:, 0].sum()), int(every[:, 1].sum()), int(every[:, 1].max())
+
+
+def _local_rows(x: jax.Array, n: int, t: int) -> np.ndarray:
+    """The first n rows and t columns of this process's block of a batch-sharded global array (the
+    block `to_global` put there)."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))[:n, :t]
+    shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}  # replicas share a start
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])[:n, :t]
+
+
+def _combine_updates(per_update: list[dict], prefix: str) -> dict[str, float]:
+    """One value per metric over a step's updates: max / min for `_max` / `_min` keys, the last value of
+    the running count num_skipped, the mean otherwise."""
+    out = {}
+    for k in per_update[0]:
+        vals = np.array([float(m[k]) for m in per_update])
+        agg = np.max if k.endswith("_max") else np.min if k.endswith("_min") else np.mean
+        out[prefix + k] = float(vals[-1]) if k == "num_skipped" else float(agg(vals))
+    return out
 
 
 def _pad_to(x: np.ndarray, n: int, t: int) -> np.ndarray:

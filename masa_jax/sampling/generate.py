@@ -144,12 +144,13 @@ def _validate(cfg: ModelConfig, prompts, budgets, max_new_tokens):
 
 
 def _limits(n: int, budgets, max_new_tokens: int):
-    """Per request: tokens it may generate and the finish code when that stops it. A budget at or below
-    max_new_tokens is the request's own cutoff ("budget"); otherwise the global cap applies."""
+    """Per request: tokens it may generate and the finish code when that stops it. Only a budget below
+    max_new_tokens is the request's own cutoff ("budget"): a budget equal to the global cap cuts
+    nothing, so the rollout stops for the same reason ("max_new_tokens") as one without a budget."""
     limits = np.full(n, max_new_tokens, np.int64)
     reasons = np.full(n, MAX_NEW_TOKENS, np.int64)
     for i, b in enumerate(budgets or ()):
-        if b is not None and b <= max_new_tokens:
+        if b is not None and b < max_new_tokens:
             limits[i], reasons[i] = int(b), BUDGET
     return limits, reasons
 
@@ -207,7 +208,7 @@ def generate(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *
       cache_dtype: KV-cache dtype (default: the compute dtype, bfloat16 on accelerators).
 
     Returns a GenerateOutput. Finish reason per prompt: "eos" (stopped at an EOS id), "budget" (hit its
-    own budget <= max_new_tokens) or "max_new_tokens". Log-probs are float32 log softmax(logits /
+    own budget < max_new_tokens: a real cutoff) or "max_new_tokens". Log-probs are float32 log softmax(logits /
     temperature) of each generated token under the full distribution (top-k / top-p restrict sampling,
     not the scoring), which the trainer recomputes with the same temperature, as verl; with greedy
     decoding they are under the raw logits (temperature 1).

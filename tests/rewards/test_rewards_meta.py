@@ -1,5 +1,6 @@
 """Tests of masa_jax.rewards.meta: parse() tolerance and ranges, notion matching, self_alignment
 with hand-computed rewards for every rule of the method doc (section 2), and property tests."""
+import json
 import math
 
 import numpy as np
@@ -41,6 +42,51 @@ def test_parse_keeps_latex_braces_in_notions():
     single = "</meta>{'math_notion': ['\\frac{1}{2}', 'Bayes rule'], 'pass_rate': 2,}"
     assert parse(single).notions == ("\\frac{1}{2}", "Bayes rule")
 
+
+
+@pytest.mark.parametrize("notions, expected", [
+    (r'["piecewise \\left\\{", "x"]', ("piecewise \\left\\{", "x")),  # JSON-escaped LaTeX brace
+    (r'["}", "{", "a \"{\" b"]', ("}", "{", 'a "{" b')),  # braces and escaped quotes in strings
+    (r"['piecewise \\left\\{', 'x']", ("piecewise \\left\\{", "x")),  # single-quoted fallback
+])
+def test_parse_skips_braces_inside_json_strings(notions, expected):
+    text = '<meta>t</meta>{"math_notion": %s, "pass_rate": 5, "solution_length": 900}' % notions
+    assert parse(text) == MetaPrediction(expected, 5 / 8, 900)
+    # prose with a stray brace and an odd quote before the object does not hide it either
+    assert parse('<meta>t</meta>So { it is 5" long: ' + text[len("<meta>t</meta>"):]).pass_rate == 5 / 8
+
+
+@pytest.mark.parametrize("quote", ['"', "'"])
+@pytest.mark.parametrize("huge", ["1" + "0" * 5000, "-" + "9" * 5000])
+def test_parse_overlong_int_voids_only_that_field(huge, quote):
+    def obj(**fields):
+        return "</meta>{%s}" % ", ".join(f"{quote}{k}{quote}: {v}" for k, v in fields.items())
+
+    notions = f"[{quote}a{quote}]"
+    assert parse(obj(math_notion=notions, pass_rate=huge, solution_length=700)) == P(["a"], None, 700)
+    assert parse(obj(math_notion=notions, pass_rate=4, solution_length=huge)) == P(["a"], 0.5, None)
+    # a digit run inside a string stays a (too long, dropped) notion
+    long_notion = f"[{quote}x{huge}{quote}, {quote}b{quote}]"
+    assert parse(obj(math_notion=long_notion, pass_rate=4)) == P(["b"], 0.5, None)
+
+
+@pytest.mark.parametrize("notion, rate, length", [
+    ("Math Notion", "Pass Rate", "Solution Length"),
+    ("math-notion", "pass-rate", "solution-length"),
+    ("mathNotion", "passRate", "solutionLength"),
+    ("MATH_NOTIONS", "PASS_RATE", " Solution_Length "),
+    ("math notions", "pass rate", "solution length"),
+])
+def test_parse_accepts_key_variants(notion, rate, length):
+    text = '</meta>{"%s": ["Vieta formulas", "AM-GM"], "%s": 5, "%s": 900}' % (notion, rate, length)
+    assert parse(text) == GOOD_PRED
+
+
+def test_parse_keeps_every_notion():
+    many = ["notion %d" % i for i in range(200)]
+    text = '</meta>{"math_notion": %s, "pass_rate": 4}' % json.dumps(many)
+    assert parse(text).notions == tuple(many)
+    assert parse('</meta>{"math_notion": "%s", "pass_rate": 4}' % ", ".join(many)).notions == tuple(many)
 
 @pytest.mark.parametrize("value, expected", [
     ("0", 0.0), ("8", 1.0), ("3", 0.375), ("9", None), ("-1", None),
@@ -99,6 +145,15 @@ def test_parse_never_raises(text):
 def test_singularise(word, singular):
     assert singularise(word) == singular
 
+
+
+@pytest.mark.parametrize("word, singular", [
+    ("zeroes", "zero"), ("tomatoes", "tomato"), ("dominoes", "domino"), ("heroes", "hero"),
+    ("echoes", "echo"), ("shoes", "shoe"), ("canoes", "canoe"), ("zeros", "zero"),
+])
+def test_singularise_oes_plurals(word, singular):
+    assert singularise(word) == singular
+    assert normalise_notion("Sum of " + word.title()) == "sum of " + singular
 
 def test_normalise_notion():
     assert normalise_notion("  Power   Series ") == "power series"

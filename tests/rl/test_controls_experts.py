@@ -70,6 +70,18 @@ def test_experts_take_the_best_notion_rollout_and_the_true_statistics():
     assert gated == []
 
 
+def test_expert_pass_rate_targets_round_half_up_and_keep_mixed_groups_inside_1_to_k_minus_1():
+    """Issue 11.3. G = 16, K = 8: n correct -> n / 2 rounded, halves up; a mixed group never gets 0 or K
+    (the values the gate skips), only an all-wrong / all-right group does."""
+    n_correct = np.array([0, 1, 2, 3, 5, 8, 13, 15, 16])
+    correct = np.arange(16)[None, :] < n_correct[:, None]
+    p_int, _ = expert_buffer.true_targets(correct, np.ones((9, 16), int), 8)
+    np.testing.assert_array_equal(p_int, [0, 1, 1, 2, 3, 4, 7, 7, 8])
+    # G = 4, K = 8: no rounding at all.
+    p4, _ = expert_buffer.true_targets(np.arange(4)[None, :] < np.array([[1], [3]]), np.ones((2, 4), int), 8)
+    np.testing.assert_array_equal(p4, [2, 6])
+
+
 def test_buffer_fills_drains_and_round_trips():
     buf = expert_buffer.ExpertBuffer(2)
     buf.add([expert_buffer.Expert((1,), "o", "u")])

@@ -110,11 +110,11 @@ def test_policy_loss_matches_numpy(agg, clip, per_token_adv):
     r = np.exp(logp.astype(np.float64) - old)
     mean = lambda x: x[mask].mean()
     low, high = (a < 0) & (r < 1 - clip_low), (a > 0) & (r > 1 + clip_high)
-    np.testing.assert_allclose(float(metrics["clipfrac_low"]), mean(low), atol=1e-6)
-    np.testing.assert_allclose(float(metrics["clipfrac_high"]), mean(high), atol=1e-6)
-    np.testing.assert_allclose(float(metrics["clipfrac"]), mean(low | high), atol=1e-6)
+    np.testing.assert_allclose(float(metrics["clip_fraction_low"]), mean(low), atol=1e-6)
+    np.testing.assert_allclose(float(metrics["clip_fraction_high"]), mean(high), atol=1e-6)
+    np.testing.assert_allclose(float(metrics["clip_fraction"]), mean(low | high), atol=1e-6)
     dual = mean((a < 0) & (r > clip_c)) if clip_c is not None else 0.0
-    np.testing.assert_allclose(float(metrics["clipfrac_dual"]), dual, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["clip_fraction_dual"]), dual, atol=1e-6)
     np.testing.assert_allclose(float(metrics["ratio_mean"]), mean(r), rtol=1e-6)
     np.testing.assert_allclose(float(metrics["ratio_max"]), r[mask].max(), rtol=1e-6)
     np.testing.assert_allclose(float(metrics["ratio_min"]), r[mask].min(), rtol=1e-6)
@@ -126,8 +126,8 @@ def test_policy_loss_regions_hit():
     """The random inputs really exercise every branch, so the comparison above means something."""
     logp, old, adv, mask = random_inputs(0)
     _, m = grpo.policy_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask))
-    assert float(m["clipfrac_low"]) > 0 and float(m["clipfrac_high"]) > 0 and float(m["clipfrac_dual"]) > 0
-    assert 0 < float(m["clipfrac"]) < 1
+    assert all(float(m[f"clip_fraction_{k}"]) > 0 for k in ("low", "high", "dual"))
+    assert 0 < float(m["clip_fraction"]) < 1
 
 
 @pytest.mark.parametrize("agg", AGGS)
@@ -159,7 +159,7 @@ def test_global_normalisers_make_halves_add_up(agg):
     parts = [grpo.policy_loss(logp[s], old[s], adv[s], mask[s], agg=agg, num_tokens=num_tokens,
                               num_seqs=num_seqs) for s in (slice(0, 3), slice(3, 8))]
     np.testing.assert_allclose(float(parts[0][0] + parts[1][0]), float(full), rtol=1e-6)
-    for key in ("clipfrac", "approx_kl", "ratio_mean"):
+    for key in ("clip_fraction", "approx_kl", "ratio_mean"):
         np.testing.assert_allclose(float(parts[0][1][key] + parts[1][1][key]), float(fm[key]), rtol=1e-6)
     assert float(jnp.maximum(parts[0][1]["ratio_max"], parts[1][1]["ratio_max"])) == float(fm["ratio_max"])
 

@@ -64,10 +64,10 @@ def test_gradient_accumulation_is_exact_for_every_aggregation(tiny, rl_batch, cf
     (g1, m1), (gm, mm), g_plain, g_own = all_grads(params)
     assert_trees_close(g1, g_plain, 1e-6)
     assert_trees_close(gm, g1, 1e-5)
-    for key in ("loss", "clipfrac", "clipfrac_low", "clipfrac_high", "approx_kl", "ratio_mean"):
+    for key in ("loss", "clip_fraction", "clip_fraction_low", "clip_fraction_high", "approx_kl", "ratio_mean"):
         np.testing.assert_allclose(float(mm[key]), float(m1[key]), rtol=1e-5, atol=1e-7)
     assert float(mm["ratio_max"]) == float(m1["ratio_max"])
-    assert float(m1["clipfrac_low"]) > 0 and float(m1["clipfrac_high"]) > 0  # clipping is exercised
+    assert float(m1["clip_fraction_low"]) > 0 and float(m1["clip_fraction_high"]) > 0  # clipping is exercised
     assert rel_err(g_own["table"], g1["table"]) > 1e-3
 
 
@@ -94,7 +94,7 @@ def test_micro_batched_step_equals_one_batch_adamw_update(tiny, host_params, rl_
     assert_trees_close(state.opt_state[1].nu, adam.nu, 1e-5)
     assert_trees_close(state.params, optax.apply_updates(host_params, updates), 1e-5)
     assert max(jax.tree.leaves(jax.tree.map(rel_err, state.params, host_params))) > 1e-3  # it moved
-    for key in ("pg_loss", "clipfrac", "approx_kl", "ratio_mean"):
+    for key in ("pg_loss", "clip_fraction", "approx_kl", "ratio_mean"):
         np.testing.assert_allclose(float(m[key]), float(m1[key]), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(float(m["grad_norm"]), float(optax.tree.norm(grads)), rtol=1e-5)
     assert int(state.step) == 1 and int(state.num_skipped) == 0 and float(m["skipped"]) == 0.0
@@ -281,5 +281,5 @@ def test_mixed_precision_layout(tiny, host_params, rl_batch, mesh1, cfgs):
     assert loss.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
     state = ts.create_train_state(bf16, host_params, optim_cfg, mesh1)
     out_state, _ = jax.eval_shape(ts.make_train_step(bf16, loss_cfg, optim_cfg, mesh1, micro).jitted, state,
-                                  jax.device_put(rl_batch, ts.batch_sharding(mesh1)))
+                                  jax.device_put(rl_batch, ts.batch_sharding(mesh1)), np.asarray(True))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((out_state.params, out_state.opt_state)) if x.ndim)

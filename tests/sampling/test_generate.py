@@ -64,7 +64,8 @@ def test_greedy_budgets_truncate_transformers_output(qwen3_tiny):
     out = _gen(qwen3_tiny, budgets=budgets)
     for b, ref, got, why in zip(budgets, qwen3_tiny.greedy, out.tokens, out.finish_reasons):
         assert got == ref[:MAX_NEW if b is None else b]
-        assert why == ("max_new_tokens" if b is None else "budget")
+        # A budget equal to the global cap cuts nothing: the same finish reason as no budget (issue 11.1).
+        assert why == ("max_new_tokens" if b is None or b == MAX_NEW else "budget")
     assert [len(lp) for lp in out.logprobs] == [len(t) for t in out.tokens]
 
 

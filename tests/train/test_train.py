@@ -163,6 +163,94 @@ def test_gating_cutoff_and_hints_act_on_the_rollouts(tiny_model_dir, small_confi
     assert all(h["acc/solution"] == 0.0 for h in after if h["gate/fraction"] < 1.0)  # cut rollouts score 0
 
 
+def test_dapo_with_gating_counts_only_solution_groups_and_keeps_meta_sequences(tiny_model_dir, small_config, tmp_path):
+    """Issue 11.4: a gated problem brings no solution group, so it must not count as a kept group (the
+    batch would fill up with problems that train nothing); zero-variance solution groups keep their
+    meta sequences."""
+    codec = load_codec(tiny_model_dir)
+
+    def meta_output(question):  # one-operation questions predicted 8/8 (gated after the switch)
+        easy = question.count("+") + question.count("-") + question.count("*") == 1
+        return ('<meta>ok</meta>\n{"math_notion": ["add"], "pass_rate": %d, "solution_length": 40}'
+                % (8 if easy else 4))
+
+    class MixedPolicy(ScriptedPolicy):  # every second solution rollout of a problem is wrong
+        def __call__(self, prompt_ids, budgets, max_new_tokens, rng):
+            out = super().__call__(prompt_ids, budgets, max_new_tokens, rng)
+            if budgets is not None or max_new_tokens == config.rollout.max_response_length:
+                for i in range(1, len(out.tokens), 2):
+                    text = re.sub(r"\\boxed\{[^}]*\}", r"\\boxed{x}", codec.decode(out.tokens[i]))
+                    out.tokens[i] = codec.encode(text) + [codec.end_of_turn]
+            return out
+
+    config = small_config(tiny_model_dir, "masa_efficient", total_steps=4, **{
+        "efficient.switch_step": 1, "data.train_files": ("toy:64:1,0,0,1,0",), "rollout.max_response_length": 128,
+        "rollout.meta_max_new_tokens": 128, "dapo.dynamic_sampling": True, "dapo.max_rounds": 4})
+    history = train.train(config, str(tmp_path), generate_fn=MixedPolicy(codec, meta_output))
+    after = history[1:]
+    assert any(h["gate/fraction"] > 0 for h in after)
+    for h in after:
+        # Every problem rolled out here has a mixed group: with no gated problem in the first round no
+        # extra round is needed; a gated one needs at least one more round to fill the batch.
+        assert h["dapo/kept_groups"] == config.data.problems_per_step
+        assert (h["dapo/rounds"] >= 1) == (h["gate/fraction"] > 0)
+        assert h["actor/batch_rows"] >= config.data.problems_per_step * config.rollout.num_solutions
+
+
+def test_each_host_samples_with_its_own_key(tiny_model_dir, small_config, tmp_path):
+    """Issue 11.2: the step key is the same on every host; the rollout key must fold in the process
+    index, or request r on host 0 and on host 1 draw the same uniforms."""
+    import jax
+
+    step_key = jax.random.fold_in(jax.random.key(0), 0)
+    draws = [np.asarray(jax.random.uniform(train.sampling_key(step_key, i), (64,))) for i in range(2)]
+    assert not np.allclose(draws[0], draws[1])
+    np.testing.assert_array_equal(draws[0], jax.random.uniform(train.sampling_key(step_key, 0), (64,)))
+    # The trainer hands the rollout this host's key (split there into the meta and solution keys).
+    codec = load_codec(tiny_model_dir)
+    keys = []
+    policy = ScriptedPolicy(codec, lambda q: '<meta>ok</meta>{"pass_rate": 4}')
+
+    def recording(prompt_ids, budgets, max_new_tokens, rng):
+        keys.append(jax.random.key_data(rng))
+        return policy(prompt_ids, budgets, max_new_tokens, rng)
+
+    config = small_config(tiny_model_dir, "masa", total_steps=1)
+    train.train(config, str(tmp_path), generate_fn=recording)
+    meta_key = jax.random.split(train.sampling_key(jax.random.fold_in(jax.random.key(config.seed), 0), 0))[0]
+    np.testing.assert_array_equal(keys[0], jax.random.key_data(meta_key))
+
+
+def test_held_out_evaluation_before_during_and_after_training(tiny_model_dir, small_config, tmp_path, capsys):
+    """eval.files: accuracy before the first step, every eval.every steps and after the last; in the
+    step's metrics, eval.jsonl (with the training wall-clock so far) and the closing table."""
+    codec = load_codec(tiny_model_dir)
+
+    hard = [p.question for p in world.heldout(10) if p.difficulty > 2]
+
+    def policy(prompt_ids, budgets, max_new_tokens, rng):  # fails the held-out problems above level 2
+        out = ScriptedPolicy(codec, lambda q: '<meta>ok</meta>{"pass_rate": 4}')(prompt_ids, budgets,
+                                                                                  max_new_tokens, rng)
+        for i, ids in enumerate(prompt_ids):
+            text = codec.decode(ids)
+            if "pass_rate" not in text and any(q in text for q in hard):
+                out.tokens[i] = codec.encode("\\boxed{x}") + [codec.end_of_turn]
+        return out
+
+    config = small_config(tiny_model_dir, "masa", total_steps=3, **{
+        "eval.files": ("toy-heldout:10",), "eval.every": 2, "eval.num_samples": 2,
+        "rollout.max_response_length": 128, "rollout.meta_max_new_tokens": 64})
+    history = train.train(config, str(tmp_path), generate_fn=policy)
+    evals = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
+    assert [e["step"] for e in evals] == [0, 2, 3]
+    for e in evals:  # heldout(10) cycles levels 1..5: levels 1, 2 solved -> 4 of 10 problems
+        assert e["eval/accuracy"] == 0.4
+        assert [e[f"eval/accuracy_level_{lv}"] for lv in range(1, 6)] == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert evals[0]["train_time_s"] == 0.0 < evals[1]["train_time_s"] < evals[2]["train_time_s"]
+    assert [("eval/accuracy" in h) for h in history] == [False, True, True]
+    assert "held-out" in capsys.readouterr().out
+
+
 def test_dry_run_reports_the_8b_pod_config_without_allocating():
     out = subprocess.run([sys.executable, "-m", "masa_jax.train", "--config=configs/qwen8b.py", "--dry_run"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -1,0 +1,120 @@
+"""User errors: mistakes in the command line, the config or the input files, and the checks that find
+them before a run builds (or creates) anything.
+
+The command-line tools end a `UserError` with one line on stderr, naming the file or field and what to
+do, and exit code 2; `--debug` (or MASA_JAX_DEBUG=1) prints the traceback too. Any other exception is a
+bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Callable, Sequence
+
+EXIT_CODE = 2
+
+
+class UserError(ValueError):
+    """A mistake the user can fix. A ValueError, so callers that caught the checks' former
+    ValueErrors still do."""
+
+
+def one_line(message: str) -> str:
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def run_cli(main: Callable, define_flags: Callable) -> None:
+    """`absl.app.run(main)` with the flags of `define_flags` and --debug; a UserError (also one raised
+    while parsing the flags) ends the process with one line and exit code 2."""
+    from absl import app, flags
+    define_flags()
+    flags.DEFINE_boolean("debug", False, "show the traceback of a user error (also MASA_JAX_DEBUG=1)")
+    try:
+        app.run(main, flags_parser=_parse_flags)
+    except UserError as e:
+        if os.environ.get("MASA_JAX_DEBUG") == "1" or (flags.FLAGS.is_parsed() and flags.FLAGS.debug) \
+                or "--debug" in sys.argv:
+            traceback.print_exc()
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(EXIT_CODE)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    from absl import flags
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # bad value, missing required flag, unknown flag
+        raise UserError(f"{e} (--helpshort lists the flags)") from e
+    except (AttributeError, KeyError) as e:  # ml_collections: a --config.<field> the config does not have
+        raise UserError(_unknown_field_message(e, argv)) from e
+
+
+def _unknown_field_message(e: BaseException, argv: Sequence[str]) -> str:
+    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError("'lrr'\nDid you mean ..."))
+        e = e.args[0]
+    key, _, hint = (str(e.args[0]) if e.args else str(e)).partition("\n")
+    key = key.strip("'\"")
+    names = [a[2:].split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    name = next((n for n in names if key in n.split(".")), f"config...{key}")
+    return f"unknown config field {name}" + (f" ({hint.strip()})" if hint.strip() else "") + \
+        ": the fields are those of masa_jax/config.py"
+
+
+def config_from_flags(F):
+    """The --config ConfigDict; a config file that does not load is a UserError."""
+    try:
+        config = F.config
+        config.to_dict()  # ml_collections defers a load failure to the first use
+        return config
+    except OSError as e:
+        path = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
+        if path and not os.path.isfile(path):
+            raise UserError(f"config file {path} does not exist: pass --config=configs/<name>.py") from e
+        raise UserError(f"config file {path} does not load: {e.__cause__ or e}") from e
+
+
+def check_workdir(workdir: str) -> None:
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir {workdir} is a file, not a directory: pass a new or an existing run directory")
+
+
+def is_hf_dir(path: str) -> bool:
+    """A local HF model directory: config.json and the safetensors weights (one file or an index)."""
+    has = lambda name: os.path.isfile(os.path.join(path, name))
+    return has("config.json") and (has("model.safetensors") or has("model.safetensors.index.json"))
+
+
+def check_model_dir(config, weights: bool = True) -> None:
+    """The HF directory of config.model.path (`weights`: the run loads them) and the tokenizer's directory."""
+    for field in (("model.path",) if weights else ()) + ("model.tokenizer_path",):
+        path = config[field]
+        if not path or not os.path.isdir(path):
+            raise UserError(f"config.{field} {path!r} is not a directory: set --config.{field} to a local HF "
+                            "model directory (config.json, *.safetensors, tokenizer files)")
+    if weights and not is_hf_dir(config.model.path):
+        raise UserError(f"config.model.path {config.model.path!r} has no config.json or model.safetensors"
+                        "[.index.json]: set --config.model.path to a local HF model directory")
+
+
+def check_data_files(specs: Sequence[str], *, on_error: str = "raise", field: str = "config.data.train_files",
+                     skip_hint: str = "") -> None:
+    """Reads every data file, so that a missing, empty or malformed one stops a run before it builds the
+    model or creates its workdir. Toy and TFDS specs are generated / fetched by name and checked when
+    loaded."""
+    from masa_jax.data import sources
+    for spec in specs:
+        if not spec:
+            raise UserError(f"{field} has an empty entry: name the data files (verl parquet, JSONL, tfds:<name>)")
+        if spec.startswith(("toy:", "toy-heldout:", "tfds:")):
+            continue
+        if not os.path.isfile(spec):
+            raise UserError(f"data file {spec} does not exist: fix {field}")
+        try:
+            loaded = sources.load_problems(spec, on_error=on_error)
+        except sources.DataError as e:  # the message names the file, row and field
+            raise UserError(f"{e}: fix the row{skip_hint}") from e
+        except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid (truncated parquet) is a ValueError
+            raise UserError(f"data file {spec} cannot be read ({one_line(e)}): replace it or fix {field}") from e
+        if not loaded.problems:
+            raise UserError(f"data file {spec} holds no problems: fill it or remove it from {field}")

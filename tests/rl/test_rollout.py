@@ -1,0 +1,155 @@
+"""rl/rollout.py with a scripted policy (no model): what is scored, what is cut, what enters training.
+
+The policy answers by problem: each problem's meta output and solution text are fixed strings, the
+"tokens" are the characters, and stopping follows the real sampler's rule (`generate._limits`), so the
+rollout sees exactly the finish reasons the sampler would report.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from masa_jax.data.sources import Problem
+from masa_jax.rl import rollout
+from masa_jax.sampling.engine import BUDGET
+from masa_jax.sampling.generate import _limits
+
+EOS = 0
+MAX_LEN = 20  # rollout.max_response_length
+
+
+class CharCodec:
+    """Token id = character code; a prompt is the last message's text."""
+    eos_ids = (EOS,)
+
+    def encode_chat(self, messages):
+        return [ord(c) for c in messages[-1]["content"]]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+@dataclasses.dataclass
+class Out:
+    tokens: list
+    logprobs: list
+    finish_reasons: list
+
+
+def scripted(meta_texts: dict[str, list[str]], solutions: dict[str, list[str]]):
+    """generate(prompts, budgets, max_new_tokens, rng) answering problem `q` (found in the prompt text)
+    with meta_texts[q][j % len] on the meta path and solutions[q][g % len] on the solution path (j, g:
+    the rollout's index within its problem). Each response ends with EOS unless the sampler's limit
+    stops it first."""
+    codec = CharCodec()
+
+    def generate(prompts, budgets, max_new_tokens, rng):
+        budgets = None if budgets is None else [int(b) for b in budgets]  # as train.make_generate passes them
+        limits, reasons = _limits(len(prompts), budgets, max_new_tokens)
+        out = Out([], [], [])
+        count: dict[str, int] = {}
+        for i, ids in enumerate(prompts):
+            text = codec.decode(ids)
+            q = text[text.index("[") + 1:text.index("]")]
+            n = count[text] = count.get(text, -1) + 1
+            texts = meta_texts[q] if text.startswith("META") else solutions[q]
+            toks = [ord(c) for c in texts[n % len(texts)]] + [EOS]
+            reason = "eos"
+            if len(toks) > limits[i]:
+                toks, reason = toks[:limits[i]], "budget" if reasons[i] == BUDGET else "max_new_tokens"
+            out.tokens.append(toks)
+            out.logprobs.append(np.full(len(toks), -1.0, np.float32))
+            out.finish_reasons.append(reason)
+        return out
+
+    return generate
+
+
+def verify(texts, answers):
+    return np.array([f"\\boxed{{{a}}}" in t for t, a in zip(texts, answers)]), {}
+
+
+def _cfg(**kw) -> rollout.RolloutConfig:
+    base = dict(num_meta=2, num_solutions=2, max_response_length=MAX_LEN, meta_max_new_tokens=80, use_meta=True,
+                min_solution_length=1, meta_template="META [{question}]", solution_template="SOL [{question}]")
+    return rollout.RolloutConfig(**(base | kw))
+
+
+def _meta(pass_rate, length=None):
+    fields = [f'"pass_rate": {pass_rate}'] + ([f'"solution_length": {length}'] if length is not None else [])
+    return "<meta>m</meta>{" + ", ".join(fields) + "}"
+
+
+def _problems(*names):
+    return [Problem(uid=n, question=n, answer="7") for n in names]
+
+
+def _run(problems, policy, cfg, active):
+    return rollout.run_rollouts(problems, generate=policy, codec=CharCodec(), verify=verify, cfg=cfg,
+                                efficient_active=active, rng=jax.random.key(0))
+
+
+def test_the_eos_sampler_rule_matches_the_contract():
+    # A budget equal to the global cap is no cutoff: it stops for the same reason as no budget.
+    limits, reasons = _limits(3, [5, 20, 30], 20)
+    assert limits.tolist() == [5, 20, 20]
+    assert reasons.tolist()[1:] == [reasons[2]] * 2 and reasons[0] != reasons[2]
+
+
+def test_a_full_length_correct_solution_scores_the_same_before_and_after_the_switch():
+    """Issue 11.1: a budget equal to max_response_length (2 x predicted length >= the cap, no length
+    parsed, or cutoff off) must not zero a correct answer that used the whole length."""
+    full = "\\boxed{7}" + "." * (MAX_LEN - 9)        # exactly MAX_LEN tokens, no room for EOS
+    assert len(full) == MAX_LEN
+    metas = {"a": [_meta(4, 15)], "b": [_meta(4)], "c": [_meta(4, 3)]}   # budgets 20 (capped), 20 (none), 6
+    sols = {q: [full] for q in metas}
+    before = _run(_problems("a", "b", "c"), scripted(metas, sols), _cfg(), active=False)
+    after = _run(_problems("a", "b", "c"), scripted(metas, sols), _cfg(), active=True)
+    np.testing.assert_array_equal(before.correct, [[True, True]] * 3)
+    np.testing.assert_array_equal(after.controls.budgets, [20, 20, 6])
+    # a, b: same outcome, same reward; c: really cut at 6 tokens -> no final answer, 0.
+    np.testing.assert_array_equal(after.correct, [[True, True], [True, True], [False, False]])
+    np.testing.assert_array_equal(after.finish_budget, [[False, False], [False, False], [True, True]])
+    off = _run(_problems("a", "b", "c"), scripted(metas, sols), _cfg(cutoff=False), active=True)
+    np.testing.assert_array_equal(off.correct, [[True, True]] * 3)
+
+
+def test_gating_skips_solutions_and_training_sequences_carry_their_advantages():
+    metas = {"easy": [_meta(8, 10)], "mixed": [_meta(4, 10)]}
+    sols = {"easy": ["\\boxed{7}"], "mixed": ["\\boxed{7}", "\\boxed{3}"]}
+    ro = _run(_problems("easy", "mixed"), scripted(metas, sols), _cfg(), active=True)
+    np.testing.assert_array_equal(ro.rolled_out, [False, True])
+    np.testing.assert_array_equal(ro.correct, [[False, False], [True, False]])
+    # Solution sequences of "mixed" (advantages of both signs), then its meta sequences (equal rewards: 0).
+    np.testing.assert_array_equal(ro.train_kind, [0, 0, 1, 1])
+    np.testing.assert_array_equal(ro.train_problem, [1, 1, 1, 1])
+    assert ro.train_advantages[0] > 0 > ro.train_advantages[1]
+    np.testing.assert_allclose(ro.train_advantages[2:], 0.0)
+
+
+def test_dapo_filter_decides_per_path():
+    """Issue 11.4: a zero-variance solution group loses its solution sequences but keeps its meta
+    sequences (the meta path must learn 0/K and K/K too); a meta group with equal rewards loses its meta
+    sequences; a gated problem is no kept group and brings nothing."""
+    # Before the switch: two different predictions per problem, so every meta group has reward variance.
+    metas = {q: [_meta(8, 10), _meta(2, 10)] for q in ("solved", "mixed", "failed")}
+    sols = {"solved": ["\\boxed{7}"], "mixed": ["\\boxed{7}", "\\boxed{3}"], "failed": ["\\boxed{3}"]}
+    ro = _run(_problems("solved", "mixed", "failed"), scripted(metas, sols), _cfg(), active=False)
+    np.testing.assert_array_equal(rollout.solution_signal(ro), [False, True, False])
+    np.testing.assert_array_equal(rollout.meta_signal(ro), [True, True, True])
+    kept = rollout.dapo_filter(ro)
+    assert [p.uid for p in kept.problems] == ["solved", "mixed", "failed"]
+    pairs = sorted({(int(p), int(k)) for p, k in zip(kept.train_problem, kept.train_kind)})
+    assert pairs == [(0, 1), (1, 0), (1, 1), (2, 1)]  # (problem, kind): no solutions of zero-variance groups
+    np.testing.assert_array_equal(rollout.solution_signal(kept), [False, True, False])
+
+    # After the switch: "failed" is gated (agreeing 0/8); identical meta rollouts give no meta signal.
+    metas_g = {"solved": [_meta(4, 10)], "mixed": [_meta(4, 10)], "failed": [_meta(0, 10)]}
+    ro_g = _run(_problems("solved", "mixed", "failed"), scripted(metas_g, sols), _cfg(), active=True)
+    np.testing.assert_array_equal(ro_g.rolled_out, [True, True, False])
+    np.testing.assert_array_equal(rollout.solution_signal(ro_g), [False, True, False])
+    kept_g = rollout.dapo_filter(ro_g)
+    assert [p.uid for p in kept_g.problems] == ["mixed"]
+    np.testing.assert_array_equal(kept_g.train_kind, [0, 0])
