@@ -1,6 +1,6 @@
 """The paper's setup: Qwen3-8B-Base, MASA-efficient, on a TPU v5p-64 / v4-64 pod slice.
 
-Numbers marked (paper) come from the MASA paper's training details (method doc section 5).
+Numbers marked (paper) come from the MASA paper's training details (docs/method.md §5).
 """
 from masa_jax.config import base_config
 

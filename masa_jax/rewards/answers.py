@@ -1,4 +1,4 @@
-"""Final-answer extraction and answer equivalence for the solution reward (method doc, section 1).
+"""Final-answer extraction and answer equivalence for the solution reward (docs/method.md §1).
 
 Pure functions; ``masa_jax.rewards.math`` runs ``judge_answer`` in its worker pool and the cheap
 ``quick_decision`` in the parent.

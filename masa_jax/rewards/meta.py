@@ -1,4 +1,4 @@
-"""Meta-prediction parsing and the self-alignment reward (method doc, section 2).
+"""Meta-prediction parsing and the self-alignment reward (docs/method.md §2).
 
 ``parse(text)`` reads the JSON object a meta rollout emits after ``</meta>`` into a
 ``MetaPrediction(notions, pass_rate, length)``; a missing or bad field is None, and it never raises.
@@ -387,7 +387,7 @@ def self_alignment(
     k: int = 8,
     weights: Mapping[str, float] | Sequence[float] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Self-alignment rewards of every meta rollout (method doc, section 2).
+    """Self-alignment rewards of every meta rollout (docs/method.md §2).
 
     Args:
       preds: [P][M] ``MetaPrediction`` (or raw meta texts, parsed here with ``k``; None = unparsed).

@@ -125,7 +125,7 @@ def solution_prompt(question: str, *, hint_notions: Sequence[str] | None = None,
 
 def serialize_expert_meta(reasoning: str, notions: Sequence[str], pass_rate_int: int,
                           solution_length: int) -> str:
-    """``"<meta>{reasoning}</meta>\\n{json}"``, an expert meta-trajectory (method doc, section 4).
+    """``"<meta>{reasoning}</meta>\\n{json}"``, an expert meta-trajectory (docs/method.md §4).
 
     ``pass_rate_int`` is round(d_sol * K) and ``solution_length`` the mean correct length, both the
     true statistics of the step. ``meta.parse`` of the result gives back exactly ``(cleaned notions,

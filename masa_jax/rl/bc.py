@@ -1,4 +1,4 @@
-"""Behaviour cloning on expert meta-trajectories (method doc section 4, MASA-efficient).
+"""Behaviour cloning on expert meta-trajectories (docs/method.md §4, MASA-efficient).
 
 The BC step is the RL step's machinery (`train_step.make_update_step`) with the cross-entropy loss and
 its own constant learning rate (`OptimConfig.bc_learning_rate`) on the same optimizer state; it does not

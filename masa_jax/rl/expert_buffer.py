@@ -1,4 +1,4 @@
-"""Expert meta-trajectories for MASA's behaviour cloning (method doc section 4).
+"""Expert meta-trajectories for MASA's behaviour cloning (docs/method.md §4).
 
 After each RL step, for every rolled-out problem the meta rollout with the highest notion reward is kept
 if that reward is high enough; its JSON is rewritten with the step's *true* pass rate and solution

@@ -67,7 +67,7 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """The RL loss (method doc section 3). Names follow masa_jax.config's `rl` section."""
+    """The RL loss (docs/method.md §3). Names follow masa_jax.config's `rl` section."""
 
     clip_low: float = 0.2
     clip_high: float = 0.28

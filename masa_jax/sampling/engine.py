@@ -112,18 +112,17 @@ def prefill(spec: EngineSpec, params, state: SlotState, knobs: Knobs, tokens: ja
     cfg = spec.cfg
     n, P = tokens.shape
     valid = jnp.arange(P)[None, :] < prompt_lens[:, None]
-    mask = qm.causal_mask(valid)
-    cos, sin = qm.rope_cos_sin(jnp.broadcast_to(jnp.arange(P), (n, P)), cfg.head_dim, cfg.rope_theta)
+    rope = qm.rope_cos_sin(jnp.broadcast_to(jnp.arange(P), (n, P)), cfg.head_dim, cfg.rope_theta)
+    seq_attend = qm.sequence_attention(cfg, valid)
+
+    def attend(q, k, v):  # the training forward's attention, handing back the prompt's keys / values
+        return seq_attend(q, k, v)[0], (k, v)
+
     x = qm.embed(cfg, params, tokens)
     kv = []
     for lp in params["layers"]:
-        lp = qm.cast_layer(cfg, lp)
-        h = qm.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = qm.project_qkv(cfg, lp, h, cos, sin)
-        kv.append((k, v))
-        x = x + qm.attention_output(lp, qm.attention(cfg, q, k, v, mask))
-        h = qm.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-        x = x + qm.mlp(lp, h)
+        x, layer_kv = qm.decoder_layer(cfg, x, lp, rope, attend)
+        kv.append(layer_kv)
     last = jnp.take_along_axis(x, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]     # [n, D]
     h = qm.rms_norm(last, params["final_norm"].astype(cfg.jnp_dtype), cfg.rms_norm_eps)
     logits = qm.unembed(cfg, params, h)                                                  # [n, V] f32
@@ -164,18 +163,15 @@ def decode_logits(cfg: ModelConfig, params, cache: KVCache, tokens: jax.Array, p
         table = rope_table(cfg, C)
     pos = jnp.minimum(positions, C - 1)[:, None]        # finished slots may sit at C: any row will do
     cos, sin = jnp.take(table[0], pos, axis=0), jnp.take(table[1], pos, axis=0)    # [S, 1, hd]
-    ks, vs = list(cache.k), list(cache.v)
+    lengths = positions + 1                             # each slot sees its entries and the new token
+    ks, vs = [], []
     for l, lp in enumerate(params["layers"]):
-        lp = qm.cast_layer(cfg, lp)
-        h = qm.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = qm.project_qkv(cfg, lp, h, cos, sin)
-        ks[l], vs[l] = kv_cache.write_token(ks[l], vs[l], write_pos, k[:, 0], v[:, 0])
-        attn = kv_cache.decode_attention(q[:, 0], ks[l], vs[l], positions + 1)
-        x = x + qm.attention_output(lp, attn[:, None])
-        h = qm.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-        x = x + qm.mlp(lp, h)
+        attend = kv_cache.token_attention(cfg, cache, l, write_pos, lengths)
+        x, (k, v) = qm.decoder_layer(cfg, x, lp, (cos, sin), attend)
+        ks.append(k)
+        vs.append(v)
     h = qm.rms_norm(x[:, 0], params["final_norm"].astype(cfg.jnp_dtype), cfg.rms_norm_eps)
-    return KVCache(k=tuple(ks), v=tuple(vs)), qm.unembed(cfg, params, h)
+    return KVCache(k=tuple(ks), v=tuple(vs), paged=cache.paged), qm.unembed(cfg, params, h)
 
 
 def _decode_step(spec: EngineSpec, params, cache: KVCache, st: SlotState, knobs: Knobs, table=None):

@@ -15,6 +15,7 @@ _FAMILIES = {
 }
 
 REMAT_POLICIES = ("none", "full", "save_dots")
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 
 
 class UnsupportedConfigError(ValueError):
@@ -47,13 +48,19 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"  # one of REMAT_POLICIES; applied per scanned layer
-    attention_impl: str = "xla"  # passed to jax.nn.dot_product_attention: "xla" or "cudnn"
+    # "xla" / "cudnn": jax.nn.dot_product_attention (decode: einsums over the dense cache). "pallas":
+    # Pallas TPU kernels, splash attention for training / prefill and paged attention for decode; on
+    # other backends it falls back to "xla" with a warning (see models/qwen/attention.py).
+    attention_impl: str = "xla"
+    pallas_interpret: bool = False  # run the Pallas kernels in interpret mode on any backend (tests)
 
     def __post_init__(self):
         if self.family not in ("qwen3", "qwen2"):
             raise UnsupportedConfigError(f"unknown model family {self.family!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedConfigError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")

@@ -14,16 +14,19 @@ Params layout (L = layers, D = hidden, H / KV = query / kv heads, hd = head_dim,
     final_norm       [D]
     lm_head          [D, V]          (absent when embeddings are tied)
 
-The building blocks (`rms_norm`, `apply_rope`, `project_qkv`, `attention_output`, `mlp`, `unembed`) are
-public so the sampler's KV-cache decode step reuses exactly the same math.
+`decoder_layer` is the one layer body: the training forward scans it over stacked layers, the sampler's
+prefill and decode step (`sampling/engine.py`) run it unrolled over per-layer params. Only how a layer
+attends differs between them, passed in as an `attend` closure (`attention.py`).
 """
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from masa_jax.models.qwen.attention import Attend, attention, causal_mask, sequence_attention  # noqa: F401
 from masa_jax.models.qwen.config import ModelConfig
 from masa_jax.parallel.rules import constrain
 
@@ -148,14 +151,6 @@ def project_qkv(cfg: ModelConfig, lp: Params, h: jax.Array, cos: jax.Array, sin:
     return q, k, v
 
 
-def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q [B, T, H, hd]; k, v [B, S, KV, hd]; mask bool [B, T, S]."""
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], scale=cfg.head_dim ** -0.5,
-                                       implementation=None if cfg.attention_impl == "xla" else
-                                       cfg.attention_impl)
-    return constrain(out, ("batch", "seq", "act_heads", None))
-
-
 def attention_output(lp: Params, attn: jax.Array) -> jax.Array:
     return jnp.einsum("btnh,nhd->btd", attn, lp["o_proj"])
 
@@ -204,26 +199,26 @@ def remat_policy(name: str):
     raise ValueError(f"unknown remat policy {name!r}")
 
 
-def decoder_layer(cfg: ModelConfig, x: jax.Array, lp: Params, cos: jax.Array, sin: jax.Array,
-                  mask: jax.Array) -> jax.Array:
-    """One pre-norm transformer block on x [B, T, D] (full-sequence, no cache)."""
+def decoder_layer(cfg: ModelConfig, x: jax.Array, lp: Params, rope: tuple[jax.Array, jax.Array],
+                  attend: Attend) -> tuple[jax.Array, Any]:
+    """One pre-norm transformer block on x [B, T, D]: the only copy of the layer body, shared by the
+    training forward (scanned), the sampler's prefill and its decode step (unrolled over layers).
+
+    lp: this layer's params (any dtype: cast to the compute dtype here). rope: (cos, sin) [B, T, hd] of
+    the tokens' positions, computed once per forward (or looked up from a table in decode) rather than
+    per layer. attend: how the layer attends (see `attention.py`): full causal attention with a padding
+    mask in training, the same plus handing back k / v in prefill, one token against the KV cache in
+    decode. Returns (x, what `attend` handed back).
+    """
     lp = cast_layer(cfg, lp)
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = project_qkv(cfg, lp, h, cos, sin)
-    x = x + attention_output(lp, attention(cfg, q, k, v, mask))
+    q, k, v = project_qkv(cfg, lp, h, *rope)
+    attn, aux = attend(q, k, v)
+    x = x + attention_output(lp, attn)
     x = constrain(x, ("batch", "seq", "act_embed"))
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     x = x + mlp(lp, h)
-    return constrain(x, ("batch", "seq", "act_embed"))
-
-
-def causal_mask(attention_mask: jax.Array) -> jax.Array:
-    """bool [B, T, T]: query t sees real keys s <= t. A padding query sees itself only, which keeps its
-    softmax finite without affecting real tokens."""
-    T = attention_mask.shape[-1]
-    causal = jnp.tril(jnp.ones((T, T), bool))
-    valid = attention_mask.astype(bool)
-    return (causal[None] & valid[:, None, :]) | jnp.eye(T, dtype=bool)[None]
+    return constrain(x, ("batch", "seq", "act_embed")), aux
 
 
 # ----------------------------------------------------------------------------------------- forward
@@ -237,17 +232,17 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, attention
         attention_mask = jnp.ones(tokens.shape, bool)
     if positions is None:
         positions = positions_from_mask(attention_mask)
-    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    mask = causal_mask(attention_mask)
+    rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    attend = sequence_attention(cfg, attention_mask)
     x = embed(cfg, params, tokens)
 
-    layer = functools.partial(decoder_layer, cfg)
-    policy = remat_policy(cfg.remat)
+    # attend is bound (not an argument): jax.checkpoint only takes arrays.
+    layer = functools.partial(decoder_layer, cfg, attend=attend)
     if cfg.remat != "none":
-        layer = jax.checkpoint(layer, policy=policy)
+        layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat))
 
     def body(x, lp):
-        return layer(x, lp, cos, sin, mask), None
+        return layer(x, lp, rope)[0], None
 
     x, _ = jax.lax.scan(body, x, params["layers"])
     return rms_norm(x, params["final_norm"].astype(cfg.jnp_dtype), cfg.rms_norm_eps)

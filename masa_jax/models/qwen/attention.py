@@ -1,0 +1,265 @@
+"""Attention for `model.decoder_layer`: the `Attend` closures, and the XLA / Pallas implementations.
+
+The decoder layer is written once; what differs between the training forward, the sampler's prefill
+and its decode step is only how a layer attends. Each passes the layer an `Attend` closure:
+
+    attend(q [B, T, H, hd], k [B, T, KV, hd], v [B, T, KV, hd]) -> (out [B, T, H, hd], aux)
+
+q / k / v are the layer's own projections (RoPE applied); `aux` is whatever the caller needs back
+from each layer: nothing in training, the prompt's keys / values in prefill, the layer's updated cache
+in decode (`sampling.kv_cache.token_attention`). Closures are built once, outside the layer loop (and
+outside `lax.scan` / `jax.checkpoint`), so masks and segment ids are computed once per forward.
+
+Implementations, chosen by `ModelConfig.attention_impl`:
+
+* "xla" / "cudnn": `jax.nn.dot_product_attention` with a dense [B, T, T] mask; decode reads the dense
+  cache with two einsums (`kv_cache.decode_attention`).
+* "pallas": JAX's Pallas TPU kernels. Training and prefill use splash attention (causal mask + segment
+  ids for the padding, GQA native, fully-masked blocks skipped); decode uses the paged-attention decode
+  kernel over the cache viewed as pages (ragged per-slot lengths). On a backend other than TPU it falls
+  back to XLA with a one-time warning, unless `ModelConfig.pallas_interpret` runs the kernels in
+  Pallas interpret mode (for tests on CPU; slow). Under a mesh the kernels run per shard (`shard_map`):
+  a Pallas call has no SPMD partitioning rule.
+
+Not used: `ragged_paged_attention` (mixed prefill + decode, K / V interleaved in one cache) fails in
+TPU interpret mode in jax 0.10.2 (its kernel reshapes a VMEM ref, which the interpreter does not
+support: "'ReshapeTransform' object has no attribute 'indices'"), so it cannot be tested on CPU; the
+older `flash_attention` kernel has no GQA (K / V would be repeated per query head) and no interpret flag.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from masa_jax.models.qwen.config import ModelConfig
+from masa_jax.parallel.rules import TRAIN_RULES, Rules, constrain, logical_to_spec
+
+Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+log = logging.getLogger(__name__)
+_warned: set = set()
+
+
+def warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        log.warning(msg)
+
+
+def use_pallas(cfg: ModelConfig) -> bool:
+    """Whether this config runs the Pallas kernels: attention_impl "pallas" on a TPU backend, or on any
+    backend in interpret mode. "pallas" elsewhere falls back to XLA (warned once)."""
+    if cfg.attention_impl != "pallas":
+        return False
+    if cfg.pallas_interpret or jax.default_backend() == "tpu":
+        return True
+    warn_once(f"attention_impl='pallas' needs a TPU (backend is {jax.default_backend()!r}): "
+               "using XLA attention instead")
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- XLA
+
+
+def causal_mask(attention_mask: jax.Array) -> jax.Array:
+    """bool [B, T, T]: query t sees real keys s <= t. A padding query sees itself only, which keeps its
+    softmax finite without affecting real tokens."""
+    T = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    valid = attention_mask.astype(bool)
+    return (causal[None] & valid[:, None, :]) | jnp.eye(T, dtype=bool)[None]
+
+
+def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention through `jax.nn.dot_product_attention` (XLA, or cuDNN when asked).
+    q [B, T, H, hd]; k, v [B, S, KV, hd]; mask bool [B, T, S]."""
+    impl = "cudnn" if cfg.attention_impl == "cudnn" else None
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], scale=cfg.head_dim ** -0.5,
+                                       implementation=impl)
+    return constrain(out, ("batch", "seq", "act_heads", None))
+
+
+def sequence_attention(cfg: ModelConfig, valid: jax.Array) -> Attend:
+    """Causal self-attention over whole padded sequences (the training forward and prefill).
+    valid bool [B, T]: real tokens (left padding in training, right padding in prefill)."""
+    if use_pallas(cfg):
+        return _splash_sequence_attention(cfg, valid)
+    mask = causal_mask(valid)
+
+    def attend(q, k, v):
+        return attention(cfg, q, k, v, mask), None
+
+    return attend
+
+
+# ------------------------------------------------------------------------------------ per-shard runs
+
+
+def _run_per_shard(fn, args, logical_axes, rules: Rules):
+    """fn(*args) on each device's shards under the current mesh (`jax.set_mesh`), else directly. The
+    output is sharded like the first argument (the queries).
+
+    A Pallas kernel is an opaque custom call to the SPMD partitioner, which would gather its operands
+    onto every device; batch and head shards are independent attentions, so `shard_map` runs the kernel
+    on the local block. Query heads are only split when the kv heads are split the same way: with kv
+    heads replicated (e.g. 2 kv heads on a tensor axis of 4) the local GQA grouping would be wrong, so
+    every tensor shard then computes all heads (correct, redundant; small kv-head counts only).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(*args)
+    specs = [logical_to_spec(ax, rules, mesh, a.shape) for a, ax in zip(args, logical_axes)]
+    head_q, head_kv = "act_heads", "act_kv_heads"
+    kv_heads_spec = next((s[ax.index(head_kv)] for s, ax in zip(specs, logical_axes) if head_kv in ax), None)
+
+    def fix(spec, axes):  # query heads split exactly like the kv heads
+        if head_q not in axes:
+            return spec
+        parts = list(spec) + [None] * (len(axes) - len(spec))
+        parts[axes.index(head_q)] = kv_heads_spec
+        return jax.sharding.PartitionSpec(*parts)
+
+    specs = [fix(s, ax) for s, ax in zip(specs, logical_axes)]
+    return jax.shard_map(fn, in_specs=tuple(specs), out_specs=specs[0], check_vma=False)(*args)
+
+
+def _interpret_ctx(cfg: ModelConfig):
+    """TPU interpret mode for Pallas kernels without an `interpret` argument, scoped to this trace."""
+    if not cfg.pallas_interpret:
+        return contextlib.nullcontext()
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.force_tpu_interpret_mode()
+
+
+# ------------------------------------------------------------------------- Pallas: training / prefill
+
+# Splash blocks must be multiples of 128 (the TPU lane width: the kernel rejects anything else, in
+# interpret mode too). The sequence is padded to a multiple of 128 and the largest of these blocks
+# that divides it is used: 512 is the kernel's sweet spot on v4 / v5 for head_dim 128.
+SPLASH_BLOCKS = (512, 256, 128)
+
+
+def splash_block(T: int) -> tuple[int, int]:
+    """(padded length, block size) for a sequence of T tokens."""
+    Tp = -(-T // 128) * 128
+    return Tp, next(b for b in SPLASH_BLOCKS if Tp % b == 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(num_heads: int, T: int, block: int, interpret: bool):
+    """The splash kernel for a causal mask over T (padded) tokens and num_heads query heads. Cached:
+    building it preprocesses the block mask in numpy at trace time."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    mask = sa.MultiHeadMask([sa.CausalMask((T, T)) for _ in range(num_heads)])
+    b = block
+    sizes = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                          block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    # Called while tracing: the kernel's mask tables must be concrete arrays, not tracers of the first
+    # trace that built them (the kernel is cached and reused by later traces).
+    with jax.ensure_compile_time_eval():
+        return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array
+                     ) -> jax.Array:
+    """Causal GQA with Pallas splash attention. q [B, T, H, hd]; k, v [B, T, KV, hd]; segment_ids int32
+    [B, T]: a query sees keys s <= t with its own segment id. Returns [B, T, H, hd] in q's dtype.
+
+    The kernel takes no softmax scale: q is scaled first (in float32, then back to q's dtype).
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    B, T, H, hd = q.shape
+    Tp, block = splash_block(T)
+    # The pad has segment id 0 (padding): real queries never see it (it comes after them), and each
+    # pad query sees at least itself, so no softmax row is empty.
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, Tp - T)) + ((0, 0),) * (x.ndim - 2))
+    q = (q.astype(jnp.float32) * hd ** -0.5).astype(q.dtype)
+    # [B, T, N, hd] -> [B, N, T, hd]: the kernel's head-major layout.
+    qt, kt, vt = (jnp.swapaxes(pad(x), 1, 2) for x in (q, k, v))
+    seg = pad(segment_ids.astype(jnp.int32))
+
+    def local(qt, kt, vt, seg):  # one device's batch / head shard
+        kernel = _splash_kernel(qt.shape[1], Tp, block, cfg.pallas_interpret)
+        one = lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sa.SegmentIds(q=s1, kv=s1))
+        return jax.vmap(one)(qt, kt, vt, seg)
+
+    heads = lambda name: ("batch", name, "seq", None)
+    out = _run_per_shard(local, (qt, kt, vt, seg), (heads("act_heads"), heads("act_kv_heads"),
+                                                     heads("act_kv_heads"), ("batch", "seq")), TRAIN_RULES)
+    return jnp.swapaxes(out, 1, 2)[:, :T].astype(q.dtype)
+
+
+def _splash_sequence_attention(cfg: ModelConfig, valid: jax.Array) -> Attend:
+    """`sequence_attention` with splash: real tokens are segment 1, padding segment 0."""
+    segment_ids = valid.astype(jnp.int32)
+
+    def attend(q, k, v):
+        out = splash_attention(cfg, q, k, v, segment_ids)
+        # A padding query attends over padding keys only: finite, but meaningless; zero it so that
+        # nothing downstream (e.g. a gradient through a masked loss) can pick it up.
+        out = jnp.where(valid[:, :, None, None], out, jnp.zeros((), out.dtype))
+        return constrain(out, ("batch", "seq", "act_heads", None)), None
+
+    return attend
+
+
+# ------------------------------------------------------------------------------------ Pallas: decode
+
+
+def _largest_divisor(n: int, options) -> int:
+    return next((o for o in options if n % o == 0), 1)
+
+
+def decode_paging(C: int) -> tuple[int, int]:
+    """(page_size, pages_per_compute_block) for a cache of C positions per slot: each slot's C entries
+    are C / page_size consecutive pages. The page size must divide C (the sampler's cache buckets are
+    multiples of 32; 16 rows is a bfloat16 TPU tile); the kernel streams blocks of page_size x
+    pages_per_compute_block keys (<= 512)."""
+    page = _largest_divisor(C, (64, 32, 16, 8, 4, 2))
+    if page < 16:
+        warn_once(f"cache length {C} is not a multiple of 16: paged decode uses pages of {page} "
+                  "(may not compile on TPU; use cache lengths that are multiples of 16)")
+    pages = C // page
+    per_block = _largest_divisor(pages, [n for n in range(max(1, 512 // page), 0, -1)])
+    return page, per_block
+
+
+def paged_decode_attention(cfg: ModelConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                           lengths: jax.Array, rules: Rules = TRAIN_RULES) -> jax.Array:
+    """One query per slot against its first `lengths` cache entries with the Pallas paged-attention
+    decode kernel. q [S, H, hd]; k_cache, v_cache [KV, S, C, hd] (`kv_cache`'s paged layout); lengths
+    int32 [S] (>= 1). Returns [S, H, hd] in q's dtype.
+
+    The kernel reads K / V as bfloat16 (exact for the bfloat16 cache it is used with: see
+    `kv_cache.uses_paged_layout`); scores, softmax and the output accumulate in float32.
+    """
+    from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+
+    KV, S, C, hd = k_cache.shape
+    page, per_block = decode_paging(C)
+    out_dtype = q.dtype
+    q = q.astype(jnp.float32) * hd ** -0.5     # the kernel takes no scale
+    lengths = jnp.minimum(lengths, C).astype(jnp.int32)   # a finished slot may sit at C
+
+    def local(q, kc, vc, lengths):  # one device's slot / head shard
+        kv, s = kc.shape[0], kc.shape[1]
+        pages = C // page
+        # Slot j owns pages j * pages .. (j + 1) * pages - 1: the [KV, S, C, hd] cache *is* the page pool
+        # [KV, S * pages, page, hd] (a free reshape), so nothing is copied to page it.
+        kp, vp = (x.reshape(kv, s * pages, page, hd) for x in (kc, vc))
+        table = jnp.arange(s * pages, dtype=jnp.int32).reshape(s, pages)
+        with _interpret_ctx(cfg):
+            return paged_attention(q, kp, vp, lengths, table, pages_per_compute_block=per_block)
+
+    cache_axes = ("act_kv_heads", "batch", "cache_seq", None)
+    out = _run_per_shard(local, (q, k_cache, v_cache, lengths),
+                         (("batch", "act_heads", None), cache_axes, cache_axes, ("batch",)), rules)
+    return out.astype(out_dtype)
+
