@@ -8,7 +8,7 @@ formats, solves level 1 ~always, level 2 about half the time, level 3 rarely and
 (docs/results.md), and its meta predictions are uninformative, so there is something for the meta
 reward to teach. Change a template or a length knob below and the prompts leave the model's training
 distribution (rebuild the base model with the recipe if you must).
-Measured: 30 steps in ~4 min on 2 CPU cores (README); what MASA does here: docs/results.md.
+Timings and what MASA does here: docs/results.md.
 """
 from masa_jax.config import base_config
 from masa_jax.toy import defaults
@@ -33,9 +33,7 @@ def get_config():
     c.mesh.shape = (1, -1, 1)
 
     # Data: the first 4096 problems of the toy training stream, levels 1..5 uniform: the gating has
-    # easy (level 1) and hopeless (levels 4-5) problems to find; the GRPO signal comes from levels 2-3
-    # (22 % of problems give mixed groups at G = 8). For more groups with variance per step, weight the
-    # middle levels ("toy:4096:1,3,2,1,1").
+    # easy (level 1) and hopeless (levels 4-5) problems to find; the GRPO signal comes from levels 2-3.
     # Prompts are <= ~150 tokens (character-level tokenizer); 192 leaves room for notion hints.
     c.data.train_files = ("toy:4096",)
     c.data.problems_per_step = 8
@@ -71,16 +69,21 @@ def get_config():
     c.bc.steps = 2
     c.bc.lr = 1e-4
 
-    # RL: a 0.8 M parameter model fine-tuned at 3.5e-3 takes ~3e-4 where an 8B model needs 1e-6. Measured
-    # over 30 steps (2026-11-27, 5-step means of the meta reward): 3e-4 0.106 -> 0.183, 6e-4 0.109 ->
-    # 0.212 (an earlier base model: 1e-4 0.105 -> 0.132). Gating needs all 8 predictions to agree on 0 or
-    # 8 of 8; at 3e-4 a first problem is gated at step ~36 and 15 % of steps 56-60's problems
-    # (docs/results.md), so this 30-step run shows the switch-over, cutoff and hints but gates little.
-    # 8 problems x (8 + 8) rollouts = 128 sequences per step, in micro-batches of 32.
+    # RL: a 0.8 M parameter model fine-tuned at 3.5e-3 takes ~3e-4 where an 8B model needs 1e-6 (learning
+    # rates measured: docs/results.md). Two PPO mini-batches of 4 problems per step, so the second update
+    # is off-policy and the clip acts. 8 problems x (8 + 8) rollouts = 128 sequences per step, in
+    # micro-batches of 32.
     c.rl.lr = 3e-4
     c.rl.warmup_steps = 3
+    c.rl.mini_batch_size = 4
+    c.rl.ppo_epochs = 1
     c.rl.micro_batch_size = 32
     c.rl.chunk_size = 256
+
+    # Held-out accuracy before the first and after the last step (100 problems, 20 per level, never
+    # trained on; 4 samples each at the rollout temperature): the closing table shows both.
+    c.eval.files = ("toy-heldout:100:4321",)
+    c.eval.num_samples = 4
 
     # Answers are integers, decided without the sympy workers in almost every case.
     c.reward.num_workers = 1

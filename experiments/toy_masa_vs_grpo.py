@@ -38,13 +38,27 @@ from masa_jax.toy import defaults, world  # noqa: E402
 SECTION = "## GRPO vs MASA vs MASA-efficient (toy world)"
 
 
-def tiny_config(algorithm: str, seed: int, steps: int):
+HELDOUT_SEED = 4321  # the experiment's held-out problems: world.heldout(n, seed=4321), never trained on
+
+
+def tiny_config(algorithm: str, seed: int, steps: int, heldout: int = 0, eval_every: int = 0):
+    """configs/tiny.py with this run's algorithm / seed / length; with `heldout` > 0 the run evaluates
+    held-out accuracy itself (before the first step, every `eval_every` steps and after the last)."""
     sys.path.insert(0, os.path.join(REPO, "configs"))
     import tiny  # configs/tiny.py
     c = tiny.get_config()
     c.algorithm, c.seed, c.total_steps = algorithm, seed, steps
     c.log.tensorboard = False
+    if heldout:
+        c.eval.files = (f"toy-heldout:{heldout}:{HELDOUT_SEED}",)
+        c.eval.every = eval_every
     return c
+
+
+def read_evals(workdir: str) -> list[dict]:
+    """The run's held-out evaluations (eval.jsonl): step, train_time_s (RL steps only), eval/accuracy..."""
+    with open(os.path.join(workdir, "eval.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def heldout_eval(config, checkpoint: str, problems, verifier, seed: int) -> dict:
@@ -72,7 +86,7 @@ def heldout_eval(config, checkpoint: str, problems, verifier, seed: int) -> dict
 def run_all(args) -> dict:
     algorithms = args.algorithms.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
-    problems = list(world.heldout(args.heldout, seed=4321))
+    problems = list(world.heldout(args.heldout, seed=HELDOUT_SEED))
     verifier = math_reward.MathVerifier(num_workers=1)
     results = {"steps": args.steps, "seeds": seeds, "heldout": args.heldout, "runs": {}}
     try:
@@ -86,21 +100,24 @@ def run_all(args) -> dict:
                 if os.path.exists(done_file):  # finished in an earlier invocation: a long sweep can resume
                     with open(done_file) as f:
                         run = json.load(f)
-                    if (run.get("steps"), run.get("heldout_n")) != (args.steps, args.heldout):
+                    if (run.get("steps"), run.get("heldout_n"), run.get("eval_every")) != (
+                            args.steps, args.heldout, args.eval_every):
                         # Training in that workdir would resume its finished checkpoint, not start afresh.
                         raise SystemExit(f"{done_file} is a run of {run.get('steps')} steps / {run.get('heldout_n')} "
-                                         f"held-out problems, not {args.steps} / {args.heldout}: delete {workdir} "
+                                         f"held-out problems / eval every {run.get('eval_every')}, not "
+                                         f"{args.steps} / {args.heldout} / {args.eval_every}: delete {workdir} "
                                          "or pass another --workdir")
                     results["runs"][f"{algorithm}/{seed}"] = run
                     print(algorithm, seed, "reused", done_file, flush=True)
                     continue
-                config = tiny_config(algorithm, seed, args.steps)
+                config = tiny_config(algorithm, seed, args.steps, args.heldout, args.eval_every)
                 t0 = time.perf_counter()
                 history = train.train(config, workdir)
                 wall = time.perf_counter() - t0
                 ev = heldout_eval(config, workdir, problems, verifier, seed)
                 run = {"algorithm": algorithm, "seed": seed, "steps": args.steps, "heldout_n": args.heldout,
-                       "wall_s": wall, "history": history, "heldout": ev}
+                       "eval_every": args.eval_every, "wall_s": wall, "history": history, "heldout": ev,
+                       "evals": read_evals(workdir)}
                 with open(done_file, "w") as f:
                     json.dump(run, f, default=float)
                 results["runs"][f"{algorithm}/{seed}"] = run
@@ -127,9 +144,88 @@ def _series(runs, key, x="step"):
     return out
 
 
-def _smooth(y, w=5):
-    y = np.where(np.isfinite(y), y, np.nan)
-    return np.array([np.nanmean(y[max(0, i - w + 1):i + 1]) for i in range(len(y))])
+def _eval_curve(runs) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over seeds of the in-run held-out evaluations: (step, training seconds, accuracy mean, std)."""
+    evals = [r["evals"] for r in runs]
+    n = min(len(e) for e in evals)
+    steps = np.array([e["step"] for e in evals[0][:n]], float)
+    secs = np.mean([[e["train_time_s"] for e in ev[:n]] for ev in evals], axis=0)
+    acc = np.array([[e["eval/accuracy"] for e in ev[:n]] for ev in evals])
+    return steps, secs, acc.mean(axis=0), acc.std(axis=0)
+
+
+def time_to_reach(secs: np.ndarray, acc: np.ndarray, target: float) -> float:
+    """Training seconds of the first evaluation at or above `target` (inf: never)."""
+    hit = np.flatnonzero(acc >= target - 1e-12)
+    return float(secs[hit[0]]) if hit.size else float("inf")
+
+
+def summarise(results: dict) -> dict:
+    by_alg: dict[str, list] = {}
+    for run in results["runs"].values():
+        by_alg.setdefault(run["algorithm"], []).append(run)
+    switch = tiny_config("masa_efficient", 0, results["steps"]).efficient.switch_step
+    s = {"base_pass_mae": results["base"]["pass_mae"], "base_accuracy": results["base"]["accuracy"]}
+    for alg, runs in by_alg.items():
+        start = [r["evals"][0]["eval/accuracy"] for r in runs]
+        final = [r["evals"][-1]["eval/accuracy"] for r in runs]
+        mae = [r["heldout"]["pass_mae"] for r in runs]
+        sol_tokens = [sum(h.get("tokens/solution", 0.0) for h in r["history"]) for r in runs]
+        gated = [np.nanmean([h["gate/fraction"] for h in r["history"] if h["step"] > switch and "gate/fraction" in h])
+                 if alg == "masa_efficient" else None for r in runs]
+        steps, secs, acc, _ = _eval_curve(runs)
+        s[alg] = {"start_accuracy_mean": float(np.mean(start)), "accuracy_mean": float(np.mean(final)),
+                  "accuracy_std": float(np.std(final, ddof=1)) if len(final) > 1 else 0.0, "accuracy": final,
+                  "pass_mae_mean": float(np.mean(mae)), "pass_mae_std": float(np.std(mae)),
+                  "solution_tokens_mean": float(np.mean(sol_tokens)),
+                  "train_s_mean": float(np.mean([r["evals"][-1]["train_time_s"] for r in runs])),
+                  "wall_s_mean": float(np.mean([r["wall_s"] for r in runs])),
+                  "best_accuracy": float(acc.max()), "best_at_s": time_to_reach(secs, acc, acc.max()),
+                  "eval_steps": steps.tolist(), "eval_secs": secs.tolist(), "eval_acc": acc.tolist(),
+                  "gated_after_switch_mean": None if gated[0] is None else float(np.mean(gated))}
+    return s
+
+
+def bars(s: dict) -> list[tuple[str, bool | None, str]]:
+    out = []
+    base = s["base_pass_mae"]
+    if "grpo" in s:
+        g = s["grpo"]
+        rise = 100 * (g["accuracy_mean"] - g["start_accuracy_mean"])
+        out.append(("GRPO: held-out accuracy rises >= 10 points", rise >= 10.0,
+                    f"{100 * g['start_accuracy_mean']:.1f} % -> {100 * g['accuracy_mean']:.1f} % ({rise:+.1f} points)"))
+    for alg in ("masa", "masa_efficient"):
+        if alg in s:
+            drop = 1 - s[alg]["pass_mae_mean"] / base
+            out.append((f"{alg}: held-out pass-rate MAE falls >= 30 % from the base model", drop >= 0.30,
+                        f"{base:.3f} -> {s[alg]['pass_mae_mean']:.3f} ({-100 * drop:+.0f} %)"))
+    if "grpo" in s:
+        drop = 1 - s["grpo"]["pass_mae_mean"] / base
+        out.append(("GRPO: held-out pass-rate MAE does not fall >= 30 %", drop < 0.30,
+                    f"{base:.3f} -> {s['grpo']['pass_mae_mean']:.3f} ({-100 * drop:+.0f} %)"))
+    if "masa" in s and "grpo" in s:
+        a, b = np.array(s["masa"]["accuracy"]), np.array(s["grpo"]["accuracy"])
+        se = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)) if min(len(a), len(b)) > 1 else float("nan")
+        gap = 100 * (a.mean() - b.mean())
+        out.append(("MASA: final held-out accuracy >= GRPO's", gap >= 0,
+                    f"{gap:+.1f} ± {100 * se:.1f} points (difference of seed means ± its standard error)"))
+    if "masa_efficient" in s:
+        e = s["masa_efficient"]
+        g = e["gated_after_switch_mean"]
+        out.append(("MASA-efficient gates 15-45 % of problems after the switch-over", 0.15 <= g <= 0.45,
+                    f"{100 * g:.1f} %"))
+        if "grpo" in s:
+            grpo = s["grpo"]
+            t_eff = time_to_reach(np.array(e["eval_secs"]), np.array(e["eval_acc"]), grpo["best_accuracy"])
+            ratio = t_eff / grpo["best_at_s"] if grpo["best_at_s"] > 0 else float("inf")
+            out.append(("MASA-efficient reaches GRPO's best held-out accuracy in <= 0.8x GRPO's training time",
+                        ratio <= 0.8, f"GRPO best {100 * grpo['best_accuracy']:.1f} % at {grpo['best_at_s']:.0f} s; "
+                        f"MASA-efficient " + (f"at {t_eff:.0f} s ({ratio:.2f}x)" if np.isfinite(t_eff)
+                                              else "never (within the run)")))
+            saved = 1 - e["solution_tokens_mean"] / grpo["solution_tokens_mean"]
+            out.append(("MASA-efficient generates >= 25 % fewer solution tokens than GRPO", saved >= 0.25,
+                        f"{100 * saved:.1f} % fewer"))
+    return out
 
 
 def figures(results: dict, fig_dir: str) -> list[str]:
@@ -138,16 +234,14 @@ def figures(results: dict, fig_dir: str) -> list[str]:
     for run in results["runs"].values():
         by_alg.setdefault(run["algorithm"], []).append(run)
     paths = []
-    for x, label in (("step", "step"), ("wall", "wall-clock seconds"), ("tokens", "generated tokens")):
+    for x, label in (("step", "step"), ("secs", "training seconds (evaluations excluded)")):
         series = {}
         for alg, runs in by_alg.items():
-            s = _series(runs, "acc/solution", x)
-            xs = np.mean([a for a, _ in s], axis=0)
-            ys = np.array([_smooth(b) for _, b in s])
-            series[alg] = (xs, np.nanmean(ys, axis=0), np.nanstd(ys, axis=0))
-        path = os.path.join(fig_dir, f"toy_accuracy_vs_{x}.png")
-        metrics_lib.plot_curves(series, label, "training accuracy (5-step mean)", path,
-                                title=f"toy world: accuracy vs {label}")
+            steps, secs, acc, std = _eval_curve(runs)
+            series[alg] = (steps if x == "step" else secs, acc, std)
+        path = os.path.join(fig_dir, f"toy_heldout_accuracy_vs_{'step' if x == 'step' else 'wall'}.png")
+        metrics_lib.plot_curves(series, label, "held-out accuracy (mean over seeds)", path,
+                                title=f"toy world: held-out accuracy vs {label.split(' (')[0]}")
         paths.append(path)
     series = {}
     for alg, runs in by_alg.items():
@@ -168,65 +262,22 @@ def figures(results: dict, fig_dir: str) -> list[str]:
     return paths
 
 
-def summarise(results: dict) -> dict:
-    by_alg: dict[str, list] = {}
-    for run in results["runs"].values():
-        by_alg.setdefault(run["algorithm"], []).append(run)
-    switch = tiny_config("masa_efficient", 0, results["steps"]).efficient.switch_step
-    s = {"base_pass_mae": results["base"]["pass_mae"], "base_accuracy": results["base"]["accuracy"]}
-    for alg, runs in by_alg.items():
-        acc = [r["heldout"]["accuracy"] for r in runs]
-        mae = [r["heldout"]["pass_mae"] for r in runs]
-        sol_tokens = [sum(h.get("tokens/solution", 0.0) for h in r["history"]) for r in runs]
-        gated = [np.nanmean([h["gate/fraction"] for h in r["history"] if h["step"] > switch and "gate/fraction" in h])
-                 if alg == "masa_efficient" else None for r in runs]
-        s[alg] = {"accuracy_mean": float(np.mean(acc)), "accuracy_std": float(np.std(acc)),
-                  "pass_mae_mean": float(np.mean(mae)), "pass_mae_std": float(np.std(mae)),
-                  "solution_tokens_mean": float(np.mean(sol_tokens)),
-                  "wall_s_mean": float(np.mean([r["wall_s"] for r in runs])),
-                  "gated_after_switch_mean": None if gated[0] is None else float(np.mean(gated))}
-    return s
-
-
-def bars(s: dict) -> list[tuple[str, bool | None, str]]:
-    out = []
-    base = s["base_pass_mae"]
-    if "masa" in s:
-        drop = 1 - s["masa"]["pass_mae_mean"] / base
-        out.append(("MASA: held-out pass-rate MAE falls >= 30 % from the base model", drop >= 0.30,
-                    f"{base:.3f} -> {s['masa']['pass_mae_mean']:.3f} ({-100 * drop:+.0f} %)"))
-    if "grpo" in s:
-        drop = 1 - s["grpo"]["pass_mae_mean"] / base
-        out.append(("GRPO: held-out pass-rate MAE does not fall >= 30 %", drop < 0.30,
-                    f"{base:.3f} -> {s['grpo']['pass_mae_mean']:.3f} ({-100 * drop:+.0f} %)"))
-    if "masa_efficient" in s:
-        g = s["masa_efficient"]["gated_after_switch_mean"]
-        out.append(("MASA-efficient gates 15-45 % of problems after the switch-over", 0.15 <= g <= 0.45,
-                    f"{100 * g:.1f} %"))
-        if "masa" in s:
-            saved = 1 - s["masa_efficient"]["solution_tokens_mean"] / s["masa"]["solution_tokens_mean"]
-            out.append(("MASA-efficient generates >= 25 % fewer solution tokens than MASA", saved >= 0.25,
-                        f"{100 * saved:.1f} % fewer"))
-            gap = 100 * (s["masa_efficient"]["accuracy_mean"] - s["masa"]["accuracy_mean"])
-            out.append(("MASA-efficient ends within 2 accuracy points of MASA", abs(gap) <= 2.0 or gap > 0,
-                        f"{gap:+.1f} points"))
-    return out
-
-
 def markdown(results: dict, s: dict, fig_paths: list[str], command: str) -> str:
     lines = [SECTION, "", f"Command: `{command}` (2-core CPU, {time.strftime('%Y-%m-%d')}). "
              f"{results['steps']} steps per run, seeds {results['seeds']}, {results['heldout']} held-out "
-             "problems (8 meta predictions and 8 solution samples each, temperature 1).", "",
-             "| policy | held-out accuracy | pass-rate MAE | solution tokens (run) | gated after switch | wall s |",
-             "|---|---:|---:|---:|---:|---:|",
+             "problems: accuracy from the run's own evaluations (4 samples each, temperature 1, before the "
+             "first step and every few steps), calibration from 8 meta predictions and 8 solution samples each "
+             "after the run. Mean ± sample std over seeds; training seconds exclude the evaluations.", "",
+             "| policy | held-out accuracy start -> end | pass-rate MAE | solution tokens (run) | gated after switch "
+             "| training s |", "|---|---:|---:|---:|---:|---:|",
              f"| base model | {100 * s['base_accuracy']:.1f} % | {s['base_pass_mae']:.3f} | | | |"]
     for alg in ("grpo", "masa", "masa_efficient"):
         if alg in s:
             a = s[alg]
             g = "" if a["gated_after_switch_mean"] is None else f"{100 * a['gated_after_switch_mean']:.1f} %"
-            lines.append(f"| {alg} | {100 * a['accuracy_mean']:.1f} ± {100 * a['accuracy_std']:.1f} % | "
-                         f"{a['pass_mae_mean']:.3f} ± {a['pass_mae_std']:.3f} | {a['solution_tokens_mean']:,.0f} | "
-                         f"{g} | {a['wall_s_mean']:.0f} |")
+            lines.append(f"| {alg} | {100 * a['start_accuracy_mean']:.1f} -> {100 * a['accuracy_mean']:.1f} ± "
+                         f"{100 * a['accuracy_std']:.1f} % | {a['pass_mae_mean']:.3f} ± {a['pass_mae_std']:.3f} | "
+                         f"{a['solution_tokens_mean']:,.0f} | {g} | {a['train_s_mean']:.0f} |")
     lines += ["", "| bar | met | measured |", "|---|---|---|"]
     for name, met, measured in bars(s):
         lines.append(f"| {name} | {'met' if met else 'NOT met'} | {measured} |")
@@ -251,7 +302,8 @@ def main():
     ap.add_argument("--algorithms", default="grpo,masa,masa_efficient")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--heldout", type=int, default=64)
+    ap.add_argument("--heldout", type=int, default=100)
+    ap.add_argument("--eval_every", type=int, default=5, help="in-run held-out evaluation every N steps")
     ap.add_argument("--workdir", default=os.path.join(REPO, "runs", "toy_masa_vs_grpo"))
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "results_toy.json"))
     args = ap.parse_args()

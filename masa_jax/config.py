@@ -1,7 +1,7 @@
 """The run configuration: one ml_collections ConfigDict with every knob, and the algorithm switch.
 
 `configs/*.py` start from `base_config()` and override; the command line overrides any field
-(`--config.rl.lr=2e-6`). Defaults are the paper's (method doc section 5) unless a comment says otherwise.
+(`--config.rl.lr=2e-6`). Defaults are the paper's (docs/method.md §5) unless a comment says otherwise.
 Unknown / mistyped fields are rejected by ml_collections (ConfigDicts are locked).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ def base_config() -> mlc.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.dtype = "bfloat16"    # compute dtype
     c.model.remat = "full"        # none | full | save_dots
-    c.model.attention_impl = "xla"  # xla | cudnn
+    c.model.attention_impl = "xla"  # xla | cudnn | pallas (TPU kernels; falls back to xla elsewhere)
 
     c.mesh = mlc.ConfigDict()
     c.mesh.shape = (1, -1, 1)     # (data, fsdp, tensor); -1 = the remaining devices
@@ -133,6 +133,8 @@ def base_config() -> mlc.ConfigDict:
     c.log.wandb_project = "masa_jax"
     c.log.figures = True            # PNGs at the end of a run: calibration, meta rewards, gating
     c.log.calibration_steps = 5     # steps pooled for the start / end calibration panels and summary table
+    # Peak FLOP/s of one device for perf/mfu; 0 = masa_jax.perf's table by device kind (unknown: no MFU).
+    c.log.peak_flops_per_device = 0.0
     c.lock()  # config files and overrides may change fields, never invent them (typos are errors)
     return c
 
@@ -188,6 +190,20 @@ def _check_values(c: mlc.ConfigDict) -> None:
                         f"{c.eval.every!r}, num_samples={c.eval.num_samples!r}, temperature={c.eval.temperature!r}")
     if c.data.on_error not in ("raise", "skip"):
         raise UserError(f"config.data.on_error must be one of ('raise', 'skip'), got {c.data.on_error!r}")
+    if not c.log.peak_flops_per_device >= 0:
+        raise UserError("config.log.peak_flops_per_device must be >= 0 (0: from the device kind), got "
+                        f"{c.log.peak_flops_per_device!r}")
+
+
+def override(config: mlc.ConfigDict, overrides: dict) -> mlc.ConfigDict:
+    """Sets dotted fields ({"rl.lr": 1e-3}) in place, as --config.<field> does; returns the config."""
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
 
 
 def uses_meta(config) -> bool:

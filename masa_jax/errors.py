@@ -12,6 +12,8 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
+from masa_jax import fs
+
 EXIT_CODE = 2
 
 
@@ -75,13 +77,13 @@ def config_from_flags(F):
 
 
 def check_workdir(workdir: str) -> None:
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    if fs.isfile(workdir):
         raise UserError(f"--workdir {workdir} is a file, not a directory: pass a new or an existing run directory")
 
 
 def is_hf_dir(path: str) -> bool:
-    """A local HF model directory: config.json and the safetensors weights (one file or an index)."""
-    has = lambda name: os.path.isfile(os.path.join(path, name))
+    """An HF model directory (local or remote): config.json and the safetensors weights (one file or an index)."""
+    has = lambda name: fs.isfile(fs.join(path, name))
     return has("config.json") and (has("model.safetensors") or has("model.safetensors.index.json"))
 
 
@@ -89,12 +91,12 @@ def check_model_dir(config, weights: bool = True) -> None:
     """The HF directory of config.model.path (`weights`: the run loads them) and the tokenizer's directory."""
     for field in (("model.path",) if weights else ()) + ("model.tokenizer_path",):
         path = config[field]
-        if not path or not os.path.isdir(path):
-            raise UserError(f"config.{field} {path!r} is not a directory: set --config.{field} to a local HF "
-                            "model directory (config.json, *.safetensors, tokenizer files)")
+        if not path or not fs.isdir(path):
+            raise UserError(f"config.{field} {path!r} is not a directory: set --config.{field} to an HF model "
+                            "directory, local or gs:// (config.json, *.safetensors, tokenizer files)")
     if weights and not is_hf_dir(config.model.path):
         raise UserError(f"config.model.path {config.model.path!r} has no config.json or model.safetensors"
-                        "[.index.json]: set --config.model.path to a local HF model directory")
+                        "[.index.json]: set --config.model.path to an HF model directory")
 
 
 def check_data_files(specs: Sequence[str], *, on_error: str = "raise", field: str = "config.data.train_files",
@@ -108,7 +110,7 @@ def check_data_files(specs: Sequence[str], *, on_error: str = "raise", field: st
             raise UserError(f"{field} has an empty entry: name the data files (verl parquet, JSONL, tfds:<name>)")
         if spec.startswith(("toy:", "toy-heldout:", "tfds:")):
             continue
-        if not os.path.isfile(spec):
+        if not fs.isfile(spec):
             raise UserError(f"data file {spec} does not exist: fix {field}")
         try:
             loaded = sources.load_problems(spec, on_error=on_error)

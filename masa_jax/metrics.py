@@ -18,7 +18,10 @@ Keys this module reads by name (the trainer should emit them, as fractions in [0
 ``reward/meta_difficulty``      its difficulty part
 ``reward/meta_notion``          its notion part
 ``gate/fraction``               fraction of problems whose solution rollouts were gated (fraction)
-``throughput/tokens_per_s``     generated tokens per second
+``throughput/tokens_per_s``     generated tokens per second of the whole step
+``perf/rollout_tokens_per_s``   generated tokens per second of the rollout phase (``masa_jax.perf``)
+``perf/update_tokens_per_s``    update tokens per second of the policy update  (``masa_jax.perf``)
+``perf/mfu``                    model FLOPs utilisation of the step            (fraction)
 ==============================  ===============================================================
 
 Only JAX process 0 should write (``is_primary``); the other hosts get a writer that does nothing.
@@ -28,6 +31,7 @@ they are safe in headless jobs and do not disturb a notebook's backend.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -35,11 +39,13 @@ import os
 import sys
 import uuid
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 from matplotlib.figure import Figure
+
+from masa_jax import fs
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +59,9 @@ PROGRESS_KEYS: tuple[tuple[str, str, str], ...] = (
     ("reward/meta_total", "meta", "{:.3f}"),
     ("gate/fraction", "gated", "{:.0%}"),
     ("throughput/tokens_per_s", "tok/s", "{:,.0f}"),
+    ("perf/rollout_tokens_per_s", "rollout tok/s", "{:,.0f}"),
+    ("perf/update_tokens_per_s", "update tok/s", "{:,.0f}"),
+    ("perf/mfu", "mfu", "{:.1%}"),
 )
 META_REWARD_KEYS = ("reward/meta_total", "reward/meta_length", "reward/meta_difficulty",
                     "reward/meta_notion")
@@ -99,34 +108,29 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     A line that does not parse (the half-written last line of a crashed run) is skipped with a
     WARNING rather than failing the resumed run.
     """
-    path = Path(path)
+    path = fs.path(path)
     if not path.exists():
         return []
     records = []
-    with path.open() as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                logger.warning("%s:%d: skipping unparseable metric line (%s)", path, number, err)
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            logger.warning("%s:%d: skipping unparseable metric line (%s)", path, number, err)
     return records
 
 
 def truncate_jsonl(path: str | os.PathLike, last_step: int | None) -> int:
     """Keeps only the records with ``step <= last_step`` (all are dropped when None).
 
-    The file is rewritten through a temporary file and ``os.replace``, so a crash here leaves either
-    the old or the new file, never a mix. Returns the number of records kept.
+    The file is rewritten whole (``fs.write_text``), so a crash here leaves either the old or the new
+    file, never a mix. Returns the number of records kept.
     """
-    path = Path(path)
     records = read_jsonl(path)
     kept = [r for r in records if last_step is not None and _record_step(r) <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in kept)
-    os.replace(tmp, path)
+    fs.write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
     if len(kept) != len(records):
         logger.info("%s: dropped %d records after step %s", path, len(records) - len(kept),
                     last_step)
@@ -175,7 +179,7 @@ class MetricsWriter:
 
             is_primary = jax.process_index() == 0
         self.is_primary = is_primary
-        self.workdir = Path(workdir)
+        self.workdir = fs.path(workdir)
         self.path = self.workdir / METRICS_FILE
         self._use_tensorboard = use_tensorboard
         self._tb = None
@@ -212,9 +216,9 @@ class MetricsWriter:
         record.update((k, v) for k, v in to_json_value(dict(metrics)).items() if k != "step")
         if not self.is_primary:
             return record
-        # Open per write: one line per RL step is cheap, and each line is on disk when this returns.
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+        # One line per RL step is cheap, and each line is stored when this returns (on an object store
+        # the file is rewritten: no append there).
+        fs.append_text(self.path, json.dumps(record, allow_nan=False) + "\n")
         scalars = _scalars(record)
         if self._tb is not None:
             for key, value in scalars.items():
@@ -244,13 +248,41 @@ class MetricsWriter:
         self.close()
 
 
-def _open_tensorboard(logdir: Path, purge_step: int | None) -> Any:
+def _open_tensorboard(logdir: epath.Path, purge_step: int | None) -> Any:
     from tensorboardX import SummaryWriter  # deferred: protobuf import is slow
+    from tensorboardX import record_writer
 
-    return SummaryWriter(str(logdir), purge_step=purge_step)
+    if fs.is_remote(logdir):  # event files through epath too, instead of tensorboardX's own GCS / S3 clients
+        record_writer.register_writer_factory(os.fspath(logdir).split(":")[0], _EpathRecordWriterFactory())
+    return SummaryWriter(os.fspath(logdir), purge_step=purge_step)
 
 
-def _init_wandb(workdir: Path, project: str | None, config: Mapping[str, Any] | None) -> Any:
+class _EpathRecordWriter:
+    """A remote TensorBoard event file: kept in memory and written whole on each flush (an object store
+    has no append), as tensorboardX's own GCS writer does."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer = path, io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        fs.path(self.path).write_bytes(self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EpathRecordWriterFactory:
+    def open(self, path: str) -> _EpathRecordWriter:
+        return _EpathRecordWriter(path)
+
+    def directory_check(self, path: str) -> None:  # no directories to make on an object store
+        pass
+
+
+def _init_wandb(workdir: epath.Path, project: str | None, config: Mapping[str, Any] | None) -> Any:
     try:
         import wandb
     except ImportError as err:
@@ -261,8 +293,9 @@ def _init_wandb(workdir: Path, project: str | None, config: Mapping[str, Any] | 
     id_file.write_text(run_id)
     # W&B drops steps below its last logged one, so after a resume the re-run steps between the
     # checkpoint and the crash keep their first values there (the JSONL file is the record).
-    return wandb.init(project=project, dir=str(workdir), id=run_id, resume="allow",
-                      config=dict(config or {}))
+    # W&B keeps its files in a local directory: ./wandb for a remote workdir.
+    return wandb.init(project=project, dir=None if fs.is_remote(workdir) else os.fspath(workdir), id=run_id,
+                      resume="allow", config=dict(config or {}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,17 +423,18 @@ def _new_figure(ncols: int = 1, width: float = 5.0, height: float = 3.6) -> tupl
     return fig, list(axes)
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
-    path = Path(path)
+def _save(fig: Figure, path: str | os.PathLike) -> epath.Path:
+    path = fs.path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, format="png")
+    with path.open("wb") as f:  # a file object: matplotlib would open a gs:// name as a local file
+        fig.savefig(f, dpi=120, format="png")
     return path
 
 
 def plot_calibration(pred_pass: Any, true_pass: Any, path: str | os.PathLike, title: str = "",
                      *, panel_titles: Sequence[str] | None = None,
                      xlabel: str = "predicted pass rate", ylabel: str = "actual pass rate",
-                     lims: tuple[float, float] | None = (0.0, 1.0)) -> Path:
+                     lims: tuple[float, float] | None = (0.0, 1.0)) -> epath.Path:
     """Scatter of predicted vs actual pass rate with the y = x line (the paper's Figure 2).
 
     ``pred_pass`` / ``true_pass`` are either one 1-D array each (one panel), or equally long
@@ -466,7 +500,7 @@ def _binned_means(pred: np.ndarray, true: np.ndarray, low: float, high: float, b
 
 
 def plot_meta_rewards(history: Sequence[Mapping[str, Any]], path: str | os.PathLike,
-                      title: str = "meta reward") -> Path | None:
+                      title: str = "meta reward") -> epath.Path | None:
     """Meta reward total and its length / difficulty / notion parts over steps.
 
     Returns the PNG path, or None (with a WARNING, nothing written) when the history has none of
@@ -478,13 +512,13 @@ def plot_meta_rewards(history: Sequence[Mapping[str, Any]], path: str | os.PathL
 
 def plot_gating(history: Sequence[Mapping[str, Any]], path: str | os.PathLike,
                 title: str = "predictive gating", keys: Sequence[str] = ("gate/fraction",)
-                ) -> Path | None:
+                ) -> epath.Path | None:
     """Fraction of problems gated (no solution rollouts) over steps; None if never logged."""
     return _plot_history_keys(history, keys, path, title, ylabel="fraction of problems",
                               ylim=(0.0, 1.02))
 
 
-def _plot_history_keys(history, keys, path, title, ylabel, ylim) -> Path | None:
+def _plot_history_keys(history, keys, path, title, ylabel, ylim) -> epath.Path | None:
     series = {key: history_series(history, key) for key in keys}
     series = {key: xy for key, xy in series.items() if xy[0].size}
     if not series:
@@ -500,7 +534,7 @@ def _plot_history_keys(history, keys, path, title, ylabel, ylim) -> Path | None:
 
 
 def plot_curves(series: Mapping[str, tuple], xlabel: str, ylabel: str, path: str | os.PathLike,
-                title: str = "", *, logx: bool = False) -> Path:
+                title: str = "", *, logx: bool = False) -> epath.Path:
     """Line per named series, with a shaded ± band where a spread is given.
 
     ``series[name]`` is ``(x, y)`` or ``(x, y, yerr)`` (yerr: e.g. the std over seeds, or None) —

@@ -1,6 +1,6 @@
 """The tokenizer as the trainer sees it: chat messages -> prompt ids, ids -> text, stop ids.
 
-Loads any local HF tokenizer directory (a real Qwen checkpoint or the toy world's) through
+Loads any HF tokenizer directory (a real Qwen checkpoint or the toy world's) through
 `transformers.AutoTokenizer`, so both take the same code path.
 """
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from typing import Any, Sequence
+
+from masa_jax import fs
 
 
 @dataclasses.dataclass
@@ -30,8 +32,10 @@ class ChatCodec:
 
 
 def load_codec(path: str, extra_eos: Sequence[int] = ()) -> ChatCodec:
-    """ChatCodec for a local tokenizer directory. Stop ids: the tokenizer's eos, `<|im_end|>` (the end
-    of a chat turn for Qwen templates) and `<|endoftext|>` where present, plus `extra_eos`."""
+    """ChatCodec for a tokenizer directory (local, or gs:// copied to a local cache: transformers reads
+    local files only). Stop ids: the tokenizer's eos, `<|im_end|>` (the end of a chat turn for Qwen
+    templates) and `<|endoftext|>` where present, plus `extra_eos`."""
+    path = fs.local_copy(path)
     if not path or not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
     from transformers import AutoTokenizer  # tokenizer only: masa_jax never uses transformers' models

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Callable
 
@@ -27,7 +26,9 @@ import numpy as np
 from masa_jax import checkpointing
 from masa_jax import config as config_lib
 from masa_jax import errors
+from masa_jax import fs
 from masa_jax import metrics as metrics_lib
+from masa_jax import perf
 from masa_jax.data import pipeline, sources
 from masa_jax.dry_run import model_config_for
 from masa_jax.models import qwen
@@ -46,7 +47,7 @@ from masa_jax.tokenization import ChatCodec, load_codec
 log = logging.getLogger("masa_jax.train")
 
 # Metrics that depend on wall-clock time; everything else is a deterministic function of (seed, step).
-TIMING_PREFIXES = ("time/", "throughput/")
+TIMING_PREFIXES = ("time/", "throughput/", "perf/")
 
 
 @dataclasses.dataclass
@@ -82,11 +83,17 @@ def rollout_config(config) -> rollout_lib.RolloutConfig:
         gating=e.gating, cutoff=e.cutoff, hints=e.hints)
 
 
-def load_training_problems(config, codec: ChatCodec, rcfg: rollout_lib.RolloutConfig) -> tuple[list, dict]:
-    """All training problems of the configured files, overlong prompts filtered (counted)."""
+def load_training_problems(config, codec: ChatCodec, rcfg: rollout_lib.RolloutConfig, process_index: int | None = None,
+                           process_count: int | None = None) -> tuple[list, dict]:
+    """This host's share of the training problems, overlong prompts filtered (counted): each host parses
+    only its block of rows of every file (`pipeline.load_host_problems`; the whole set on one host).
+    process_index / process_count default to jax's. An empty share is an error only on a single host
+    (build_run checks all hosts' shares together)."""
+    h = jax.process_index() if process_index is None else process_index
+    p = jax.process_count() if process_count is None else process_count
     problems, stats = [], collections.Counter()
     for spec in config.data.train_files:
-        loaded = sources.load_problems(spec, on_error=config.data.on_error)
+        loaded = pipeline.load_host_problems(spec, process_index=h, process_count=p, on_error=config.data.on_error)
         stats["skipped_malformed"] += loaded.num_skipped
         for msg in loaded.skipped[:5]:
             log.warning("skipped malformed row: %s", msg)
@@ -103,7 +110,7 @@ def load_training_problems(config, codec: ChatCodec, rcfg: rollout_lib.RolloutCo
     stats["dropped_overlong"] = dropped
     if dropped:
         log.warning("dropped %d problems whose prompt exceeds %d tokens", dropped, config.data.max_prompt_length)
-    if not kept:
+    if not kept and p == 1:
         raise errors.UserError(f"no training problems left from {list(config.data.train_files)}: every prompt is "
                                f"longer than data.max_prompt_length={config.data.max_prompt_length}")
     return kept, dict(stats)
@@ -114,27 +121,32 @@ def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
     m = config.mesh
     mesh_lib.initialize_distributed(m.coordinator_address or None, m.num_processes, m.process_id, auto=m.tpu_pod)
     mesh = mesh_lib.make_mesh(m.shape)
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
     if jax.process_index() == 0:
         write_config(config, workdir)
     codec = load_codec(config.model.tokenizer_path)
     model_cfg = model_config_for(config)
-    model_cfg, params = qwen.from_pretrained(config.model.path, dtype=model_cfg.param_dtype, mesh=mesh,
-                                             compute_dtype=model_cfg.dtype, remat=model_cfg.remat,
+    model_cfg, params = qwen.from_pretrained(fs.local_copy(config.model.path), dtype=model_cfg.param_dtype,
+                                             mesh=mesh, compute_dtype=model_cfg.dtype, remat=model_cfg.remat,
                                              attention_impl=model_cfg.attention_impl)
     rcfg = rollout_config(config)
     problems, data_stats = load_training_problems(config, codec, rcfg)
+    shard_sizes = multihost.allgather_json(len(problems))  # every host's share (all hosts raise alike)
+    if not min(shard_sizes):
+        raise errors.UserError(f"no training problems left for host(s) {[i for i, n in enumerate(shard_sizes) if not n]} "
+                               f"of {len(shard_sizes)} from {list(config.data.train_files)} (after data.max_prompt_length="
+                               f"{config.data.max_prompt_length}): each host trains on its own block of rows")
     per_host = pipeline.per_host_batch_size(config.data.problems_per_step, jax.process_count())
-    data = pipeline.batches(problems, batch_size=per_host, seed=config.seed, shuffle=config.data.shuffle)
-    log.info("training problems: %d (%s)", len(problems), data_stats)
-    eval_problems = [p for spec in config.eval.files for p in sources.load_problems(spec).problems]
-    eval_problems = eval_problems[jax.process_index()::jax.process_count()]
+    data = pipeline.batches(problems, batch_size=per_host, seed=config.seed, shuffle=config.data.shuffle,
+                            sharded=True, shard_sizes=shard_sizes)
+    log.info("training problems: %d on this host of %d (%s)", len(problems), sum(shard_sizes), data_stats)
+    eval_problems = list(pipeline.load_host_all(config.eval.files).problems)  # this host's share of each file
     verifier = math_reward.MathVerifier(num_workers=config.reward.num_workers,
                                         per_item_timeout_s=config.reward.per_item_timeout_s,
                                         batch_budget_s=config.reward.batch_budget_s,
                                         fallback=config.reward.answer_fallback)
     updater = update_lib.Updater.create(config, model_cfg, params, mesh, pad_id=codec.pad_id)
-    checkpointer = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"),
+    checkpointer = checkpointing.RunCheckpointer(fs.join(workdir, "checkpoints"),
                                                  max_to_keep=config.checkpoint.max_to_keep)
     writer = metrics_lib.MetricsWriter(workdir, use_tensorboard=config.log.tensorboard, use_wandb=config.log.wandb,
                                        wandb_project=config.log.wandb_project, is_primary=jax.process_index() == 0)
@@ -238,9 +250,13 @@ def train_one_step(run: Run, state, loop: LoopState, rng: jax.Array):
     metrics["efficient/active"] = float(active)
 
     t0 = time.perf_counter()
+    metrics["time/rollout_s"] = t0 - t_step  # sampling, rewards, advantages
     state, upd = run.updater.policy_update(state, ro)
     metrics.update(upd)
     metrics["time/update_s"] = time.perf_counter() - t0
+    lengths = [len(p) + len(r) for p, r in zip(ro.train_prompt_ids, ro.train_response_ids)]
+    metrics.update(perf.update_counts(run.model_cfg, lengths, ppo_epochs=run.config.rl.ppo_epochs,
+                                      reference=run.config.rl.kl_coef > 0))
 
     if run.rollout_cfg.use_meta:
         if run.config.bc.enabled:
@@ -270,6 +286,8 @@ def train_one_step(run: Run, state, loop: LoopState, rng: jax.Array):
     tokens = metrics.get("tokens/solution", 0.0) + metrics.get("tokens/meta", 0.0)
     metrics["time/step_s"] = elapsed
     metrics["throughput/tokens_per_s"] = tokens / max(elapsed, 1e-9)
+    metrics.update(perf.step_metrics(run.model_cfg, metrics, elapsed,
+                                     peak_override=run.config.log.peak_flops_per_device))
     return state, metrics
 
 
@@ -300,7 +318,7 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
         run = build_run(config, workdir, generate_fn)
     except BaseException:
         if created:  # a failed start leaves no half-made workdir behind
-            shutil.rmtree(created, ignore_errors=True)
+            fs.rmtree(created)
         raise
     state = run.updater.state
     loop = LoopState(buffer=expert_lib.ExpertBuffer(config.bc.buffer_size))
@@ -393,11 +411,8 @@ def _record_eval(run: Run, loop: LoopState, result: dict[str, float]) -> dict[st
     """Keeps one evaluation in the loop state (checkpointed) and in eval.jsonl; returns it."""
     loop.evals.append({"step": loop.step, "train_time_s": loop.train_time_s, **result})
     if jax.process_index() == 0:
-        path = os.path.join(run.workdir, "eval.jsonl")
-        with open(path + ".tmp", "w") as f:  # rewritten whole: a resumed run drops an interrupted run's lines
-            for r in loop.evals:
-                f.write(json.dumps(r) + "\n")
-        os.replace(path + ".tmp", path)
+        # Rewritten whole: a resumed run drops an interrupted run's lines.
+        fs.write_text(fs.join(run.workdir, "eval.jsonl"), "".join(json.dumps(r) + "\n" for r in loop.evals))
     log.info("held-out accuracy at step %d: %.4f", loop.step, result["eval/accuracy"])
     return result
 
@@ -413,7 +428,10 @@ def check_inputs(config, workdir: str, allow_config_change: bool = False) -> Non
 
 
 def _first_missing_dir(path: str) -> str | None:
-    """The outermost directory that creating `path` would create (None: it exists)."""
+    """The outermost directory that creating `path` would create (None: it exists). An object store has
+    no directories: there it is `path` itself unless something is stored under it."""
+    if fs.is_remote(path):
+        return None if fs.exists(path) else path
     path, missing = os.path.abspath(path), None
     while not os.path.exists(path):
         path, missing = os.path.dirname(path), path
@@ -442,18 +460,17 @@ def config_changes(stored: dict, config) -> list[str]:
 
 def _stored_config(path: str) -> dict | None:
     """The config.json at `path`, None when it does not exist; an unreadable one is a UserError."""
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return None
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(fs.read_text(path))
     except (OSError, ValueError) as e:
         raise errors.UserError(f"{path} cannot be read ({e}): delete it, or pass --allow_config_change") from e
 
 
 def check_config_change(config, workdir: str, allow: bool) -> None:
     """A workdir resumes the run its config.json describes: another config is an error unless allowed."""
-    stored = None if allow else _stored_config(os.path.join(workdir, "config.json"))
+    stored = None if allow else _stored_config(fs.join(workdir, "config.json"))
     changes = config_changes(stored, config) if stored is not None else []
     if changes:
         raise errors.UserError(f"{workdir} holds a run with another config: {', '.join(changes)}; pass "
@@ -462,19 +479,18 @@ def check_config_change(config, workdir: str, allow: bool) -> None:
 
 def write_config(config, workdir: str) -> None:
     """Writes config.json; a differing one from an earlier invocation is kept as config.<n>.json."""
-    path = os.path.join(workdir, "config.json")
+    path = fs.join(workdir, "config.json")
     try:
         keep = (stored := _stored_config(path)) is not None and bool(config_changes(stored, config))
     except errors.UserError:  # unreadable: keep it too
         keep = True
     if keep:
         n = 1
-        while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+        while fs.exists(fs.join(workdir, f"config.{n}.json")):
             n += 1
-        os.replace(path, os.path.join(workdir, f"config.{n}.json"))
-    with open(path + ".tmp", "w") as f:
-        json.dump(config.to_dict(), f, indent=2, default=str)
-    os.replace(path + ".tmp", path)  # atomic: other hosts may be reading it in check_config_change
+        fs.replace(path, fs.join(workdir, f"config.{n}.json"))
+    # Atomic: other hosts may be reading it in check_config_change.
+    fs.write_text(path, json.dumps(config.to_dict(), indent=2, default=str))
 
 
 def _append_calibration(run: Run, loop: LoopState) -> None:
@@ -485,11 +501,10 @@ def _append_calibration(run: Run, loop: LoopState) -> None:
     if jax.process_index() == 0:
         record = {"step": loop.step, "pred": sum((p["pred"] for p in parts), []),
                   "true": sum((p["true"] for p in parts), [])}
-        path = os.path.join(run.workdir, "calibration.jsonl")
-        kept = [r for r in metrics_lib.read_jsonl(path) if r["step"] < loop.step] if os.path.exists(path) else []
-        with open(path, "w") as f:  # rewritten, so a resumed run drops the interrupted run's later lines
-            for r in kept + [record]:
-                f.write(json.dumps(r) + "\n")
+        path = fs.join(run.workdir, "calibration.jsonl")
+        kept = [r for r in metrics_lib.read_jsonl(path) if r["step"] < loop.step]
+        # Rewritten, so a resumed run drops the interrupted run's later lines.
+        fs.write_text(path, "".join(json.dumps(r) + "\n" for r in kept + [record]))
     loop.calibration = None
 
 
@@ -498,23 +513,23 @@ def write_figures(workdir: str, history: list[dict], calibration_steps: int, *, 
     """End-of-run PNGs: predicted vs actual pass rate at the start and the end (the paper's Figure 2),
     the meta reward and its parts over steps (`meta`: the algorithm trains a meta path), and the gated
     fraction over steps (`gating`: MASA-efficient)."""
-    fig_dir = os.path.join(workdir, "figures")
-    os.makedirs(fig_dir, exist_ok=True)
-    path = os.path.join(workdir, "calibration.jsonl")
-    if os.path.exists(path):
+    fig_dir = fs.join(workdir, "figures")
+    fs.makedirs(fig_dir)
+    path = fs.join(workdir, "calibration.jsonl")
+    if fs.exists(path):
         records = metrics_lib.read_jsonl(path)
         if records:
             n = max(1, min(calibration_steps, len(records) // 2 or 1))
             pool = lambda rs: (sum((r["pred"] for r in rs), []), sum((r["true"] for r in rs), []))
             (p0, t0), (p1, t1) = pool(records[:n]), pool(records[-n:])
             metrics_lib.plot_calibration(
-                [p0, p1], [t0, t1], os.path.join(fig_dir, "calibration.png"), "predicted vs actual pass rate",
+                [p0, p1], [t0, t1], fs.join(fig_dir, "calibration.png"), "predicted vs actual pass rate",
                 panel_titles=[f"steps {records[0]['step']}-{records[n - 1]['step']}",
                               f"steps {records[-n]['step']}-{records[-1]['step']}"])
     if meta:
-        metrics_lib.plot_meta_rewards(history, os.path.join(fig_dir, "meta_rewards.png"))
+        metrics_lib.plot_meta_rewards(history, fs.join(fig_dir, "meta_rewards.png"))
     if gating:
-        metrics_lib.plot_gating(history, os.path.join(fig_dir, "gating.png"))
+        metrics_lib.plot_gating(history, fs.join(fig_dir, "gating.png"))
 
 
 def main(argv):

@@ -8,13 +8,7 @@ from masa_jax.errors import UserError
 def _config(**overrides):
     c = config_lib.base_config()
     c.model.path = "/some/model"
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return config_lib.override(c, overrides)
 
 
 def test_the_base_and_shipped_configs_resolve():

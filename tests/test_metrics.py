@@ -187,6 +187,8 @@ def test_progress_bar_shows_the_headline_metrics():
     text = metrics.format_progress(_step_metrics(3))
     assert text == "reward=0.400 acc=35.0% meta=0.460 gated=35% tok/s=3,000"
     assert metrics.format_progress({"gate/fraction": None, "other": 1.0}) == ""
+    perf = {"perf/rollout_tokens_per_s": 1234.5, "perf/update_tokens_per_s": 9000.0, "perf/mfu": 0.4213}
+    assert metrics.format_progress(perf) == "rollout tok/s=1,234 update tok/s=9,000 mfu=42.1%"
     out = io.StringIO()
     with ProgressBar(total_steps=10, initial=2, file=out) as bar:
         bar.update(3, _step_metrics(3))

@@ -5,6 +5,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # runs the notebook
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

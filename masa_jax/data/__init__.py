@@ -19,7 +19,8 @@ from masa_jax.data.sources import (
     load_verl_parquet,
 )
 
-_PIPELINE_NAMES = ("batches", "BatchIterator", "PipelineConfig", "per_host_batch_size", "steps_per_epoch")
+_PIPELINE_NAMES = ("batches", "BatchIterator", "PipelineConfig", "per_host_batch_size", "steps_per_epoch",
+                   "host_block", "load_host_problems", "load_host_all")
 
 __all__ = [
     "DataError",

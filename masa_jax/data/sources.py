@@ -17,8 +17,9 @@ Formats (details in each loader's docstring):
   * TFDS: "tfds:<name>[:<split>]" through `tfds.data_source` (extra `masa_jax[tfds]`).
   * the toy world: "toy:<n>[:<mix>]", "toy-heldout:<n>[:<seed>]" (masa_jax.toy.world.load_spec).
 
-This module imports neither jax nor TensorFlow; pyarrow and tensorflow_datasets are imported only
-by the loaders that need them.
+Files are read through `masa_jax.fs` (epath), so they may be local or gs://. This module imports
+neither jax nor TensorFlow; pyarrow and tensorflow_datasets are imported only by the loaders that
+need them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import math
 import os
 import re
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+from masa_jax import fs
 
 OnError = Literal["raise", "skip"]
 
@@ -309,11 +312,13 @@ def load_verl_parquet(path: str | os.PathLike[str], *, on_error: OnError = "rais
     import pyarrow.parquet as pq  # lazy: keeps `import masa_jax.data` light
 
     path = os.fspath(path)
-    schema_names = set(pq.read_schema(path).names)
-    if "reward_model" not in schema_names:
-        raise DataError(path, 0, "reward_model", "missing column")
-    columns = [c for c in ("prompt", "reward_model", "level") if c in schema_names]
-    records = pq.read_table(path, columns=columns).to_pylist()
+    with fs.open(path, "rb") as f:  # a file object: pyarrow alone would not find a gs:// file
+        schema_names = set(pq.read_schema(f).names)
+        if "reward_model" not in schema_names:
+            raise DataError(path, 0, "reward_model", "missing column")
+        columns = [c for c in ("prompt", "reward_model", "level") if c in schema_names]
+        f.seek(0)
+        records = pq.read_table(f, columns=columns).to_pylist()
     stem = _stem(path)
 
     def rows() -> Iterable[tuple[int, Callable[[], Problem]]]:
@@ -377,16 +382,27 @@ def dict_to_problem(
     )
 
 
-def load_jsonl(path: str | os.PathLike[str], *, on_error: OnError = "raise") -> Loaded:
+def host_block(num_rows: int, process_index: int, process_count: int) -> range:
+    """Host `process_index`'s rows of a source of `num_rows` rows: the contiguous block
+    [h * N // P, (h + 1) * N // P). The blocks of all hosts partition range(N), in order, and their
+    sizes differ by at most one."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return range(process_index * num_rows // process_count, (process_index + 1) * num_rows // process_count)
+
+
+def load_jsonl(path: str | os.PathLike[str], *, on_error: OnError = "raise",
+               shard: tuple[int, int] = (0, 1)) -> Loaded:
     """Reads a JSONL file with one object per line: `problem`, `answer`, optional `solution`, `id`.
 
     `question` / `target` are accepted as aliases of `problem` / `answer`. `row` is the 0-based line
     index (blank lines are counted but yield nothing), so "row 17" is line 18 of the file.
+    shard (host, hosts): parse only that host's `host_block` of the non-blank lines.
     Raises `DataError` on a malformed line unless on_error="skip".
     """
     path = os.fspath(path)
     stem = _stem(path)
-    with open(path, "rb") as f:  # decoded line by line, so bad UTF-8 is a DataError naming its row
+    with fs.open(path, "rb") as f:  # decoded line by line, so bad UTF-8 is a DataError naming its row
         lines = f.read().split(b"\n")
 
     def parse(i: int, raw: bytes) -> Problem:
@@ -402,12 +418,10 @@ def load_jsonl(path: str | os.PathLike[str], *, on_error: OnError = "raise") -> 
             raise _FieldError("(line)", f"expected a JSON object, got {type(record).__name__}")
         return dict_to_problem(record, source=path, row=i, uid_prefix=stem)
 
-    def rows() -> Iterable[tuple[int, Callable[[], Problem]]]:
-        for i, line in enumerate(lines):
-            if line.strip():
-                yield i, (lambda i=i, line=line: parse(i, line))
-
-    return _collect(rows(), path, on_error)
+    records = [i for i, line in enumerate(lines) if line.strip()]
+    block = host_block(len(records), *shard)
+    return _collect(((i, (lambda i=i: parse(i, lines[i]))) for i in records[block.start:block.stop]), path,
+                    on_error)
 
 
 # --------------------------------------------------------------------------- TFDS
@@ -444,6 +458,7 @@ def load_tfds(
     answer_key: str | Sequence[str] = ANSWER_KEYS,
     solution_key: str = "solution",
     on_error: OnError = "raise",
+    shard: tuple[int, int] = (0, 1),
 ) -> Loaded:
     """Reads a TFDS dataset through `tfds.data_source` (random access, no TensorFlow).
 
@@ -473,7 +488,8 @@ def load_tfds(
             solution_key=solution_key,
         )
 
-    return _collect(((i, (lambda i=i: parse(i))) for i in range(len(ds))), source, on_error)
+    # shard (host, hosts): only that host's `host_block` of elements is read (random access).
+    return _collect(((i, (lambda i=i: parse(i))) for i in host_block(len(ds), *shard)), source, on_error)
 
 
 # --------------------------------------------------------------------------- dispatch

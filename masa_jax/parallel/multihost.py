@@ -18,8 +18,8 @@ from jax.sharding import NamedSharding
 from masa_jax.parallel.mesh import MESH_AXES
 
 # Metrics that add up over hosts; every other metric is averaged over the hosts that report it.
-SUMMED_PREFIXES = ("tokens/", "problems", "bc/experts", "bc/new_experts", "bc/buffer_size", "cutoff/tokens_saved",
-                   "cutoff/would_save_tokens", "dapo/kept_groups", "dapo/kept_meta_groups", "actor/batch_rows")
+SUMMED_PREFIXES = ("tokens/", "flops/", "problems", "bc/experts", "bc/new_experts", "bc/buffer_size",
+                   "cutoff/tokens_saved", "cutoff/would_save_tokens", "dapo/kept_groups", "dapo/kept_meta_groups", "actor/batch_rows")
 
 
 def allgather_json(obj: Any) -> list[Any]:

@@ -1,6 +1,6 @@
 """Math answer verification: final-answer extraction and a pool of math-verify workers.
 
-The solution reward r_sol of the method doc (section 1) is 1 iff the last ``\\boxed{...}`` answer of a
+The solution reward r_sol (docs/method.md §1) is 1 iff the last ``\\boxed{...}`` answer of a
 rollout is mathematically equal to the ground truth. This module
 
 * extracts the final answer in the parent (``answers.extract_answer``: linear-time scans, lengths

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocess with 8 CPU devices
+
 SCRIPT = Path(__file__).with_name("sharded_forward_check.py")
 L, D, H, KV, HD, F, V = 3, 64, 4, 2, 16, 96, 128  # the conftest TINY model
 

@@ -6,6 +6,10 @@ import os
 import pathlib
 import subprocess
 import sys
+import pytest
+
+
+pytestmark = pytest.mark.slow  # subprocess with 8 CPU devices
 
 
 def test_sharded_step_matches_single_device():

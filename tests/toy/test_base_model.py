@@ -20,6 +20,8 @@ from masa_jax.tokenization import load_codec
 from masa_jax.toy import defaults, world
 from masa_jax.toy.tokenizer import TOKENIZER_DIR
 
+pytestmark = pytest.mark.slow  # samples the shipped base model
+
 MODEL_DIR = defaults.BASE_MODEL_DIR
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

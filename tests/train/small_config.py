@@ -1,6 +1,6 @@
 """The small trainer config of the end-to-end tests (imported by conftest.py and by mp_worker.py,
 which runs as a script in its own processes)."""
-from masa_jax.config import base_config
+from masa_jax.config import base_config, override
 
 
 def make_small_config(model_dir: str, algorithm: str = "masa", **overrides):
@@ -36,10 +36,4 @@ def make_small_config(model_dir: str, algorithm: str = "masa", **overrides):
     c.checkpoint.every = 1
     c.checkpoint.max_to_keep = 3
     c.log.tensorboard = True
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return override(c, overrides)

@@ -11,6 +11,8 @@ import pytest
 
 from masa_jax.errors import UserError
 
+pytestmark = pytest.mark.slow  # subprocesses of the CLIs
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = "--config=configs/tiny.py"
 

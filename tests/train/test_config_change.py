@@ -9,6 +9,8 @@ from masa_jax import train
 from masa_jax.config import resolve
 from masa_jax.errors import UserError
 
+pytestmark = pytest.mark.slow  # end to end: real training runs
+
 
 def _stored(config) -> dict:
     return json.loads(json.dumps(resolve(config).to_dict(), default=str))

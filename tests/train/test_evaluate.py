@@ -9,6 +9,10 @@ import numpy as np
 
 from masa_jax import evaluate
 from masa_jax.toy import world
+import pytest
+
+
+pytestmark = pytest.mark.slow  # end to end: the evaluation CLI
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -19,6 +19,8 @@ from masa_jax import train
 from masa_jax.tokenization import load_codec
 from masa_jax.toy import world
 
+pytestmark = pytest.mark.slow  # end to end: real training runs
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -9,6 +9,9 @@ _QWEN3 = dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, rope_theta=
               eos_token_id=151643)
 
 PRESETS: dict[str, dict] = {
+    # Qwen/Qwen3-0.6B-Base config.json (0.60 B params, 0.44 B without the tied embedding).
+    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, tie_word_embeddings=True),
     "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                        num_attention_heads=16, tie_word_embeddings=True),
     "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,

@@ -1,0 +1,52 @@
+"""Qwen3-0.6B-Base with MASA-efficient on one Colab TPU: a v5e-1 (1 chip, 16 GiB HBM) or a v2-8
+(8 cores of 8 GiB); also one 16 GiB GPU. Full fine-tuning (float32 master weights and AdamW moments,
+bfloat16 compute, full remat) fits, so no LoRA is needed:
+
+    python -m masa_jax.train --config=configs/qwen3_0p6b_colab.py --dry_run --dry_run_devices=1
+    python -m masa_jax.train --config=configs/qwen3_0p6b_colab.py --dry_run --dry_run_devices=8 \
+        --config.mesh.device_memory_gib=8
+
+(README "Colab TPU" has the output.) notebooks/colab_tpu_qwen3.ipynb runs it: it downloads the checkpoint
+from the HF Hub, writes GSM8K as JSONL and sets model.path / data.train_files; from a shell, pass them:
+--config.model.path=DIR --config.data.train_files="('train.jsonl',)".
+
+Against configs/qwen1p7b.py: responses of at most 1024 tokens (meta 256), 8 problems x (8 + 8)
+rollouts per step, micro-batches of 2 sequences, 256-token log-prob chunks (a [2, 256, 151936] float32
+chunk is 0.3 GiB) and 32 decode slots (the KV cache of a slot at 1536 tokens is 0.17 GiB).
+"""
+from masa_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.algorithm = "masa_efficient"
+    c.total_steps = 20
+    c.model.path = ""                        # set by the notebook (snapshot_download) or --config.model.path
+    c.model.preset = "qwen3-0.6b"            # for --dry_run without the checkpoint
+    c.model.param_dtype = "float32"
+    c.model.dtype = "bfloat16"
+    c.model.remat = "full"
+    c.mesh.shape = (1, -1, 1)                # FSDP over whatever the host has (1 chip, 8 cores, a GPU)
+    c.mesh.device_memory_gib = 16.0          # v5e: 16 GiB HBM per chip (v2: 8 GiB per core)
+    c.data.train_files = ("",)               # set by the notebook or --config.data.train_files
+    c.data.problems_per_step = 8
+    c.data.max_prompt_length = 512           # the paper's meta prompt plus a GSM8K / MATH problem
+    c.rollout.num_solutions = 8
+    c.rollout.num_meta = 8
+    c.rollout.max_response_length = 1024
+    c.rollout.meta_max_new_tokens = 256
+    c.rollout.num_slots = 32
+    c.prompts.min_solution_length = 32
+    c.efficient.switch_step = 10
+    c.bc.buffer_size = 32
+    c.bc.steps = 2
+    c.bc.lr = 1e-6
+    c.rl.lr = 1e-6
+    c.rl.warmup_steps = 2
+    c.rl.mini_batch_size = 0                 # one update per step (8 problems)
+    c.rl.micro_batch_size = 2
+    c.rl.chunk_size = 256
+    c.reward.num_workers = 2
+    c.checkpoint.every = 10
+    c.checkpoint.max_to_keep = 2             # a train state is ~7 GiB on disk (float32 params + AdamW)
+    return c
