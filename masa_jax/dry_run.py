@@ -6,32 +6,18 @@ optimizer state, the sampler's KV cache and the train step's activations are est
 """
 from __future__ import annotations
 
-import json
 import math
 
 import jax
 import numpy as np
 
-from masa_jax import fs
 from masa_jax.models.qwen import model as qwen_model
 from masa_jax.models.qwen.config import ModelConfig
-from masa_jax.models.qwen.presets import preset
+from masa_jax.models.qwen.presets import model_config_for
 from masa_jax.parallel.mesh import MESH_AXES
 from masa_jax.parallel.rules import SAMPLING_RULES, TRAIN_RULES, logical_to_spec
 
 GiB = 1024 ** 3
-
-
-def model_config_for(config) -> ModelConfig:
-    """The run's ModelConfig from the checkpoint's config.json, or from `model.preset` without one."""
-    overrides = dict(param_dtype=config.model.param_dtype, dtype=config.model.dtype, remat=config.model.remat,
-                     attention_impl=config.model.attention_impl)
-    cfg_path = fs.join(config.model.path, "config.json")
-    if config.model.path and fs.exists(cfg_path):
-        return ModelConfig.from_hf_dict(json.loads(fs.read_text(cfg_path)), **overrides)
-    if config.model.preset:
-        return preset(config.model.preset, **overrides)
-    raise FileNotFoundError(f"{cfg_path} not found and config.model.preset is empty")
 
 
 def _mesh_shape(config, num_devices: int | None) -> tuple[int, ...]:

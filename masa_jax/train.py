@@ -30,7 +30,7 @@ from masa_jax import fs
 from masa_jax import metrics as metrics_lib
 from masa_jax import perf
 from masa_jax.data import pipeline, sources
-from masa_jax.dry_run import model_config_for
+from masa_jax.models.qwen.presets import model_config_for
 from masa_jax.models import qwen
 from masa_jax.parallel import mesh as mesh_lib
 from masa_jax.parallel import multihost

@@ -47,7 +47,7 @@ import numpy as np
 
 from masa_jax import fs
 from masa_jax.data import sources
-from masa_jax.data.sources import Problem
+from masa_jax.data.problem import Problem
 
 _STATE_VERSION = 1
 

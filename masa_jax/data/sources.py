@@ -33,6 +33,7 @@ import re
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 from masa_jax import fs
+from masa_jax.data.problem import Problem  # noqa: F401  (re-exported: sources.Problem)
 
 OnError = Literal["raise", "skip"]
 
@@ -43,31 +44,6 @@ KNOWN_INSTRUCTION_SUFFIXES: tuple[str, ...] = (
     "Let's think step by step and output the final answer within \\boxed{}.",
     "Please reason step by step, and put your final answer within \\boxed{}.",
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """One problem with a known answer: the unit every source, the pipeline and the toy world share.
-
-    Fields:
-      uid: stable identifier, "<file stem>:<row>" (JSONL rows with an `id` use "<stem>:<id>";
-        TFDS rows "<name>/<split>:<row>"; toy problems "toy-<seed>:<index>").
-      question: the raw problem text, without any instruction; used to build the meta and solution
-        prompts and to drop predicted notions that the problem already names.
-      answer: the ground-truth final answer as a string (what `\\boxed{}` must equal).
-      solution: an optional reference (worked) solution, None when the source has none.
-      source: where the record came from (a file path, "tfds:<name>/<split>" or "toy:<kind>").
-      row: the 0-based row index in that source (line index for JSONL).
-      difficulty: optional integer difficulty (MATH "Level 3" -> 3; toy level 1..5), else None.
-    """
-
-    uid: str
-    question: str
-    answer: str
-    solution: str | None = None
-    source: str = ""
-    row: int = -1
-    difficulty: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

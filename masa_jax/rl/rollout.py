@@ -13,8 +13,8 @@ from typing import Callable, Protocol, Sequence
 import jax
 import numpy as np
 
-from masa_jax import metrics as metrics_lib
-from masa_jax.data.sources import Problem
+from masa_jax import stats
+from masa_jax.data.problem import Problem
 from masa_jax.rewards import meta as meta_lib
 from masa_jax.rewards import prompts
 from masa_jax.rl import controls as controls_lib
@@ -331,14 +331,14 @@ def _rollout_metrics(problems, preds, meta_rewards, ctrl, applied, rolled_out, c
         ok = rolled & np.isfinite(pm)
         if ok.any():
             m["calib/pass_rate_mae"] = float(np.abs(pm[ok] - actual[ok]).mean())
-            m["calib/pass_rate_corr"] = metrics_lib.pearson(pm[ok], actual[ok])
+            m["calib/pass_rate_corr"] = stats.pearson(pm[ok], actual[ok])
         lm = ctrl.pred_length_mean
         n_correct = correct.sum(axis=1)
         true_len = np.where(n_correct > 0, (lengths * correct).sum(axis=1) / np.maximum(n_correct, 1), np.nan)
         okl = rolled & np.isfinite(lm) & np.isfinite(true_len)
         if okl.any():
             m["calib/length_mae"] = float(np.abs(lm[okl] - true_len[okl]).mean())
-            m["calib/length_corr"] = metrics_lib.pearson(lm[okl], true_len[okl])
+            m["calib/length_corr"] = stats.pearson(lm[okl], true_len[okl])
         m.update(controls_lib.control_metrics(ctrl, correct, lengths, finish_budget, cfg.max_response_length,
                                               applied))
     return m

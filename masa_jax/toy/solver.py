@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Union
 
-from masa_jax.data.sources import Problem
+from masa_jax.data.problem import Problem
 
 NOTIONS: tuple[str, ...] = ("parentheses", "add", "subtract", "multiply", "carry", "borrow", "negative")
 VERBS: Mapping[str, str] = {"+": "add", "-": "subtract", "*": "multiply"}

@@ -27,7 +27,7 @@ import random
 import sys
 from typing import Iterator, Mapping, Sequence, Union
 
-from masa_jax.data.sources import Problem
+from masa_jax.data.problem import Problem
 from masa_jax.toy.solver import (  # noqa: F401  (re-exported)
     NOTIONS,
     QUESTION_PREFIX,

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from masa_jax.data import pipeline, sources
-from masa_jax.data.sources import Problem
+from masa_jax.data.problem import Problem
 from masa_jax.toy import world
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "math_sample.parquet")

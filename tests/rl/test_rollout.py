@@ -11,7 +11,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from masa_jax.data.sources import Problem
+from masa_jax.data.problem import Problem
 from masa_jax.rl import rollout
 from masa_jax.sampling.engine import BUDGET
 from masa_jax.sampling.generate import _limits

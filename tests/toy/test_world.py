@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from masa_jax.data.sources import Problem
+from masa_jax.data.problem import Problem
 from masa_jax.toy import world
 
 N_PER_LEVEL = 600  # 3000 problems in all: ~0.5 s to generate

@@ -1,7 +1,11 @@
 """Architectures of released Qwen3 base models (their HF config.json numbers), for dry runs and
-benchmarks where no checkpoint is on disk. Real runs read config.json from the checkpoint."""
+benchmarks where no checkpoint is on disk, and `model_config_for`: a run's ModelConfig (the
+checkpoint's config.json when there is one, else the preset)."""
 from __future__ import annotations
 
+import json
+
+from masa_jax import fs
 from masa_jax.models.qwen.config import ModelConfig
 
 _QWEN3 = dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
@@ -26,3 +30,15 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     return ModelConfig.from_hf_dict(PRESETS[name], **overrides)
+
+
+def model_config_for(config) -> ModelConfig:
+    """The run's ModelConfig from the checkpoint's config.json, or from `model.preset` without one."""
+    overrides = dict(param_dtype=config.model.param_dtype, dtype=config.model.dtype, remat=config.model.remat,
+                     attention_impl=config.model.attention_impl)
+    cfg_path = fs.join(config.model.path, "config.json")
+    if config.model.path and fs.exists(cfg_path):
+        return ModelConfig.from_hf_dict(json.loads(fs.read_text(cfg_path)), **overrides)
+    if config.model.preset:
+        return preset(config.model.preset, **overrides)
+    raise FileNotFoundError(f"{cfg_path} not found and config.model.preset is empty")
