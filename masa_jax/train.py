@@ -36,6 +36,7 @@ from masa_jax.parallel import mesh as mesh_lib
 from masa_jax.parallel import multihost
 from masa_jax.rewards import math as math_reward
 from masa_jax.rewards import prompts
+from masa_jax.rl import bc as bc_lib
 from masa_jax.rl import controls as controls_lib
 from masa_jax.rl import expert_buffer as expert_lib
 from masa_jax.rl import rollout as rollout_lib
@@ -182,7 +183,6 @@ class LoopState:
     switched_at: int = -1                      # step of the MASA-efficient switch-over (-1: not yet)
     meta_reward_history: list = dataclasses.field(default_factory=list)
     buffer: expert_lib.ExpertBuffer | None = None
-    calibration: dict | None = None            # this step's per-problem (pred, true) pass rates
     train_time_s: float = 0.0                  # wall-clock of the RL steps so far (evaluations excluded)
     evals: list = dataclasses.field(default_factory=list)  # held-out evaluations: {"step", "train_time_s", ...}
 
@@ -241,7 +241,9 @@ def sampling_key(step_key: jax.Array, process_index: int) -> jax.Array:
 
 
 def train_one_step(run: Run, state, loop: LoopState, rng: jax.Array):
-    """One RL step (rollouts, update, BC). Returns (state, metrics)."""
+    """One RL step, the paper's Algorithm 1: rollouts of both paths with their rewards and advantages
+    (`collect_rollouts`), the policy update, behaviour cloning. Returns (state, metrics, calibration):
+    calibration is the step's per-problem predicted and actual pass rates (None without a meta path)."""
     t_step = time.perf_counter()
     active = efficient_active(run.config, loop)
     generate = make_generate(run, state.params)
@@ -251,33 +253,18 @@ def train_one_step(run: Run, state, loop: LoopState, rng: jax.Array):
 
     t0 = time.perf_counter()
     metrics["time/rollout_s"] = t0 - t_step  # sampling, rewards, advantages
-    state, upd = run.updater.policy_update(state, ro)
+    state, upd = run.updater.policy_update(state, ro.sequences)
     metrics.update(upd)
     metrics["time/update_s"] = time.perf_counter() - t0
-    lengths = [len(p) + len(r) for p, r in zip(ro.train_prompt_ids, ro.train_response_ids)]
+    lengths = [len(p) + len(r) for p, r in zip(ro.sequences.prompt_ids, ro.sequences.response_ids)]
     metrics.update(perf.update_counts(run.model_cfg, lengths, ppo_epochs=run.config.rl.ppo_epochs,
                                       reference=run.config.rl.kl_coef > 0))
 
-    if run.rollout_cfg.use_meta:
-        if run.config.bc.enabled:
-            experts = expert_lib.select_experts(
-                ro.meta_texts, ro.preds, np.nan_to_num(ro.meta_rewards["notion"], nan=-1.0), ro.correct, ro.lengths,
-                ro.meta_prompt_ids, [p.uid for p in ro.problems], ro.rolled_out, k=run.config.meta.k,
-                min_notion_reward=run.config.bc.min_notion_reward)
-            loop.buffer.add(experts)
-            metrics["bc/new_experts"] = float(len(experts))
-            metrics["bc/buffer_size"] = float(len(loop.buffer.items))
-            # N_expert counts trajectories over all hosts; every host must take the (collective) BC step.
-            if sum(multihost.allgather_json(len(loop.buffer.items))) >= loop.buffer.capacity:
-                t0 = time.perf_counter()
-                state, bc = run.updater.bc_update(state, loop.buffer.drain(), run.codec)
-                metrics.update(bc)
-                metrics["time/bc_s"] = time.perf_counter() - t0
+    if run.rollout_cfg.use_meta and run.config.bc.enabled:
+        state, bc_metrics = bc_lib.clone_experts(state, ro, loop.buffer, run.updater.bc_update, run.codec,
+                                                 k=run.config.meta.k, min_notion_reward=run.config.bc.min_notion_reward)
+        metrics.update(bc_metrics)
 
-    if ro.controls is not None:  # per-problem predicted vs actual pass rate, for the calibration figure
-        rolled = ro.rolled_out & np.isfinite(ro.controls.pred_pass_mean)
-        loop.calibration = {"pred": ro.controls.pred_pass_mean[rolled].tolist(),
-                            "true": ro.correct[rolled].mean(axis=1).tolist()}
     metrics = multihost.global_metrics(metrics)
     # The switch-over decision reads the host-combined value, so every host switches at the same step.
     if "reward/meta_total" in metrics:
@@ -288,7 +275,15 @@ def train_one_step(run: Run, state, loop: LoopState, rng: jax.Array):
     metrics["throughput/tokens_per_s"] = tokens / max(elapsed, 1e-9)
     metrics.update(perf.step_metrics(run.model_cfg, metrics, elapsed,
                                      peak_override=run.config.log.peak_flops_per_device))
-    return state, metrics
+    return state, metrics, calibration_record(ro)
+
+
+def calibration_record(ro: rollout_lib.Rollouts) -> dict | None:
+    """Predicted vs actual pass rate of the rolled-out problems with a parsed prediction (Figure 2)."""
+    if ro.controls is None:
+        return None
+    rolled = ro.rolled_out & np.isfinite(ro.controls.pred_pass_mean)
+    return {"pred": ro.controls.pred_pass_mean[rolled].tolist(), "true": ro.correct[rolled].mean(axis=1).tolist()}
 
 
 def _extras(run: Run, loop: LoopState, history: list) -> dict:
@@ -346,7 +341,7 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
             if config.eval.files and not loop.evals:  # the starting point of the held-out accuracy curve
                 _record_eval(run, loop, heldout_eval(run, state.params, loop.step))
             while loop.step < config.total_steps:
-                state, m = train_one_step(run, state, loop, jax.random.fold_in(base_rng, loop.step))
+                state, m, calibration = train_one_step(run, state, loop, jax.random.fold_in(base_rng, loop.step))
                 loop.step += 1
                 steps_this_run += 1
                 loop.train_time_s += m["time/step_s"]
@@ -357,7 +352,7 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
                     m.update(_record_eval(run, loop, heldout_eval(run, state.params, loop.step)))
                 history.append(m)
                 run.writer.write(loop.step, m)
-                _append_calibration(run, loop)
+                _append_calibration(run, loop.step, calibration)
                 bar.update(loop.step, m)
                 stop = guard.should_stop_all() or (stop_after is not None and steps_this_run >= stop_after)
                 if loop.step % config.checkpoint.every == 0 or loop.step == config.total_steps or stop:
@@ -493,19 +488,18 @@ def write_config(config, workdir: str) -> None:
     fs.write_text(path, json.dumps(config.to_dict(), indent=2, default=str))
 
 
-def _append_calibration(run: Run, loop: LoopState) -> None:
+def _append_calibration(run: Run, step: int, calibration: dict | None) -> None:
     """One JSON line per step in calibration.jsonl (all hosts' problems, written by process 0)."""
-    if loop.calibration is None:
+    if calibration is None:
         return
-    parts = multihost.allgather_json(loop.calibration)
+    parts = multihost.allgather_json(calibration)
     if jax.process_index() == 0:
-        record = {"step": loop.step, "pred": sum((p["pred"] for p in parts), []),
+        record = {"step": step, "pred": sum((p["pred"] for p in parts), []),
                   "true": sum((p["true"] for p in parts), [])}
         path = fs.join(run.workdir, "calibration.jsonl")
-        kept = [r for r in metrics_lib.read_jsonl(path) if r["step"] < loop.step]
+        kept = [r for r in metrics_lib.read_jsonl(path) if r["step"] < step]
         # Rewritten, so a resumed run drops the interrupted run's later lines.
         fs.write_text(path, "".join(json.dumps(r) + "\n" for r in kept + [record]))
-    loop.calibration = None
 
 
 def write_figures(workdir: str, history: list[dict], calibration_steps: int, *, meta: bool = True,

@@ -8,12 +8,17 @@ the loss mask on the rewritten meta output only (prompt and padding masked).
 from __future__ import annotations
 
 import functools
+import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from masa_jax.models.qwen.config import ModelConfig
 from masa_jax.models.qwen.logprobs import token_logprobs
+from masa_jax.parallel import multihost
+from masa_jax.rl import expert_buffer as expert_lib
 from masa_jax.rl import grpo
 from masa_jax.rl.train_step import OptimConfig, make_update_step
 
@@ -50,3 +55,23 @@ def make_bc_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.shard
     return make_update_step(model_cfg, optim_cfg, mesh, micro_batch_size,
                             functools.partial(bc_microbatch_loss, model_cfg, chunk_size),
                             lr_fn=lambda step: lr, advance_step=False, keep_reference=keep_reference)
+
+
+def clone_experts(state, ro, buffer: expert_lib.ExpertBuffer, bc_update: Callable, codec, *, k: int,
+                  min_notion_reward: float):
+    """Algorithm 1's behaviour-cloning lines: the step's expert meta-trajectories (`select_experts` on
+    the rollouts `ro`) go into the buffer; once the buffer holds N_expert over all hosts, the BC steps
+    run on them (`bc_update(state, experts, codec)`) and the buffer is emptied. Returns (state, metrics)."""
+    experts = expert_lib.select_experts(
+        ro.meta_texts, ro.preds, np.nan_to_num(ro.meta_rewards["notion"], nan=-1.0), ro.correct, ro.lengths,
+        ro.meta_prompt_ids, [p.uid for p in ro.problems], ro.rolled_out, k=k, min_notion_reward=min_notion_reward)
+    buffer.add(experts)
+    metrics = {"bc/new_experts": float(len(experts)), "bc/buffer_size": float(len(buffer.items))}
+    # N_expert counts trajectories over all hosts; every host must take the (collective) BC step.
+    if sum(multihost.allgather_json(len(buffer.items))) >= buffer.capacity:
+        t0 = time.perf_counter()
+        state, bc_metrics = bc_update(state, buffer.drain(), codec)
+        metrics.update(bc_metrics)
+        metrics["time/bc_s"] = time.perf_counter() - t0
+    return state, metrics
+

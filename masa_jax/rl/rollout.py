@@ -19,6 +19,7 @@ from masa_jax.rewards import meta as meta_lib
 from masa_jax.rewards import prompts
 from masa_jax.rl import controls as controls_lib
 from masa_jax.rl import grpo
+from masa_jax.rl.sequences import TrainingSequences
 
 
 class GenerateFn(Protocol):
@@ -57,30 +58,20 @@ class TextCodec(Protocol):
 
 @dataclasses.dataclass
 class Rollouts:
-    """Everything one step produced. P problems, M meta and G solution rollouts per problem.
-
-    `train_*` are the flat sequences that enter the policy loss (solution rollouts of rolled-out
-    problems, then meta rollouts of rolled-out problems): prompt ids, response ids, the sampler's
-    per-token log-probs, the scalar advantage and the kind (0 = solution, 1 = meta).
-    """
+    """Everything one step produced. P problems, M meta and G solution rollouts per problem: the
+    per-problem fields (leading dimension P), the training `sequences` (solution rollouts of the
+    rolled-out problems, then their meta rollouts) and the step's metrics."""
     problems: list[Problem]
     meta_prompt_ids: list[list[int]]
     meta_texts: list[list[str]] | None
     preds: list[list] | None
     meta_rewards: dict[str, np.ndarray] | None     # [P, M] each; nan rows for gated problems
     controls: controls_lib.Controls | None
-    controls_applied: bool
     rolled_out: np.ndarray                          # bool [P]: got solution rollouts
-    solution_texts: list[list[str]]                 # [P][G]; empty lists for gated problems
     correct: np.ndarray                             # bool [P, G] (False for gated)
     lengths: np.ndarray                             # int [P, G] response tokens without the stop token
     finish_budget: np.ndarray                       # bool [P, G]: stopped by the cutoff budget
-    train_prompt_ids: list[list[int]]
-    train_response_ids: list[list[int]]
-    train_sampler_logprobs: list[np.ndarray]
-    train_advantages: np.ndarray
-    train_kind: np.ndarray
-    train_problem: np.ndarray                       # int [N]: index of the sequence's problem
+    sequences: TrainingSequences
     metrics: dict[str, float]
 
 
@@ -92,125 +83,191 @@ def _strip_stop(tokens: Sequence[int], reason: str) -> list[int]:
     return list(tokens[:-1]) if reason == "eos" and tokens else list(tokens)
 
 
-def run_rollouts(problems: Sequence[Problem], *, generate: GenerateFn, codec: TextCodec, verify: Callable,
-                 cfg: RolloutConfig, efficient_active: bool, rng: jax.Array) -> Rollouts:
-    """Runs the meta path (if enabled), decides controls, runs the solution path, scores everything.
+@dataclasses.dataclass(frozen=True)
+class MetaPath:
+    """The meta path of P problems: prompts [P], and with `use_meta` the M outputs per problem (texts,
+    parsed predictions, and the sampler's flat [P * M] output for the training sequences)."""
+    prompt_ids: list[list[int]]
+    texts: list[list[str]] | None = None
+    preds: list[list[meta_lib.MetaPrediction]] | None = None
+    output: object | None = None
 
-    verify(responses: list[str], answers: list[str]) -> (bool ndarray, metrics dict).
-    efficient_active: MASA-efficient after the switch-over: gating, cutoff budgets and hints are applied.
-    """
-    P, M, G = len(problems), cfg.num_meta, cfg.num_solutions
-    metrics: dict[str, float] = {}
-    rng_meta, rng_sol = jax.random.split(rng)
 
-    # ---- meta path
-    meta_prompt_ids = [codec.encode_chat(prompts.meta_prompt(
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What the controls decided: which problems get solution rollouts, with which budgets and hints.
+    `controls` is None without a meta path; `applied` only after MASA-efficient's switch-over (before,
+    the controls are computed for their would-be metrics only)."""
+    controls: controls_lib.Controls | None
+    applied: bool
+    rolled_out: np.ndarray            # bool [P]
+    budgets: np.ndarray               # int [P] max new tokens of each solution rollout
+
+
+@dataclasses.dataclass(frozen=True)
+class SolutionPath:
+    """The G solution rollouts of each rolled-out problem (empty rows for gated ones)."""
+    prompt_ids: dict[int, list[int]]  # problem index -> solution prompt (with its hint, if any)
+    texts: list[list[str]]            # [P][G]
+    lengths: np.ndarray               # int [P, G] response tokens without the stop token
+    finish_budget: np.ndarray         # bool [P, G] stopped by a real cutoff (budget below the cap)
+    output: object | None             # the sampler's flat output, rolled-out problems in order
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    correct: np.ndarray                         # bool [P, G]: r_sol (False for gated / cut-off rollouts)
+    meta_rewards: dict[str, np.ndarray] | None  # [P, M] each; nan rows for gated problems
+
+
+def meta_path(problems: Sequence[Problem], generate: GenerateFn, codec: TextCodec, cfg: RolloutConfig,
+              rng: jax.Array) -> tuple[MetaPath, dict[str, float]]:
+    """Meta prompts for every problem; with `use_meta`, M meta rollouts each, decoded and parsed."""
+    P, M = len(problems), cfg.num_meta
+    prompt_ids = [codec.encode_chat(prompts.meta_prompt(
         p.question, max_length=cfg.max_response_length, k=cfg.k, min_length=cfg.min_solution_length,
         template=cfg.meta_template or None)) for p in problems]
-    meta_texts = preds = meta_out = None
+    if not cfg.use_meta:
+        return MetaPath(prompt_ids), {}
     t0 = time.perf_counter()
-    if cfg.use_meta:
-        meta_out = generate([ids for ids in meta_prompt_ids for _ in range(M)], None, cfg.meta_max_new_tokens,
-                            rng_meta)
-        meta_texts = [[codec.decode(_strip_stop(meta_out.tokens[p * M + j], meta_out.finish_reasons[p * M + j]))
-                       for j in range(M)] for p in range(P)]
-        preds = [[meta_lib.parse(t, k=cfg.k) for t in row] for row in meta_texts]
-        metrics["time/meta_rollout_s"] = time.perf_counter() - t0
-        metrics["meta/parse_rate_pass"] = float(np.mean([[q.pass_rate is not None for q in r] for r in preds]))
-        metrics["meta/parse_rate_length"] = float(np.mean([[q.length is not None for q in r] for r in preds]))
-        metrics["meta/parse_rate_notion"] = float(np.mean([[q.notions is not None for q in r] for r in preds]))
+    out = generate([ids for ids in prompt_ids for _ in range(M)], None, cfg.meta_max_new_tokens, rng)
+    texts = [[codec.decode(_strip_stop(out.tokens[p * M + j], out.finish_reasons[p * M + j])) for j in range(M)]
+             for p in range(P)]
+    preds = [[meta_lib.parse(t, k=cfg.k) for t in row] for row in texts]
+    metrics = {"time/meta_rollout_s": time.perf_counter() - t0}
+    for field, name in (("pass_rate", "pass"), ("length", "length"), ("notions", "notion")):
+        metrics[f"meta/parse_rate_{name}"] = float(np.mean([[getattr(q, field) is not None for q in r]
+                                                            for r in preds]))
+    return MetaPath(prompt_ids, texts, preds, out), metrics
 
-    # ---- controls (applied after the switch-over; only evaluated before it, for the metrics)
+
+def decide(meta: MetaPath, cfg: RolloutConfig, efficient_active: bool) -> Decision:
+    """MASA-efficient's controls from the meta predictions: gating, cutoff budgets, hints."""
+    P = len(meta.prompt_ids)
     ctrl = None
     if cfg.use_meta:
         ctrl = controls_lib.compute_controls(
-            preds, cfg.max_response_length, cfg.control, use_gating=cfg.gating, use_cutoff=cfg.cutoff,
+            meta.preds, cfg.max_response_length, cfg.control, use_gating=cfg.gating, use_cutoff=cfg.cutoff,
             use_hints=cfg.hints and efficient_active)
     applied = bool(efficient_active and ctrl is not None)
-    rolled_out = ~ctrl.gated if applied else np.ones(P, bool)
-    budgets_per_problem = ctrl.budgets if applied else np.full(P, cfg.max_response_length)
+    return Decision(ctrl, applied, ~ctrl.gated if applied else np.ones(P, bool),
+                    ctrl.budgets if applied else np.full(P, cfg.max_response_length))
 
-    # ---- solution path
-    sol_idx = np.flatnonzero(rolled_out)
-    sol_prompt_ids = {int(p): codec.encode_chat(prompts.solution_prompt(
+
+def solution_path(problems: Sequence[Problem], decision: Decision, generate: GenerateFn, codec: TextCodec,
+                  cfg: RolloutConfig, rng: jax.Array) -> tuple[SolutionPath, dict[str, float]]:
+    """G solution rollouts of every rolled-out problem, with its hint and cutoff budget once applied."""
+    P, G = len(problems), cfg.num_solutions
+    ctrl, applied = decision.controls, decision.applied
+    sol_idx = np.flatnonzero(decision.rolled_out)
+    prompt_ids = {int(p): codec.encode_chat(prompts.solution_prompt(
         problems[p].question, hint_notions=(ctrl.hints[p] if applied and ctrl.hints[p] else None),
         template=cfg.solution_template or None)) for p in sol_idx}
-    t0 = time.perf_counter()
-    solution_texts: list[list[str]] = [[] for _ in range(P)]
-    correct = np.zeros((P, G), bool)
+    texts: list[list[str]] = [[] for _ in range(P)]
     lengths = np.zeros((P, G), np.int64)
     finish_budget = np.zeros((P, G), bool)
-    sol_out = None
+    if not len(sol_idx):
+        return SolutionPath(prompt_ids, texts, lengths, finish_budget, None), {}
+    t0 = time.perf_counter()
+    flat_prompts = [prompt_ids[int(p)] for p in sol_idx for _ in range(G)]
+    flat_budgets = np.repeat(decision.budgets[sol_idx], G)
+    out = generate(flat_prompts, flat_budgets if applied else None, cfg.max_response_length, rng)
+    metrics = {"time/solution_rollout_s": time.perf_counter() - t0}
+    for n, (toks, reason) in enumerate(zip(out.tokens, out.finish_reasons)):
+        p, g = int(sol_idx[n // G]), n % G
+        texts[p].append(codec.decode(_strip_stop(toks, reason)))
+        lengths[p, g] = _response_length(toks, reason)
+        # Only a real cutoff (a budget below the global cap) may zero a reward: a budget equal to the cap
+        # cuts nothing, so the outcome scores as it would before the switch-over.
+        finish_budget[p, g] = reason == "budget" and decision.budgets[p] < cfg.max_response_length
+    return SolutionPath(prompt_ids, texts, lengths, finish_budget, out), metrics
+
+
+def score(problems: Sequence[Problem], meta: MetaPath, sol: SolutionPath, decision: Decision, verify: Callable,
+          cfg: RolloutConfig) -> tuple[Scores, dict[str, float]]:
+    """r_sol of every solution rollout (verifier workers), then the meta rewards of every rolled-out
+    problem's meta rollouts (they need its solution statistics)."""
+    P, M, G = len(problems), cfg.num_meta, cfg.num_solutions
+    sol_idx = np.flatnonzero(decision.rolled_out)
+    correct = np.zeros((P, G), bool)
+    metrics: dict[str, float] = {}
     if len(sol_idx):
-        flat_prompts = [sol_prompt_ids[int(p)] for p in sol_idx for _ in range(G)]
-        flat_budgets = np.repeat(budgets_per_problem[sol_idx], G)
-        sol_out = generate(flat_prompts, flat_budgets if applied else None, cfg.max_response_length, rng_sol)
-        metrics["time/solution_rollout_s"] = time.perf_counter() - t0
-        texts, answers = [], []
-        for n, (toks, reason) in enumerate(zip(sol_out.tokens, sol_out.finish_reasons)):
-            p, g = int(sol_idx[n // G]), n % G
-            text = codec.decode(_strip_stop(toks, reason))
-            solution_texts[p].append(text)
-            lengths[p, g] = _response_length(toks, reason)
-            # Only a real cutoff (a budget below the global cap) may zero a reward: a budget equal to
-            # the cap cuts nothing, so the outcome scores as it would before the switch-over.
-            finish_budget[p, g] = reason == "budget" and budgets_per_problem[p] < cfg.max_response_length
-            texts.append(text)
-            answers.append(problems[p].answer)
         t0 = time.perf_counter()
-        ok, vmetrics = verify(texts, answers)
+        ok, vmetrics = verify([t for p in sol_idx for t in sol.texts[p]],
+                              [problems[p].answer for p in sol_idx for _ in range(G)])
         metrics["time/verify_s"] = time.perf_counter() - t0
         # Counts (timeouts, restarts, ...) only: the verifier's wall-clock is time/verify_s above.
         metrics.update({f"verify/{k}": float(v) for k, v in vmetrics.items() if "second" not in k})
         ok = np.asarray(ok, bool).reshape(len(sol_idx), G)
-        correct[sol_idx] = ok & ~finish_budget[sol_idx]  # a cut-off rollout has no final answer: 0
-    r_sol = correct.astype(np.float32)
-
-    # ---- meta rewards (only where the problem was rolled out: they need its solution statistics)
+        correct[sol_idx] = ok & ~sol.finish_budget[sol_idx]  # a cut-off rollout has no final answer: 0
     meta_rewards = None
     if cfg.use_meta:
         meta_rewards = {k: np.full((P, M), np.nan, np.float32) for k in ("length", "difficulty", "notion", "total")}
         if len(sol_idx):
-            r = meta_lib.self_alignment([preds[p] for p in sol_idx], [problems[p].question for p in sol_idx],
-                                        [solution_texts[p] for p in sol_idx], correct[sol_idx], lengths[sol_idx],
+            r = meta_lib.self_alignment([meta.preds[p] for p in sol_idx], [problems[p].question for p in sol_idx],
+                                        [sol.texts[p] for p in sol_idx], correct[sol_idx], sol.lengths[sol_idx],
                                         base=cfg.base, k=cfg.k, weights=cfg.weights)
             for k in meta_rewards:
                 meta_rewards[k][sol_idx] = r[k]
+    return Scores(correct, meta_rewards), metrics
 
-    # ---- advantages and the flat training sequences
+
+def training_sequences(meta: MetaPath, sol: SolutionPath, scores: Scores, decision: Decision,
+                       cfg: RolloutConfig) -> TrainingSequences:
+    """The sequences that enter the policy loss, with their group advantages: the solution rollouts of the
+    rolled-out problems, then their meta rollouts."""
+    M, G = cfg.num_meta, cfg.num_solutions
+    sol_idx = np.flatnonzero(decision.rolled_out)
     adv_fn = grpo.get_advantage_estimator(cfg.advantage)
-    train_prompt, train_resp, train_lp, train_adv, train_kind, train_prob = [], [], [], [], [], []
+    prompt, resp, lp, adv, kind, prob = [], [], [], [], [], []
     if len(sol_idx):
-        a_sol = np.asarray(adv_fn(r_sol[sol_idx], eps=cfg.adv_eps))
-        for n, (toks, lps) in enumerate(zip(sol_out.tokens, sol_out.logprobs)):
-            p, g = int(sol_idx[n // G]), n % G
-            train_prompt.append(sol_prompt_ids[p])
-            train_resp.append(list(toks))
-            train_lp.append(np.asarray(lps, np.float32))
-            train_adv.append(a_sol[n // G, g])
-            train_kind.append(0)
-            train_prob.append(p)
+        a_sol = np.asarray(adv_fn(scores.correct.astype(np.float32)[sol_idx], eps=cfg.adv_eps))
+        for n, (toks, lps) in enumerate(zip(sol.output.tokens, sol.output.logprobs)):
+            p = int(sol_idx[n // G])
+            prompt.append(sol.prompt_ids[p])
+            resp.append(list(toks))
+            lp.append(np.asarray(lps, np.float32))
+            adv.append(a_sol[n // G, n % G])
+            kind.append(0)
+            prob.append(p)
         if cfg.use_meta:
-            a_meta = np.asarray(adv_fn(meta_rewards["total"][sol_idx], eps=cfg.adv_eps))
+            a_meta = np.asarray(adv_fn(scores.meta_rewards["total"][sol_idx], eps=cfg.adv_eps))
             for i, p in enumerate(sol_idx):
                 for j in range(M):
                     n = int(p) * M + j
-                    train_prompt.append(meta_prompt_ids[p])
-                    train_resp.append(list(meta_out.tokens[n]))
-                    train_lp.append(np.asarray(meta_out.logprobs[n], np.float32))
-                    train_adv.append(a_meta[i, j])
-                    train_kind.append(1)
-                    train_prob.append(int(p))
+                    prompt.append(meta.prompt_ids[p])
+                    resp.append(list(meta.output.tokens[n]))
+                    lp.append(np.asarray(meta.output.logprobs[n], np.float32))
+                    adv.append(a_meta[i, j])
+                    kind.append(1)
+                    prob.append(int(p))
+    return TrainingSequences(prompt, resp, lp, np.asarray(adv, np.float32), np.asarray(kind, np.int32),
+                             np.asarray(prob, np.int64))
 
-    metrics.update(_rollout_metrics(problems, preds, meta_rewards, ctrl, applied, rolled_out, correct, lengths,
-                                    finish_budget, cfg, sol_out, meta_out))
+
+def run_rollouts(problems: Sequence[Problem], *, generate: GenerateFn, codec: TextCodec, verify: Callable,
+                 cfg: RolloutConfig, efficient_active: bool, rng: jax.Array) -> Rollouts:
+    """One step's rollouts, as the paper's Algorithm 1: meta path -> controls -> solution path -> rewards ->
+    training sequences with group advantages.
+
+    verify(responses: list[str], answers: list[str]) -> (bool ndarray, metrics dict).
+    efficient_active: MASA-efficient after the switch-over: gating, cutoff budgets and hints are applied.
+    """
+    rng_meta, rng_sol = jax.random.split(rng)
+    meta, metrics = meta_path(problems, generate, codec, cfg, rng_meta)
+    decision = decide(meta, cfg, efficient_active)
+    sol, sol_metrics = solution_path(problems, decision, generate, codec, cfg, rng_sol)
+    scores, score_metrics = score(problems, meta, sol, decision, verify, cfg)
+    metrics.update(sol_metrics)
+    metrics.update(score_metrics)
+    metrics.update(_rollout_metrics(problems, meta.preds, scores.meta_rewards, decision.controls, decision.applied,
+                                    decision.rolled_out, scores.correct, sol.lengths, sol.finish_budget, cfg,
+                                    sol.output, meta.output))
     return Rollouts(
-        problems=list(problems), meta_prompt_ids=meta_prompt_ids, meta_texts=meta_texts, preds=preds,
-        meta_rewards=meta_rewards, controls=ctrl, controls_applied=applied, rolled_out=rolled_out,
-        solution_texts=solution_texts, correct=correct, lengths=lengths, finish_budget=finish_budget,
-        train_prompt_ids=train_prompt, train_response_ids=train_resp, train_sampler_logprobs=train_lp,
-        train_advantages=np.asarray(train_adv, np.float32), train_kind=np.asarray(train_kind, np.int32),
-        train_problem=np.asarray(train_prob, np.int64), metrics=metrics)
+        problems=list(problems), meta_prompt_ids=meta.prompt_ids, meta_texts=meta.texts, preds=meta.preds,
+        meta_rewards=scores.meta_rewards, controls=decision.controls, rolled_out=decision.rolled_out,
+        correct=scores.correct, lengths=sol.lengths, finish_budget=sol.finish_budget,
+        sequences=training_sequences(meta, sol, scores, decision, cfg), metrics=metrics)
 
 
 # ------------------------------------------------------------------ DAPO dynamic sampling helpers
@@ -244,66 +301,61 @@ def meta_signal(ro: Rollouts) -> np.ndarray:
 
 def dapo_filter(ro: Rollouts) -> Rollouts:
     """The training sequences with signal, per path, and the problems that still bring any."""
-    keep_seq = np.where(ro.train_kind == 0, solution_signal(ro)[ro.train_problem],
-                        meta_signal(ro)[ro.train_problem]) if len(ro.train_problem) else np.zeros(0, bool)
+    seqs = ro.sequences
+    keep_seq = np.where(seqs.kind == 0, solution_signal(ro)[seqs.problem], meta_signal(ro)[seqs.problem]) \
+        if len(seqs) else np.zeros(0, bool)
     keep = np.zeros(len(ro.problems), bool)
-    keep[ro.train_problem[keep_seq]] = True
+    keep[seqs.problem[keep_seq]] = True
     return select(ro, keep, keep_seq)
+
+
+# Rollouts fields with a leading problem dimension: lists, arrays, dicts of arrays, Controls, or None.
+_PER_PROBLEM = ("problems", "meta_prompt_ids", "meta_texts", "preds", "meta_rewards", "controls", "rolled_out",
+                "correct", "lengths", "finish_budget")
+
+
+def _take(x, idx: np.ndarray):
+    if x is None:
+        return None
+    if isinstance(x, dict):
+        return {k: v[idx] for k, v in x.items()}
+    if isinstance(x, controls_lib.Controls):
+        return controls_lib.Controls(*(_take(getattr(x, f.name), idx) for f in dataclasses.fields(x)))
+    return x[idx] if isinstance(x, np.ndarray) else type(x)(x[i] for i in idx)
+
+
+def _cat(x, y):
+    if x is None:
+        return None
+    if isinstance(x, dict):
+        return {k: np.concatenate([x[k], y[k]]) for k in x}
+    if isinstance(x, controls_lib.Controls):
+        return controls_lib.Controls(*(_cat(getattr(x, f.name), getattr(y, f.name)) for f in dataclasses.fields(x)))
+    return np.concatenate([x, y]) if isinstance(x, np.ndarray) else type(x)(x) + type(x)(y)
 
 
 def select(ro: Rollouts, keep: np.ndarray, keep_sequences: np.ndarray | None = None) -> Rollouts:
     """The rollouts of the problems where `keep` (bool [P]) is set, with their training sequences (only
     those where `keep_sequences`, bool [N], is set, when given)."""
     idx = np.flatnonzero(keep)
-    remap = -np.ones(len(ro.problems), np.int64)
-    remap[idx] = np.arange(len(idx))
-    seq_keep = keep[ro.train_problem] if len(ro.train_problem) else np.zeros(0, bool)
+    renumber = -np.ones(len(ro.problems), np.int64)
+    renumber[idx] = np.arange(len(idx))
+    seq_keep = keep[ro.sequences.problem] if len(ro.sequences) else np.zeros(0, bool)
     if keep_sequences is not None:
         seq_keep = seq_keep & keep_sequences
-    seq = np.flatnonzero(seq_keep)
-    pick = lambda xs: None if xs is None else [xs[i] for i in idx]
-    ctrl = ro.controls
-    if ctrl is not None:
-        ctrl = controls_lib.Controls(ctrl.gated[idx], ctrl.budgets[idx], tuple(ctrl.hints[i] for i in idx),
-                                     ctrl.pred_pass_mean[idx], ctrl.pred_length_mean[idx])
-    return dataclasses.replace(
-        ro, problems=pick(ro.problems), meta_prompt_ids=pick(ro.meta_prompt_ids), meta_texts=pick(ro.meta_texts),
-        preds=pick(ro.preds), meta_rewards=None if ro.meta_rewards is None else
-        {k: v[idx] for k, v in ro.meta_rewards.items()}, controls=ctrl, rolled_out=ro.rolled_out[idx],
-        solution_texts=pick(ro.solution_texts), correct=ro.correct[idx], lengths=ro.lengths[idx],
-        finish_budget=ro.finish_budget[idx], train_prompt_ids=[ro.train_prompt_ids[i] for i in seq],
-        train_response_ids=[ro.train_response_ids[i] for i in seq],
-        train_sampler_logprobs=[ro.train_sampler_logprobs[i] for i in seq],
-        train_advantages=ro.train_advantages[seq], train_kind=ro.train_kind[seq],
-        train_problem=remap[ro.train_problem[seq]], metrics=dict(ro.metrics))
+    return dataclasses.replace(ro, **{f: _take(getattr(ro, f), idx) for f in _PER_PROBLEM},
+                               sequences=ro.sequences.take(np.flatnonzero(seq_keep), renumber),
+                               metrics=dict(ro.metrics))
 
 
 def concat(a: Rollouts, b: Rollouts) -> Rollouts:
     """a's problems followed by b's; metrics are a's (the first round describes the sampling) with the
     generated-token counts summed."""
-    cat_list = lambda x, y: None if x is None else list(x) + list(y)
-    ctrl = a.controls
-    if ctrl is not None:
-        ctrl = controls_lib.Controls(*(np.concatenate([getattr(a.controls, f), getattr(b.controls, f)])
-                                       if f != "hints" else a.controls.hints + b.controls.hints
-                                       for f in ("gated", "budgets", "hints", "pred_pass_mean", "pred_length_mean")))
     metrics = dict(a.metrics)
     for key in ("tokens/solution", "tokens/meta"):
         metrics[key] = a.metrics.get(key, 0.0) + b.metrics.get(key, 0.0)
-    return dataclasses.replace(
-        a, problems=a.problems + b.problems, meta_prompt_ids=a.meta_prompt_ids + b.meta_prompt_ids,
-        meta_texts=cat_list(a.meta_texts, b.meta_texts), preds=cat_list(a.preds, b.preds),
-        meta_rewards=None if a.meta_rewards is None else
-        {k: np.concatenate([a.meta_rewards[k], b.meta_rewards[k]]) for k in a.meta_rewards}, controls=ctrl,
-        rolled_out=np.concatenate([a.rolled_out, b.rolled_out]), solution_texts=a.solution_texts + b.solution_texts,
-        correct=np.concatenate([a.correct, b.correct]), lengths=np.concatenate([a.lengths, b.lengths]),
-        finish_budget=np.concatenate([a.finish_budget, b.finish_budget]),
-        train_prompt_ids=a.train_prompt_ids + b.train_prompt_ids,
-        train_response_ids=a.train_response_ids + b.train_response_ids,
-        train_sampler_logprobs=a.train_sampler_logprobs + b.train_sampler_logprobs,
-        train_advantages=np.concatenate([a.train_advantages, b.train_advantages]),
-        train_kind=np.concatenate([a.train_kind, b.train_kind]),
-        train_problem=np.concatenate([a.train_problem, b.train_problem + len(a.problems)]), metrics=metrics)
+    return dataclasses.replace(a, **{f: _cat(getattr(a, f), getattr(b, f)) for f in _PER_PROBLEM},
+                               sequences=a.sequences.concat(b.sequences, len(a.problems)), metrics=metrics)
 
 
 def _rollout_metrics(problems, preds, meta_rewards, ctrl, applied, rolled_out, correct, lengths, finish_budget,

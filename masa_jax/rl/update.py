@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from masa_jax.models.qwen.config import ModelConfig
 from masa_jax.rl import batching, bc, train_step
 from masa_jax.rl.expert_buffer import Expert
+from masa_jax.rl.sequences import TrainingSequences
 
 
 def loss_config(config) -> train_step.LossConfig:
@@ -100,17 +101,18 @@ class Updater:
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
     # ------------------------------------------------------------------------------------ updates
-    def policy_update(self, state: train_step.TrainState, ro) -> tuple[train_step.TrainState, dict]:
+    def policy_update(self, state: train_step.TrainState, seqs: TrainingSequences
+                      ) -> tuple[train_step.TrainState, dict]:
         """Old log-probs of the step's solution and meta rollouts with the current params, then
         `ppo_epochs` passes of one clipped-surrogate update per PPO mini-batch (module docstring).
 
         Metrics: the old-log-prob pass's (entropy, logprob gap), the update metrics averaged over the
         step's updates (`_max` / `_min` keys: max / min), num_updates, num_minibatches."""
-        n_seqs, n_problems, host_max_problems = _global_counts(ro.train_problem)
+        n_seqs, n_problems, host_max_problems = _global_counts(seqs.problem)
         if n_seqs == 0:  # every problem gated: nothing to learn from this step
             return state, {"actor/empty_batch": 1.0}
-        local = self.pack(ro.train_prompt_ids, ro.train_response_ids, advantages=ro.train_advantages,
-                          sampler_logprobs=ro.train_sampler_logprobs)
+        local = self.pack(seqs.prompt_ids, seqs.response_ids, advantages=seqs.advantages,
+                          sampler_logprobs=seqs.sampler_logprobs)
         batch = self.to_global(local)
         old_logprobs, lp_metrics = self.compute_logprobs(state.params, batch)
         batch = {k: v for k, v in batch.items() if k != "sampler_logprobs"}
@@ -120,7 +122,7 @@ class Updater:
         if num_mb == 1:  # the whole step is one mini-batch: no shuffle, no repacking
             minibatches = [batch] * self.ppo_epochs
         else:
-            minibatches = self._minibatches(local, old_logprobs, ro.train_problem, num_mb, int(state.step))
+            minibatches = self._minibatches(local, old_logprobs, seqs.problem, num_mb, int(state.step))
         per_update = []
         for i, mb in enumerate(minibatches):
             last = i == num_mb * self.ppo_epochs - 1  # state.step counts the RL step once, at its end

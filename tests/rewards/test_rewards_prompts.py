@@ -1,5 +1,7 @@
 """Tests of masa_jax.rewards.prompts: message layout, config templates, hints, and the expert
 serialiser round trip through meta.parse."""
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -88,5 +90,20 @@ def test_serialise_rejects_bad_statistics():
        pass_rate=st.integers(0, 8), length=st.integers(1, 10**6))
 def test_round_trip_property(reasoning, notions, pass_rate, length):
     text = prompts.serialize_expert_meta(reasoning, notions, pass_rate, length)
-    expected = tuple(prompts._clean_notions(notions))
-    assert meta.parse(text) == MetaPrediction(expected, pass_rate / 8, length)
+    assert meta.parse(text) == MetaPrediction(_cleaned(notions), pass_rate / 8, length)
+
+
+def _cleaned(notions):
+    """The notions an expert keeps, written out independently of prompts._clean_notions: every
+    non-printable character a space, runs of white space one space, trimmed; empty ones, repeats and
+    ones over 200 characters dropped; at most 64."""
+    out = []
+    for n in notions:
+        n = re.sub(r"\s+", " ", "".join(c if c.isprintable() else " " for c in n)).strip()
+        if n and len(n) <= 200 and n not in out:
+            out.append(n)
+    return tuple(out[:64])
+
+
+def test_cleaned_notions_by_hand():
+    assert _cleaned(["  a\tb ", "a b", "", "\x00c\n", "d" * 201]) == ("a b", "c")

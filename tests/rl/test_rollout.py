@@ -123,10 +123,10 @@ def test_gating_skips_solutions_and_training_sequences_carry_their_advantages():
     np.testing.assert_array_equal(ro.rolled_out, [False, True])
     np.testing.assert_array_equal(ro.correct, [[False, False], [True, False]])
     # Solution sequences of "mixed" (advantages of both signs), then its meta sequences (equal rewards: 0).
-    np.testing.assert_array_equal(ro.train_kind, [0, 0, 1, 1])
-    np.testing.assert_array_equal(ro.train_problem, [1, 1, 1, 1])
-    assert ro.train_advantages[0] > 0 > ro.train_advantages[1]
-    np.testing.assert_allclose(ro.train_advantages[2:], 0.0)
+    np.testing.assert_array_equal(ro.sequences.kind, [0, 0, 1, 1])
+    np.testing.assert_array_equal(ro.sequences.problem, [1, 1, 1, 1])
+    assert ro.sequences.advantages[0] > 0 > ro.sequences.advantages[1]
+    np.testing.assert_allclose(ro.sequences.advantages[2:], 0.0)
 
 
 def test_dapo_filter_decides_per_path():
@@ -141,7 +141,7 @@ def test_dapo_filter_decides_per_path():
     np.testing.assert_array_equal(rollout.meta_signal(ro), [True, True, True])
     kept = rollout.dapo_filter(ro)
     assert [p.uid for p in kept.problems] == ["solved", "mixed", "failed"]
-    pairs = sorted({(int(p), int(k)) for p, k in zip(kept.train_problem, kept.train_kind)})
+    pairs = sorted({(int(p), int(k)) for p, k in zip(kept.sequences.problem, kept.sequences.kind)})
     assert pairs == [(0, 1), (1, 0), (1, 1), (2, 1)]  # (problem, kind): no solutions of zero-variance groups
     np.testing.assert_array_equal(rollout.solution_signal(kept), [False, True, False])
 
@@ -152,4 +152,4 @@ def test_dapo_filter_decides_per_path():
     np.testing.assert_array_equal(rollout.solution_signal(ro_g), [False, True, False])
     kept_g = rollout.dapo_filter(ro_g)
     assert [p.uid for p in kept_g.problems] == ["mixed"]
-    np.testing.assert_array_equal(kept_g.train_kind, [0, 0])
+    np.testing.assert_array_equal(kept_g.sequences.kind, [0, 0])

@@ -1,7 +1,6 @@
 """Updater.policy_update: verl's PPO mini-batching (rl.mini_batch_size problems per update, rl.ppo_epochs
 passes, old log-probs once per step), its metrics, and the clip fractions by hand."""
 import dataclasses
-import types
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import pytest
 
 from masa_jax.config import base_config
 from masa_jax.rl import grpo, train_step as ts, update
+from masa_jax.rl.sequences import TrainingSequences
 
 P, G, M = 4, 2, 2  # problems, solution and meta rollouts per problem: 16 sequences, 4 per problem
 CLIP_KEYS = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "clip_fraction_dual")
@@ -51,9 +51,8 @@ def fake_rollouts(seed: int = 0):
                 logps.append(-rng.random(len(responses[-1])).astype(np.float32))
                 adv.append(1.0 if (i + p + kind) % 2 else -1.0)  # both signs in every group
                 problem.append(p)
-    return types.SimpleNamespace(train_prompt_ids=prompts, train_response_ids=responses,
-                                 train_sampler_logprobs=logps, train_advantages=np.asarray(adv, np.float32),
-                                 train_kind=np.repeat([0, 1], [P * G, P * M]), train_problem=np.asarray(problem))
+    return TrainingSequences(prompts, responses, logps, np.asarray(adv, np.float32),
+                             np.repeat([0, 1], [P * G, P * M]).astype(np.int32), np.asarray(problem))
 
 
 class Spy:
@@ -92,8 +91,8 @@ def test_one_minibatch_is_the_plain_step(updater, fresh_state, mini_batch_size):
     state, m = up.policy_update(fresh_state(), ro)
 
     ref = fresh_state()
-    local = up.pack(ro.train_prompt_ids, ro.train_response_ids, advantages=ro.train_advantages,
-                    sampler_logprobs=ro.train_sampler_logprobs)
+    local = up.pack(ro.prompt_ids, ro.response_ids, advantages=ro.advantages,
+                    sampler_logprobs=ro.sampler_logprobs)
     batch = up.to_global(local)
     old, _ = up.compute_logprobs(ref.params, batch)
     batch = {k: v for k, v in batch.items() if k != "sampler_logprobs"}
@@ -126,10 +125,10 @@ def test_two_minibatches_second_update_is_off_policy(updater, fresh_state):
     assert m["actor/ratio_max"] == max(float(first["ratio_max"]), float(second["ratio_max"]))
     # Each mini-batch holds all 4 sequences of 2 whole problems, and is normalised by its own tokens.
     calls = up.train_step.calls
-    assert sorted(np.concatenate([c["problems"] for c in calls]).tolist()) == sorted(ro.train_problem.tolist())
+    assert sorted(np.concatenate([c["problems"] for c in calls]).tolist()) == sorted(ro.problem.tolist())
     for c in calls:
         assert len(set(c["problems"].tolist())) == 2 and len(c["problems"]) == 2 * (G + M)
-    tokens = sum(len(r) for r in ro.train_response_ids)
+    tokens = sum(len(r) for r in ro.response_ids)
     assert float(first["num_tokens"]) + float(second["num_tokens"]) == tokens
     # The RL step counts once, so both updates ran at the same warm-up learning rate.
     assert [c["advance"] for c in calls] == [False, True] and int(state.step) == 1
@@ -145,7 +144,7 @@ def test_epochs_times_minibatches_updates(updater, fresh_state):
     assert [c["advance"] for c in calls] == [False] * 5 + [True] and int(state.step) == 1
     for epoch in range(3):  # every epoch sees every sequence once
         seen = np.concatenate([c["problems"] for c in calls[2 * epoch:2 * epoch + 2]])
-        assert sorted(seen.tolist()) == sorted(ro.train_problem.tolist())
+        assert sorted(seen.tolist()) == sorted(ro.problem.tolist())
     lrs = {float(c["metrics"]["lr"]) for c in calls}
     assert len(lrs) == 1
     # The next step's updates use the next warm-up learning rate.
@@ -168,9 +167,7 @@ def test_same_step_same_shuffle_same_params(updater, fresh_state):
 
 
 def test_empty_step_changes_nothing(updater, fresh_state):
-    empty = types.SimpleNamespace(train_prompt_ids=[], train_response_ids=[], train_sampler_logprobs=[],
-                                  train_advantages=np.zeros(0, np.float32), train_kind=np.zeros(0, int),
-                                  train_problem=np.zeros(0, int))
+    empty = TrainingSequences.empty()
     state = fresh_state()
     state2, m = updater.policy_update(state, empty)
     assert m == {"actor/empty_batch": 1.0} and state2 is state
