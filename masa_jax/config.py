@@ -9,6 +9,10 @@ from __future__ import annotations
 import ml_collections as mlc
 
 from masa_jax.errors import UserError
+from masa_jax.rewards import prompts as prompts_lib
+from masa_jax.rewards.math import VerifierConfig
+
+_VERIFIER = VerifierConfig()  # component defaults live with the component; the run config reads them
 
 ALGORITHMS = ("grpo", "dapo", "masa", "masa_efficient")
 
@@ -56,7 +60,7 @@ def base_config() -> mlc.ConfigDict:
     c.prompts = mlc.ConfigDict()
     c.prompts.meta_template = ""      # "" = the default templates of masa_jax.rewards.prompts
     c.prompts.solution_template = ""
-    c.prompts.min_solution_length = 128
+    c.prompts.min_solution_length = prompts_lib.MIN_SOLUTION_LENGTH
 
     c.meta = mlc.ConfigDict()
     c.meta.k = 8                  # pass_rate is an integer 0..k
@@ -111,11 +115,11 @@ def base_config() -> mlc.ConfigDict:
     c.dapo.dynamic_sampling = False   # drop zero-variance solution groups, resample to fill the batch
     c.dapo.max_rounds = 3             # cap on extra sampling rounds per step
 
-    c.reward = mlc.ConfigDict()
-    c.reward.num_workers = 2
-    c.reward.per_item_timeout_s = 5.0
-    c.reward.batch_budget_s = 120.0
-    c.reward.answer_fallback = "boxed"   # boxed | answer_is | last_number (authors' code)
+    c.reward = mlc.ConfigDict()   # the verifier pool (rewards/math.py VerifierConfig: its defaults, its doc)
+    c.reward.num_workers = _VERIFIER.num_workers
+    c.reward.per_item_timeout_s = _VERIFIER.per_item_timeout_s   # CPU seconds of one answer check
+    c.reward.batch_budget_s = _VERIFIER.batch_budget_s
+    c.reward.answer_fallback = _VERIFIER.fallback   # boxed | answer_is | last_number (authors' code)
 
     c.eval = mlc.ConfigDict()     # held-out evaluation inside the training run (solution path, no hints)
     c.eval.files = ()             # held-out problems: files, tfds:... or "toy-heldout:<n>[:<seed>]"; () = none

@@ -84,6 +84,13 @@ def rollout_config(config) -> rollout_lib.RolloutConfig:
         gating=e.gating, cutoff=e.cutoff, hints=e.hints)
 
 
+def verifier_config(config) -> math_reward.VerifierConfig:
+    """The verifier pool of a run (training, its held-out evaluation and `evaluate` alike)."""
+    r = config.reward
+    return math_reward.VerifierConfig(num_workers=r.num_workers, per_item_timeout_s=r.per_item_timeout_s,
+                                      batch_budget_s=r.batch_budget_s, fallback=r.answer_fallback)
+
+
 def load_training_problems(config, codec: ChatCodec, rcfg: rollout_lib.RolloutConfig, process_index: int | None = None,
                            process_count: int | None = None) -> tuple[list, dict]:
     """This host's share of the training problems, overlong prompts filtered (counted): each host parses
@@ -142,10 +149,7 @@ def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
                             sharded=True, shard_sizes=shard_sizes)
     log.info("training problems: %d on this host of %d (%s)", len(problems), sum(shard_sizes), data_stats)
     eval_problems = list(pipeline.load_host_all(config.eval.files).problems)  # this host's share of each file
-    verifier = math_reward.MathVerifier(num_workers=config.reward.num_workers,
-                                        per_item_timeout_s=config.reward.per_item_timeout_s,
-                                        batch_budget_s=config.reward.batch_budget_s,
-                                        fallback=config.reward.answer_fallback)
+    verifier = math_reward.MathVerifier(verifier_config(config))
     updater = update_lib.Updater.create(config, model_cfg, params, mesh, pad_id=codec.pad_id)
     checkpointer = checkpointing.RunCheckpointer(fs.join(workdir, "checkpoints"),
                                                  max_to_keep=config.checkpoint.max_to_keep)

@@ -38,7 +38,7 @@ class RolloutConfig:
     k: int = 8
     base: float = 0.01
     weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
-    min_solution_length: int = 128
+    min_solution_length: int = prompts.MIN_SOLUTION_LENGTH
     meta_template: str = ""
     solution_template: str = ""
     advantage: str = "grpo"
