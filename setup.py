@@ -1,11 +1,15 @@
 """masa_jax: MASA (Meta-Awareness via Self-Alignment) RL for Qwen models in JAX."""
 from setuptools import find_packages, setup
 
+# The JAX stack is pinned to the versions the tests ran with (README: tested versions): flax and orbax
+# follow JAX's internals closely, so a newer JAX may break them. The [tpu] / [gpu] extras pin the same
+# JAX and the libtpu that jax[tpu]==0.10.2 requires. Literal lists: tests/test_setup.py reads them.
 INSTALL_REQUIRES = [
-    "jax>=0.10.2,<0.12",
-    "flax>=0.12.8,<0.13",
-    "optax>=0.2.8,<0.3",
-    "orbax-checkpoint>=0.12.8,<0.13",
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
     "ml_collections>=1.1,<2",
     "grain>=0.2.18,<0.3",
     "numpy>=1.26",
@@ -36,10 +40,15 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "tpu": ["jax[tpu]>=0.10.2,<0.12"],
-        "gpu": ["jax[cuda12]>=0.10.2,<0.12"],
+        # gs:// run directories, model dirs and data (masa_jax.fs): gcsfs is epath's GCS backend without
+        # TensorFlow, google-cloud-storage the client Orbax asks for a bucket's layout.
+        "gcs": ["gcsfs>=2024.5", "google-cloud-storage>=2.14"],
+        "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.*", "gcsfs>=2024.5", "google-cloud-storage>=2.14"],
+        "gpu": ["jax[cuda12]==0.10.2"],
         "tfds": ["tensorflow-datasets>=4.9.10", "array_record>=0.5"],
         "wandb": ["wandb>=0.16"],  # config.log.wandb
+        # masa_jax as an lm-evaluation-harness model (masa_jax.evaluation.lm_eval_backend)
+        "eval": ["lm-eval>=0.4.13,<0.5"],
         "dev": [
             "pytest>=8",
             "pytest-xdist>=3.5",
@@ -51,6 +60,9 @@ setup(
             "nbformat>=5.10",
             "ipykernel>=6.29",
             "pandas>=2.0",
+            # the lm-eval backend's tests, and lm-eval's own `hf` backend (needs accelerate) as their reference
+            "lm-eval==0.4.13",
+            "accelerate>=0.26",
         ],
     },
 )

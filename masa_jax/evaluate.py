@@ -1,8 +1,19 @@
-"""`python -m masa_jax.evaluate --config=configs/<name>.py --checkpoint=DIR --data=FILE[,FILE...]`.
+"""`python -m masa_jax.evaluate --config=configs/eval_paper.py[:BASE] --checkpoint=DIR --data=FILE[,FILE...] [--meta]`.
 
-pass@1 (mean accuracy over n samples) and pass@k (unbiased estimator 1 - C(n-c, k) / C(n, k)) of a
-training checkpoint (a workdir or its checkpoints/ folder) or of an HF model directory, on benchmark
-files (verl parquet or JSONL). Never uses notion hints. Prints a per-benchmark table, writes JSON.
+The paper's evaluation protocol (`masa_jax.evaluation.paper`): n = 32 solutions per problem at
+temperature 0.6 / top-p 0.95 with at most 16384 new tokens (solution prompt, never a notion hint),
+pass@1 = mean accuracy over the samples, pass@k = unbiased estimator 1 - C(n-c, k) / C(n, k). The
+model is a training checkpoint (a workdir or its checkpoints/ folder) or an HF model directory; the
+benchmarks are verl parquet, flat parquet or JSONL files (`problem`/`question` + `answer`). Each
+setting is the flag when given, else the config's `evaluate` section (configs/eval_paper.py), else the
+paper's value. Prints a table (a row per benchmark and their average) and writes it as JSON (--output,
+default <checkpoint>/eval.json: {benchmark: numbers, "average": ..., "settings": ...}) and Markdown
+(same stem, .md).
+
+`--meta` also runs the meta path (the run's meta prompt, num_meta answers per problem) and reports its
+calibration against the measured pass rate and length (MAE, Pearson r, <stem>_calibration.png: the
+paper's Figure 2 for any checkpoint) and what gating at config.efficient's thresholds would have skipped
+(`masa_jax.evaluation.meta_eval`); per-problem predictions go to <stem>_meta.jsonl.
 """
 from __future__ import annotations
 
@@ -16,7 +27,7 @@ import numpy as np
 
 from masa_jax import checkpointing
 from masa_jax import errors
-from masa_jax import metrics as metrics_lib
+from masa_jax import fs
 from masa_jax.data import sources
 from masa_jax.rewards import prompts
 
@@ -42,21 +53,16 @@ def evaluate_problems(problems: Sequence[sources.Problem], generate: Callable, c
                       n: int, ks: Sequence[int], max_new_tokens: int, rng: jax.Array,
                       solution_template: str = "") -> dict:
     """Samples n solutions per problem and scores them. Returns pass@1, pass@k for k <= n, the number
-    of problems and mean response length."""
+    of problems and mean response length (`evaluation.paper.score`)."""
+    from masa_jax.evaluation import paper
     correct, lengths = sample_and_score(problems, generate, codec, verify, n=n, max_new_tokens=max_new_tokens,
                                         rng=rng, solution_template=solution_template)
-    c = correct.sum(axis=1)
-    result = {"problems": len(problems), "n": n, "pass@1": float(correct.mean()),
-              "mean_length": float(lengths.mean())}
-    for k in ks:
-        if 1 < k <= n:
-            result[f"pass@{k}"] = float(np.mean(metrics_lib.pass_at_k(n, c, k)))
-    return result
+    return paper.score(correct, lengths, ks, max_new_tokens)
 
 
 def load_policy(config, checkpoint: str):
     """(model_cfg, params) from an HF directory (has config.json) or from an Orbax run checkpoint."""
-    from masa_jax.dry_run import model_config_for
+    from masa_jax.models.qwen.presets import model_config_for
     from masa_jax.models import qwen
     from masa_jax.parallel import mesh as mesh_lib
     from masa_jax.rl import update as update_lib
@@ -64,14 +70,14 @@ def load_policy(config, checkpoint: str):
     _check_checkpoint(checkpoint)
     mesh = mesh_lib.make_mesh(config.mesh.shape)
     if errors.is_hf_dir(checkpoint):
-        cfg, params = qwen.from_pretrained(checkpoint, dtype=config.model.param_dtype, mesh=mesh,
+        cfg, params = qwen.from_pretrained(fs.local_copy(checkpoint), dtype=config.model.param_dtype, mesh=mesh,
                                            compute_dtype=config.model.dtype)
         return cfg, params, mesh
     model_cfg = model_config_for(config)
-    model_cfg, params = qwen.from_pretrained(config.model.path, dtype=config.model.param_dtype, mesh=mesh,
-                                             compute_dtype=config.model.dtype)
+    model_cfg, params = qwen.from_pretrained(fs.local_copy(config.model.path), dtype=config.model.param_dtype,
+                                             mesh=mesh, compute_dtype=config.model.dtype)
     updater = update_lib.Updater.create(config, model_cfg, params, mesh, pad_id=0)
-    ckpt_dir = os.path.join(checkpoint, "checkpoints") if os.path.isdir(os.path.join(checkpoint, "checkpoints")) \
+    ckpt_dir = fs.join(checkpoint, "checkpoints") if fs.isdir(fs.join(checkpoint, "checkpoints")) \
         else checkpoint
     restored = checkpointing.RunCheckpointer(ckpt_dir, max_to_keep=1000).restore_latest(updater.state)
     if restored is None:
@@ -84,7 +90,7 @@ _CHECKPOINT_HINT = "pass a training workdir, its checkpoints/ folder or an HF mo
 
 def _check_checkpoint(checkpoint: str) -> None:
     # Checked before Orbax opens it: its CheckpointManager would create a missing directory.
-    if not os.path.isdir(checkpoint):
+    if not fs.isdir(checkpoint):
         raise errors.UserError(f"--checkpoint {checkpoint} is not a directory: {_CHECKPOINT_HINT}")
 
 
@@ -96,76 +102,97 @@ def main(argv):
 
 
 def run_evaluation(F) -> dict:
-    """Evaluates the model named by the parsed flags `F`; prints the table, writes and returns the JSON."""
+    """Evaluates the model named by the parsed flags `F`; prints the table, writes and returns the results."""
     from masa_jax import config as config_lib
+    from masa_jax.evaluation import paper
     from masa_jax.rewards import math as math_reward
+    from masa_jax.train import verifier_config
+    from masa_jax.sampling import to_sampling_params
     from masa_jax.sampling.generate import generate as sampling_generate
     from masa_jax.tokenization import load_codec
 
     # Every user error before the model is loaded (or anything is created).
     config = config_lib.resolve(errors.config_from_flags(F))
+    settings = paper.resolve_settings(config, {
+        "n": F.n, "ks": F.k, "temperature": F.temperature, "top_p": F.top_p, "top_k": F.top_k,
+        "max_new_tokens": F.max_new_tokens, "seed": F.seed, "limit": F.limit, "meta": F.meta,
+        "num_meta": F.num_meta, "data": F.data})
     _check_checkpoint(F.checkpoint)
     errors.check_model_dir(config, weights=not errors.is_hf_dir(F.checkpoint))
-    errors.check_data_files(F.data.split(","), field="--data")
-    out = F.output or os.path.join(F.checkpoint, "eval.json")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+    if not settings.data:
+        raise errors.UserError("--data: name the benchmark files (verl parquet, parquet or JSONL with problem/answer "
+                               "or question/answer), comma-separated, or set config.evaluate.data")
+    benchmarks = {}
+    for path in settings.data:
+        name = paper.benchmark_name(path)
+        problems = paper.load_benchmark(fs.local_copy(path))  # a gs:// file is read from a local copy
+        benchmarks[name if name not in benchmarks else path] = problems[:settings.limit or None]
+    out = F.output or fs.join(F.checkpoint, "eval.json")
+    if not fs.is_remote(out) and not os.path.isdir(os.path.dirname(os.path.abspath(out))):  # gs:// has no dirs
         raise errors.UserError(f"--output {out}: its directory does not exist")
     model_cfg, params, mesh = load_policy(config, F.checkpoint)
     codec = load_codec(config.model.tokenizer_path)
+    sampling_params = to_sampling_params(model_cfg, params, mesh=mesh)  # once: every call samples the same model
+    del params
 
     def generate(prompt_ids, budgets, max_new_tokens, rng):
-        return sampling_generate(model_cfg, params, prompt_ids, rng=rng, max_new_tokens=max_new_tokens,
-                                 temperature=F.temperature, top_p=F.top_p, eos_ids=codec.eos_ids,
-                                 num_slots=config.rollout.num_slots, mesh=mesh)
+        return sampling_generate(model_cfg, sampling_params, prompt_ids, rng=rng, max_new_tokens=max_new_tokens,
+                                 budgets=budgets, temperature=settings.temperature, top_p=settings.top_p,
+                                 top_k=settings.top_k, eos_ids=codec.eos_ids, num_slots=config.rollout.num_slots,
+                                 mesh=mesh)
 
-    verifier = math_reward.MathVerifier(num_workers=config.reward.num_workers,
-                                        per_item_timeout_s=config.reward.per_item_timeout_s,
-                                        batch_budget_s=config.reward.batch_budget_s)
-    ks = [int(k) for k in F.k.split(",") if k]
-    results = {}
+    def rng_fn(i, kind):
+        key = jax.random.key(settings.seed + i)
+        return key if kind == "solution" else jax.random.fold_in(key, 1)
+
+    verifier = math_reward.MathVerifier(verifier_config(config))  # the trainer's: same fallback, limits
     try:
         with jax.set_mesh(mesh):
-            for i, path in enumerate(F.data.split(",")):
-                loaded = sources.load_problems(path, on_error="raise")
-                problems = list(loaded.problems)[:F.limit or None]
-                results[os.path.basename(path)] = evaluate_problems(
-                    problems, generate, codec, verifier.verify, n=F.n, ks=ks, max_new_tokens=F.max_new_tokens,
-                    rng=jax.random.key(F.seed + i), solution_template=config.prompts.solution_template)
+            results, reports = paper.run_protocol(benchmarks, generate, codec, verifier.verify, settings,
+                                                  config=config, rng_fn=rng_fn)
     finally:
         verifier.close()
     print(format_table(results))
+    if reports:
+        m = results[paper.AVERAGE]["meta"]
+        print(f"meta ({settings.num_meta} per problem, all problems): pass-rate MAE {m['pass_mae']:.3f}, "
+              f"r {m['pass_pearson']:.3f}; length MAE {m['length_mae']:.1f}, r {m['length_pearson']:.3f}; "
+              f"gated {m['gated']} of {m['problems']}, precision {m['gate_precision']:.2f}")
     if jax.process_index() == 0:
-        with open(out, "w") as f:
-            json.dump(results, f, indent=2)
+        with fs.local_dir_for(fs.parent(out)) as d:  # local files, copied to a remote --output's folder
+            paths = paper.write_outputs(results, reports, os.path.join(d, os.path.basename(out)),
+                                        title=f"Evaluation of {F.checkpoint}")
+        print("wrote " + ", ".join(fs.join(fs.parent(out), os.path.basename(p)) for p in paths.values()))
     return results
 
 
 def format_table(results: dict) -> str:
-    keys = sorted({k for r in results.values() for k in r if k.startswith("pass@")},
-                  key=lambda k: int(k.split("@")[1]))
-    head = f"{'benchmark':<28}{'problems':>9}" + "".join(f"{k:>10}" for k in keys)
-    rows = [head, "-" * len(head)]
-    for name, r in results.items():
-        rows.append(f"{name:<28}{r['problems']:>9}" + "".join(
-            f"{100 * r[k]:>9.2f}%" if k in r else f"{'':>10}" for k in keys))
-    return "\n".join(rows)
+    from masa_jax.evaluation import paper
+    return paper.format_table(results)
 
 
 def _define_flags():
     from absl import flags
     from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/eval_paper.py[:BASE] "
+                                    "sets the paper's protocol)", lock_config=True)
     flags.DEFINE_string("checkpoint", None, "run workdir / checkpoint folder, or an HF model directory")
-    flags.DEFINE_string("data", None, "benchmark files (verl parquet or JSONL), comma-separated")
-    flags.DEFINE_integer("n", 32, "samples per problem (paper: 32)")
-    flags.DEFINE_string("k", "1,8,32", "pass@k values, comma-separated")
-    flags.DEFINE_float("temperature", 0.6, "sampling temperature (paper: 0.6)")
-    flags.DEFINE_float("top_p", 1.0, "nucleus sampling")
-    flags.DEFINE_integer("max_new_tokens", 16384, "max response tokens (paper: 16k)")
-    flags.DEFINE_integer("limit", 0, "evaluate only the first N problems of each file (0 = all)")
-    flags.DEFINE_integer("seed", 0, "sampling seed")
-    flags.DEFINE_string("output", "", "JSON output path (default: <checkpoint>/eval.json)")
-    flags.mark_flags_as_required(["config", "checkpoint", "data"])
+    flags.DEFINE_string("data", None, "benchmark files (verl parquet, parquet or JSONL), comma-separated "
+                        "(default: config.evaluate.data)")
+    # Unset flags fall back to config.evaluate.<name>, then to the paper's value (in brackets).
+    flags.DEFINE_integer("n", None, "samples per problem [32]")
+    flags.DEFINE_string("k", None, "pass@k values, comma-separated [1,8,32]")
+    flags.DEFINE_float("temperature", None, "sampling temperature [0.6]")
+    flags.DEFINE_float("top_p", None, "nucleus sampling [0.95]")
+    flags.DEFINE_integer("top_k", None, "top-k sampling, 0 = off [0]")
+    flags.DEFINE_integer("max_new_tokens", None, "max response tokens [16384]")
+    flags.DEFINE_integer("limit", None, "evaluate only the first N problems of each file, 0 = all [0]")
+    flags.DEFINE_integer("seed", None, "sampling seed [0]")
+    flags.DEFINE_boolean("meta", None, "also evaluate the meta path: calibration and would-be gating [false]")
+    flags.DEFINE_integer("num_meta", None, "meta answers per problem with --meta [config.rollout.num_meta]")
+    flags.DEFINE_string("output", "", "JSON output path (default: <checkpoint>/eval.json); the Markdown "
+                        "table and --meta's files go next to it")
+    flags.mark_flags_as_required(["config", "checkpoint"])
 
 
 if __name__ == "__main__":
