@@ -106,7 +106,7 @@ def run_evaluation(F) -> dict:
     from masa_jax import config as config_lib
     from masa_jax.evaluation import paper
     from masa_jax.rewards import math as math_reward
-    from masa_jax.train import verifier_config
+    from masa_jax.train import sampler_config, verifier_config
     from masa_jax.sampling import to_sampling_params
     from masa_jax.sampling.generate import generate as sampling_generate
     from masa_jax.tokenization import load_codec
@@ -135,11 +135,12 @@ def run_evaluation(F) -> dict:
     sampling_params = to_sampling_params(model_cfg, params, mesh=mesh)  # once: every call samples the same model
     del params
 
+    sampler = sampler_config(config, codec.eos_ids, temperature=settings.temperature, top_p=settings.top_p,
+                             top_k=settings.top_k)  # the trainer's sampler, at the protocol's settings
+
     def generate(prompt_ids, budgets, max_new_tokens, rng):
         return sampling_generate(model_cfg, sampling_params, prompt_ids, rng=rng, max_new_tokens=max_new_tokens,
-                                 budgets=budgets, temperature=settings.temperature, top_p=settings.top_p,
-                                 top_k=settings.top_k, eos_ids=codec.eos_ids, num_slots=config.rollout.num_slots,
-                                 mesh=mesh)
+                                 budgets=budgets, mesh=mesh, sampler=sampler)
 
     def rng_fn(i, kind):
         key = jax.random.key(settings.seed + i)

@@ -41,7 +41,7 @@ from masa_jax.rl import controls as controls_lib
 from masa_jax.rl import expert_buffer as expert_lib
 from masa_jax.rl import rollout as rollout_lib
 from masa_jax.rl import update as update_lib
-from masa_jax.sampling.generate import generate as sampling_generate
+from masa_jax.sampling.generate import SamplerConfig, generate as sampling_generate
 from masa_jax.sampling.reshard import to_sampling_params
 from masa_jax.tokenization import ChatCodec, load_codec
 
@@ -159,13 +159,22 @@ def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
                eval_problems, generate_fn)
 
 
+def sampler_config(config, eos_ids, *, temperature: float | None = None, top_p: float | None = None,
+                   top_k: int | None = None) -> SamplerConfig:
+    """The sampler of a run (training rollouts, held-out evaluation and `evaluate` alike): the rollout
+    section's knobs, with the temperature / top-p / top-k overridden where given."""
+    r = config.rollout
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return SamplerConfig(temperature=pick(temperature, r.temperature), top_p=pick(top_p, r.top_p),
+                         top_k=pick(top_k, r.top_k), eos_ids=tuple(eos_ids), num_slots=r.num_slots)
+
+
 def make_generate(run: Run, params, temperature: float | None = None) -> Callable:
     """The rollout policy for this step: the refill sampler over the sampling-layout weights, at the
     rollout temperature unless `temperature` is given."""
     if run.generate_fn is not None:
         return run.generate_fn
-    c = run.config.rollout
-    temperature = c.temperature if temperature is None else temperature
+    sampler = sampler_config(run.config, run.codec.eos_ids, temperature=temperature)
     sampling_params = to_sampling_params(run.model_cfg, params, mesh=run.mesh)  # the per-step reshard
     mesh = run.mesh
     if jax.process_count() > 1:  # each host samples its own problems on its own devices
@@ -174,9 +183,8 @@ def make_generate(run: Run, params, temperature: float | None = None) -> Callabl
 
     def generate(prompt_ids, budgets, max_new_tokens, rng):
         return sampling_generate(run.model_cfg, sampling_params, prompt_ids, rng=rng, max_new_tokens=max_new_tokens,
-                                 budgets=None if budgets is None else [int(b) for b in budgets],
-                                 temperature=temperature, top_p=c.top_p, top_k=c.top_k, eos_ids=run.codec.eos_ids,
-                                 num_slots=c.num_slots, mesh=mesh)
+                                 budgets=None if budgets is None else [int(b) for b in budgets], mesh=mesh,
+                                 sampler=sampler)
     return generate
 
 

@@ -14,6 +14,9 @@ The host never runs per token. It loops over *chunks*:
 With `refill=False` (static batches) step 1 only runs when every slot is empty, so a batch runs until
 its longest member ends: the behaviour of samplers that share one step counter.
 
+The loop is `_Rollout.run` (steps: `_refill`, `_decode_round`, `_harvest`). The knobs can be passed as
+one validated `SamplerConfig` (`generate(..., sampler=...)`) instead of keywords.
+
 Compiled shapes. For fixed (model config, num_slots, max_new_tokens, sampling mode, number of EOS ids
 rounded up to 4) a run compiles at most:
   * decode: one executable per cache-length bucket reached (`cache_buckets`, default 64, 96, ..., 256
@@ -81,6 +84,55 @@ class GenerateOutput:
     logprobs: list[np.ndarray]
     finish_reasons: list[str]
     stats: GenerateStats
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """The engine and sampling knobs of `generate` (see its docstring for each), validated once here.
+    Pass as `generate(..., sampler=SamplerConfig(...))` instead of the individual keywords."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    eos_ids: Sequence[int] | int = ()            # stored as a sorted tuple of distinct ids
+    num_slots: int | None = None
+    refill: bool = True
+    refill_fraction: float = 0.125
+    max_cache_len: int | None = None
+    cache_buckets: Sequence[int] | None = None   # stored as tuples
+    prompt_buckets: Sequence[int] | None = None
+    max_prefill_tokens: int = 8192
+    schedule: str = "longest_first"
+    cache_dtype: object = None
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: normalise in place)
+        set_("temperature", float(self.temperature))
+        set_("top_p", float(self.top_p))
+        set_("top_k", int(self.top_k))
+        eos = [self.eos_ids] if isinstance(self.eos_ids, (int, np.integer)) else self.eos_ids
+        set_("eos_ids", tuple(sorted({int(e) for e in eos})))
+        for k in ("cache_buckets", "prompt_buckets"):
+            if getattr(self, k) is not None:
+                set_(k, tuple(getattr(self, k)))
+        # Checks the vocab-independent settings; `generate` rebuilds the mode with the model's vocab.
+        make_mode(self.temperature, self.top_p, self.top_k, vocab_size=1 << 62)
+        if self.schedule not in ("longest_first", "fifo"):
+            raise ValueError(f"schedule must be 'longest_first' or 'fifo', got {self.schedule!r}")
+        if not 0.0 < self.refill_fraction <= 1.0:
+            raise ValueError(f"refill_fraction must be in (0, 1], got {self.refill_fraction}")
+
+
+def _resolve_sampler(sampler: SamplerConfig | None, knobs: dict) -> SamplerConfig:
+    """`sampler`, or a SamplerConfig from `generate`'s individual keywords; not both."""
+    loose = SamplerConfig(**knobs)
+    if sampler is None:
+        return loose
+    if loose != SamplerConfig():
+        changed = sorted(f.name for f in dataclasses.fields(SamplerConfig)
+                         if getattr(loose, f.name) != getattr(SamplerConfig(), f.name))
+        raise TypeError(f"generate got sampler= and the sampler keywords {changed}: pass one or the other")
+    return sampler
 
 
 # ------------------------------------------------------------------------------------------ buckets
@@ -176,13 +228,167 @@ def _fetch(*arrays):
     return tuple(np.array(a) for a in jax.device_get(arrays))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Per-request limits and the call's cache geometry, fixed before any device work."""
+
+    limits: np.ndarray          # int64 [N]: tokens each request may generate
+    reasons: np.ndarray         # int64 [N]: finish code when its limit stops it
+    plen: np.ndarray            # int64 [N]: prompt lengths
+    max_cache_len: int
+    buckets: tuple[int, ...]    # cache-length buckets, ascending, ending at max_cache_len
+    todo: list                  # requests with something to generate, in admission order
+
+
+def _plan(cfg: ModelConfig, prompts, budgets, max_new_tokens, sc: SamplerConfig) -> _Plan:
+    _validate(cfg, prompts, budgets, max_new_tokens)
+    N = len(prompts)
+    limits, reasons = _limits(N, budgets, int(max_new_tokens))
+    plen = np.array([len(p) for p in prompts], np.int64)
+    need = plen + np.maximum(limits - 1, 0)                 # cache entries each request fills
+    max_cache_len = sc.max_cache_len
+    if max_cache_len is None:
+        # Rounded up to a standard bucket so that calls with similar lengths share executables.
+        max_cache_len = _pick(default_cache_buckets(1 << 40), int(need.max()) if N else 1)
+    for i in range(N):
+        if need[i] > max_cache_len:
+            raise ValueError(f"prompt {i} has {plen[i]} tokens and may generate {limits[i]}: it needs "
+                             f"{need[i]} cache positions > max_cache_len={max_cache_len}")
+    buckets = tuple(sorted(b for b in (sc.cache_buckets or default_cache_buckets(max_cache_len))
+                           if b < max_cache_len)) + (max_cache_len,)
+    todo = [i for i in range(N) if limits[i] > 0]
+    if sc.schedule == "longest_first":
+        todo.sort(key=lambda i: -limits[i])
+    return _Plan(limits, reasons, plen, max_cache_len, buckets, todo)
+
+
+def _knobs(sc: SamplerConfig, rng, mode) -> Knobs:
+    if isinstance(rng, (int, np.integer)):
+        rng = jax.random.key(int(rng))
+    if rng is None:
+        if not mode.greedy:
+            raise ValueError("sampling (temperature > 0) needs an rng key")
+        rng = jax.random.key(0)
+    # Padded to a multiple of 4 so that the EOS count rarely changes the compiled shapes.
+    eos_arr = np.full(max(4, -(-len(sc.eos_ids) // 4) * 4), -1, np.int32)
+    eos_arr[:len(sc.eos_ids)] = sc.eos_ids
+    return Knobs(rng=rng, temperature=jnp.float32(sc.temperature if sc.temperature > 0 else 1.0),
+                 top_p=jnp.float32(sc.top_p), eos_ids=jnp.asarray(eos_arr))
+
+
+class _Rollout:
+    """Host state of one `generate` call (queue, slot table, cache, device slot state) and the chunk
+    loop of the module doc: refill, decode round, harvest."""
+
+    def __init__(self, spec: EngineSpec, sp, knobs: Knobs, sc: SamplerConfig, plan: _Plan, prompts,
+                 out: GenerateOutput, cache_dtype):
+        S = spec.num_slots
+        self.spec, self.sp, self.knobs, self.sc, self.plan, self.prompts = spec, sp, knobs, sc, plan, prompts
+        self.out, self.stats, self.cache_dtype = out, out.stats, cache_dtype
+        self.state = engine.init_state(S, spec.max_new_tokens)
+        self.cache = None
+        self.queue = collections.deque(plan.todo)
+        self.slot_req = np.full(S, -1, np.int64)     # request held by each slot until harvested
+        self.lengths = np.zeros(S, np.int64)
+        self.active = np.zeros(S, bool)
+        self.threshold = max(1, int(S * sc.refill_fraction))
+
+    def run(self) -> None:
+        S = self.spec.num_slots
+        while self.queue or (self.slot_req >= 0).any():
+            free = np.nonzero(self.slot_req < 0)[0]
+            if self.queue and len(free) and (self.sc.refill or len(free) == S):
+                self._refill(free)      # loops back: refills slots whose first token ended them
+            elif self.active.any():
+                self._decode_round()
+        self.cache = None               # free the cache before leaving the mesh context
+
+    def _resize(self, length: int) -> None:
+        if self.cache is None:
+            self.cache = kv_cache.init_cache(self.spec.cfg, self.spec.num_slots, length, self.cache_dtype)
+        elif self.cache.length != length:
+            self.stats.resizes += 1
+            self.stats.shapes.add(("resize", self.cache.length, length))
+            self.cache = kv_cache.resize(self.cache, length=length)
+
+    def _refill(self, free: np.ndarray) -> None:
+        """Admits queued requests into free slots, prefills them by prompt bucket, inserts their keys /
+        values into the cache, then harvests (a first token can end a request)."""
+        take = [self.queue.popleft() for _ in range(min(len(free), len(self.queue)))]
+        slots = free[:len(take)]
+        self.slot_req[slots] = take
+        groups: dict = collections.defaultdict(list)
+        for r, s in zip(take, slots):
+            P = _prompt_bucket(int(self.plan.plen[r]), self.plan.max_cache_len, self.sc.prompt_buckets)
+            groups[P].append((r, s))
+        # The cache must hold the new prompts and the next token of every running slot.
+        need_len = max([max(groups)] + [int(self.lengths[s]) + 1 for s in np.nonzero(self.active)[0]])
+        if self.cache is None or self.cache.length < need_len:
+            self._resize(_pick(self.plan.buckets, need_len))
+        t0 = time.perf_counter()
+        for P, members in sorted(groups.items()):
+            self._prefill_group(P, members)
+        self.active = self._harvest()
+        self.stats.prefill_seconds += time.perf_counter() - t0
+
+    def _prefill_group(self, P: int, members) -> None:
+        S = self.spec.num_slots
+        # Rows per call: a power of two, at most the slots and max_prefill_tokens / P.
+        nmax = max(1, min(_pow2_ceil(S), 1 << int(math.log2(max(1, self.sc.max_prefill_tokens // P)))))
+        for toks, meta in _prefill_batches(members, P, nmax, S, self.prompts, self.plan.limits, self.plan.reasons):
+            kv, self.state = engine.prefill(self.spec, self.sp, self.state, self.knobs, toks, *meta)
+            self.cache = kv_cache.insert(self.cache, kv, meta[1])
+            del kv
+            self.stats.prefill_calls += 1
+            self.stats.shapes.add(("prefill", len(toks), P))
+            self.stats.shapes.add(("insert", len(toks), P, self.cache.length))
+
+    def _decode_round(self) -> None:
+        """One device-side decode loop, on a cache resized to the bucket the active slots need (shrunk
+        only when it would halve: resizes copy the cache)."""
+        target = _pick(self.plan.buckets, int(self.lengths[self.active].max()) + 1)
+        if target > self.cache.length or target <= self.cache.length // 2:
+            self._resize(target)
+        # Return once enough slots are free to refill from the queue; S + 1 = never (nothing to admit).
+        if self.sc.refill and self.queue:
+            free_target = int((~self.active).sum()) + min(self.threshold, len(self.queue))
+        else:
+            free_target = self.spec.num_slots + 1
+        t0 = time.perf_counter()
+        self.cache, self.state, steps = engine.decode(self.spec, self.sp, self.cache, self.state, self.knobs,
+                                                      jnp.int32(free_target))
+        self.stats.decode_calls += 1
+        self.stats.decode_steps += int(steps)
+        self.stats.shapes.add(("decode", self.cache.length))
+        self.active = self._harvest()
+        self.stats.decode_seconds += time.perf_counter() - t0
+
+    def _harvest(self) -> np.ndarray:
+        """Copies out finished slots' outputs and frees them; returns the active mask."""
+        st = self.state
+        act, fin, ngen, lens = _fetch(st.active, st.finish, st.num_generated, st.lengths)
+        done = np.nonzero((self.slot_req >= 0) & (fin != RUNNING))[0]
+        if len(done):
+            toks, lps = _fetch(st.tokens, st.logprobs)
+            for s in done:
+                r, n = self.slot_req[s], int(ngen[s])
+                self.out.tokens[r] = toks[s, :n].tolist()
+                self.out.logprobs[r] = lps[s, :n].astype(np.float32)
+                self.out.finish_reasons[r] = FINISH_NAMES[int(fin[s])]
+                self.stats.generated_tokens += n
+                self.slot_req[s] = -1
+        self.lengths[:] = lens
+        return act
+
+
 def generate(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, rng, max_new_tokens: int,
              budgets: Sequence[int | None] | None = None, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, eos_ids: Sequence[int] | int = (), num_slots: int | None = None,
              refill: bool = True, refill_fraction: float = 0.125, max_cache_len: int | None = None,
              cache_buckets: Sequence[int] | None = None, prompt_buckets: Sequence[int] | None = None,
              max_prefill_tokens: int = 8192, schedule: str = "longest_first",
-             mesh: jax.sharding.Mesh | None = None, cache_dtype=None) -> GenerateOutput:
+             mesh: jax.sharding.Mesh | None = None, cache_dtype=None,
+             sampler: SamplerConfig | None = None) -> GenerateOutput:
     """Samples continuations of `prompts` with a slot-refilling KV-cache engine.
 
     Args:
@@ -206,6 +412,8 @@ def generate(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *
       schedule: "longest_first" (admit the largest budgets first: shortens the tail) or "fifo".
       mesh: run under this mesh with params in the sampling layout (tensor-parallel, slots over data).
       cache_dtype: KV-cache dtype (default: the compute dtype, bfloat16 on accelerators).
+      sampler: a `SamplerConfig` holding all of temperature ... cache_dtype above at once; then those
+        keywords must stay at their defaults.
 
     Returns a GenerateOutput. Finish reason per prompt: "eos" (stopped at an EOS id), "budget" (hit its
     own budget < max_new_tokens: a real cutoff) or "max_new_tokens". Log-probs are float32 log softmax(logits /
@@ -214,130 +422,25 @@ def generate(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *
     decoding they are under the raw logits (temperature 1).
     """
     t_start = time.perf_counter()
+    sc = _resolve_sampler(sampler, dict(
+        temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos_ids, num_slots=num_slots, refill=refill,
+        refill_fraction=refill_fraction, max_cache_len=max_cache_len, cache_buckets=cache_buckets,
+        prompt_buckets=prompt_buckets, max_prefill_tokens=max_prefill_tokens, schedule=schedule,
+        cache_dtype=cache_dtype))
     cfg = model_cfg
     prompts = [list(map(int, p)) for p in prompts]
-    _validate(cfg, prompts, budgets, max_new_tokens)
-    mode = make_mode(float(temperature), float(top_p), int(top_k), cfg.vocab_size)
-    if schedule not in ("longest_first", "fifo"):
-        raise ValueError(f"schedule must be 'longest_first' or 'fifo', got {schedule!r}")
-    if not 0.0 < refill_fraction <= 1.0:
-        raise ValueError(f"refill_fraction must be in (0, 1], got {refill_fraction}")
+    plan = _plan(cfg, prompts, budgets, max_new_tokens, sc)
+    mode = make_mode(sc.temperature, sc.top_p, sc.top_k, cfg.vocab_size)
     N = len(prompts)
-    limits, reasons = _limits(N, budgets, int(max_new_tokens))
-    plen = np.array([len(p) for p in prompts], np.int64)
-    need = plen + np.maximum(limits - 1, 0)                 # cache entries each request fills
-    if max_cache_len is None:
-        # Rounded up to a standard bucket so that calls with similar lengths share executables.
-        max_cache_len = _pick(default_cache_buckets(1 << 40), int(need.max()) if N else 1)
-    for i in range(N):
-        if need[i] > max_cache_len:
-            raise ValueError(f"prompt {i} has {plen[i]} tokens and may generate {limits[i]}: it needs "
-                             f"{need[i]} cache positions > max_cache_len={max_cache_len}")
-    buckets = tuple(sorted(b for b in (cache_buckets or default_cache_buckets(max_cache_len)) if b < max_cache_len))
-    buckets = buckets + (max_cache_len,)
-
-    stats = GenerateStats()
-    out_tokens: list = [[] for _ in range(N)]
-    out_lps: list = [np.zeros((0,), np.float32) for _ in range(N)]
-    out_reasons = [FINISH_NAMES[int(r)] for r in reasons]
-    todo = [i for i in range(N) if limits[i] > 0]
-    if schedule == "longest_first":
-        todo.sort(key=lambda i: -limits[i])
-    if not todo:
-        stats.seconds = time.perf_counter() - t_start
-        return GenerateOutput(out_tokens, out_lps, out_reasons, stats)
-
-    S = int(num_slots or min(256, _pow2_ceil(len(todo))))
-    T = max(1, int(max_new_tokens))
-    spec = EngineSpec(cfg=cfg, num_slots=S, max_new_tokens=T, mode=mode)
-    stats.num_slots = S
-    if isinstance(rng, (int, np.integer)):
-        rng = jax.random.key(int(rng))
-    if rng is None:
-        if not mode.greedy:
-            raise ValueError("sampling (temperature > 0) needs an rng key")
-        rng = jax.random.key(0)
-    eos = sorted({int(e) for e in ([eos_ids] if isinstance(eos_ids, (int, np.integer)) else eos_ids)})
-    eos_arr = np.full(max(4, -(-len(eos) // 4) * 4), -1, np.int32)
-    eos_arr[:len(eos)] = eos
-    knobs = Knobs(rng=rng, temperature=jnp.float32(temperature if temperature > 0 else 1.0),
-                  top_p=jnp.float32(top_p), eos_ids=jnp.asarray(eos_arr))
-    threshold = max(1, int(S * refill_fraction))
-
-    ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-    with ctx:
-        sp = params if is_sampling_params(params) else to_sampling_params(cfg, params, mesh=mesh)
-        cdtype = jnp.dtype(cache_dtype or cfg.dtype)
-        state = engine.init_state(S, T)
-        cache = None
-        queue = collections.deque(todo)
-        slot_req = np.full(S, -1, np.int64)     # request held by each slot until harvested
-        lengths = np.zeros(S, np.int64)
-
-        def resize_to(cache, length):
-            if cache is None:
-                return kv_cache.init_cache(cfg, S, length, cdtype)
-            if cache.length == length:
-                return cache
-            stats.resizes += 1
-            stats.shapes.add(("resize", cache.length, length))
-            return kv_cache.resize(cache, length=length)
-
-        def harvest(state):
-            act, fin, ngen, lens = _fetch(state.active, state.finish, state.num_generated, state.lengths)
-            done = np.nonzero((slot_req >= 0) & (fin != RUNNING))[0]
-            if len(done):
-                toks, lps = _fetch(state.tokens, state.logprobs)
-                for s in done:
-                    r, n = slot_req[s], int(ngen[s])
-                    out_tokens[r] = toks[s, :n].tolist()
-                    out_lps[r] = lps[s, :n].astype(np.float32)
-                    out_reasons[r] = FINISH_NAMES[int(fin[s])]
-                    stats.generated_tokens += n
-                    slot_req[s] = -1
-            lengths[:] = lens
-            return act
-
-        active = np.zeros(S, bool)
-        while queue or (slot_req >= 0).any():
-            free = np.nonzero(slot_req < 0)[0]
-            if queue and len(free) and (refill or len(free) == S):
-                take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
-                slots = free[:len(take)]
-                slot_req[slots] = take
-                groups: dict = collections.defaultdict(list)
-                for r, s in zip(take, slots):
-                    groups[_prompt_bucket(int(plen[r]), max_cache_len, prompt_buckets)].append((r, s))
-                need_len = max([max(groups)] + [int(lengths[s]) + 1 for s in np.nonzero(active)[0]])
-                if cache is None or cache.length < need_len:
-                    cache = resize_to(cache, _pick(buckets, need_len))
-                t0 = time.perf_counter()
-                for P, members in sorted(groups.items()):
-                    nmax = max(1, min(_pow2_ceil(S), 1 << int(math.log2(max(1, max_prefill_tokens // P)))))
-                    for toks, meta in _prefill_batches(members, P, nmax, S, prompts, limits, reasons):
-                        kv, state = engine.prefill(spec, sp, state, knobs, toks, *meta)
-                        cache = kv_cache.insert(cache, kv, meta[1])
-                        del kv
-                        stats.prefill_calls += 1
-                        stats.shapes.add(("prefill", len(toks), P))
-                        stats.shapes.add(("insert", len(toks), P, cache.length))
-                active = harvest(state)
-                stats.prefill_seconds += time.perf_counter() - t0
-                continue                                  # refill slots whose first token ended them
-            if not active.any():
-                continue
-            need_len = int(lengths[active].max()) + 1
-            target = _pick(buckets, need_len)
-            if target > cache.length or target <= cache.length // 2:
-                cache = resize_to(cache, target)
-            free_target = int((~active).sum()) + min(threshold, len(queue)) if (refill and queue) else S + 1
-            t0 = time.perf_counter()
-            cache, state, steps = engine.decode(spec, sp, cache, state, knobs, jnp.int32(free_target))
-            stats.decode_calls += 1
-            stats.decode_steps += int(steps)
-            stats.shapes.add(("decode", cache.length))
-            active = harvest(state)
-            stats.decode_seconds += time.perf_counter() - t0
-        del cache
-    stats.seconds = time.perf_counter() - t_start
-    return GenerateOutput(out_tokens, out_lps, out_reasons, stats)
+    out = GenerateOutput([[] for _ in range(N)], [np.zeros((0,), np.float32) for _ in range(N)],
+                         [FINISH_NAMES[int(r)] for r in plan.reasons], GenerateStats())
+    if plan.todo:
+        S = int(sc.num_slots or min(256, _pow2_ceil(len(plan.todo))))
+        spec = EngineSpec(cfg=cfg, num_slots=S, max_new_tokens=max(1, int(max_new_tokens)), mode=mode)
+        out.stats.num_slots = S
+        knobs = _knobs(sc, rng, mode)
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            sp = params if is_sampling_params(params) else to_sampling_params(cfg, params, mesh=mesh)
+            _Rollout(spec, sp, knobs, sc, plan, prompts, out, jnp.dtype(sc.cache_dtype or cfg.dtype)).run()
+    out.stats.seconds = time.perf_counter() - t_start
+    return out

@@ -179,3 +179,28 @@ def test_bucket_helpers():
     assert default_cache_buckets(40) == (40,)
     assert [_prefill_rows(k, 256) for k in (1, 2, 4, 5, 17, 64, 65, 256)] == [1, 4, 4, 16, 64, 64, 256, 256]
     assert [_prefill_rows(k, 8) for k in (1, 3, 5, 8)] == [1, 4, 8, 8]
+
+
+def test_sampler_config_equals_keywords(qwen3_tiny):
+    """`sampler=SamplerConfig(...)` is the same call as the individual keywords (outputs and stats), is
+    validated when built, and cannot be mixed with non-default keywords."""
+    budgets = [3, 12, 7, 1, 9]
+    kw = dict(temperature=0.8, eos_ids=[qwen3_tiny.greedy[0][3]], num_slots=2, max_cache_len=64, refill_fraction=0.5,
+              cache_buckets=[16], schedule="fifo")
+    a = sampling.generate(qwen3_tiny.cfg, qwen3_tiny.params, qwen3_tiny.prompts, rng=KEY, max_new_tokens=MAX_NEW,
+                          budgets=budgets, **kw)
+    sc = sampling.SamplerConfig(**kw)
+    assert sc.eos_ids == (qwen3_tiny.greedy[0][3],) and sc.cache_buckets == (16,)
+    b = sampling.generate(qwen3_tiny.cfg, qwen3_tiny.params, qwen3_tiny.prompts, rng=KEY, max_new_tokens=MAX_NEW,
+                          budgets=budgets, sampler=sc)
+    assert a.tokens == b.tokens and a.finish_reasons == b.finish_reasons
+    assert all(np.array_equal(x, y) for x, y in zip(a.logprobs, b.logprobs))
+    for f in ("num_slots", "decode_calls", "decode_steps", "prefill_calls", "resizes", "generated_tokens", "shapes"):
+        assert getattr(a.stats, f) == getattr(b.stats, f), f
+    with pytest.raises(TypeError, match="num_slots"):
+        sampling.generate(qwen3_tiny.cfg, qwen3_tiny.params, qwen3_tiny.prompts, rng=KEY, max_new_tokens=MAX_NEW,
+                          sampler=sc, num_slots=4)
+    for bad, match in [(dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"), (dict(top_k=-1), "top_k"),
+                       (dict(schedule="lifo"), "schedule"), (dict(refill_fraction=0.0), "refill_fraction")]:
+        with pytest.raises(ValueError, match=match):
+            sampling.SamplerConfig(**bad)
