@@ -24,7 +24,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from masa_jax.rewards import meta, prompts  # noqa: E402
+from masa_jax.rewards import meta  # noqa: E402
+from masa_jax.rl import prompts  # noqa: E402
 from masa_jax.rewards.math import MathVerifier, canonical_text, extract_answer  # noqa: E402
 
 

@@ -43,7 +43,7 @@ from masa_jax.parallel.mesh import make_mesh
 from masa_jax import sampling
 from masa_jax.rewards import math as math_lib
 from masa_jax.rewards import meta as meta_lib
-from masa_jax.rewards import prompts
+from masa_jax.rl import prompts
 from masa_jax.rl import bc
 from masa_jax.rl import train_step as ts
 from masa_jax.tokenization import ChatCodec, load_codec

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_collections as mlc
 
 from masa_jax.errors import UserError
-from masa_jax.rewards import prompts as prompts_lib
+from masa_jax.rl import prompts as prompts_lib
 from masa_jax.rewards.math import VerifierConfig
 
 _VERIFIER = VerifierConfig()  # component defaults live with the component; the run config reads them
@@ -58,7 +58,7 @@ def base_config() -> mlc.ConfigDict:
     c.rollout.num_slots = 256     # decode slots of the refill sampler
 
     c.prompts = mlc.ConfigDict()
-    c.prompts.meta_template = ""      # "" = the default templates of masa_jax.rewards.prompts
+    c.prompts.meta_template = ""      # "" = the default templates of masa_jax.rl.prompts
     c.prompts.solution_template = ""
     c.prompts.min_solution_length = prompts_lib.MIN_SOLUTION_LENGTH
 

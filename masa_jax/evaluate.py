@@ -29,7 +29,7 @@ from masa_jax import checkpointing
 from masa_jax import errors
 from masa_jax import fs
 from masa_jax.data import sources
-from masa_jax.rewards import prompts
+from masa_jax.rl import prompts
 
 log = logging.getLogger("masa_jax.evaluate")
 

@@ -35,7 +35,7 @@ from masa_jax.models import qwen
 from masa_jax.parallel import mesh as mesh_lib
 from masa_jax.parallel import multihost
 from masa_jax.rewards import math as math_reward
-from masa_jax.rewards import prompts
+from masa_jax.rl import prompts
 from masa_jax.rl import bc as bc_lib
 from masa_jax.rl import controls as controls_lib
 from masa_jax.rl import expert_buffer as expert_lib

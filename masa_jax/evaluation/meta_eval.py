@@ -27,7 +27,7 @@ import numpy as np
 
 from masa_jax import metrics as metrics_lib
 from masa_jax.rewards import meta as meta_lib
-from masa_jax.rewards import prompts
+from masa_jax.rl import prompts
 from masa_jax.rl import controls as controls_lib
 
 

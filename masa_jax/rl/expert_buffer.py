@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from masa_jax.rewards import prompts
+from masa_jax.rl import prompts
 
 _META_BLOCK = re.compile(r"<meta>(.*?)</meta>", re.DOTALL)
 

@@ -16,7 +16,7 @@ import numpy as np
 from masa_jax import stats
 from masa_jax.data.problem import Problem
 from masa_jax.rewards import meta as meta_lib
-from masa_jax.rewards import prompts
+from masa_jax.rl import prompts
 from masa_jax.rl import controls as controls_lib
 from masa_jax.rl import grpo
 from masa_jax.rl.sequences import TrainingSequences

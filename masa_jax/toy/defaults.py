@@ -6,7 +6,7 @@ prompts it was fine-tuned on, so the trainer's prompts have to be byte-identical
 That includes the values the meta template prints (`K`, `MIN_SOLUTION_LENGTH`, `MAX_RESPONSE_LENGTH`):
 changing one of them changes the prompt text the model sees.
 
-The templates are `masa_jax.rewards.prompts` templates (str.format fields, `{{`/`}}` for braces), kept
+The templates are `masa_jax.rl.prompts` templates (str.format fields, `{{`/`}}` for braces), kept
 short because the toy tokenizer is character-level: every prompt character is a token that each
 rollout and each training step pays for.
 """

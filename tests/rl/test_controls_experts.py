@@ -4,7 +4,8 @@ import numpy as np
 
 from masa_jax import train
 from masa_jax.config import base_config
-from masa_jax.rewards import meta, prompts
+from masa_jax.rewards import meta
+from masa_jax.rl import prompts
 from masa_jax.rl import batching, controls, expert_buffer
 
 MP = meta.MetaPrediction

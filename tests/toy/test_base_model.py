@@ -15,7 +15,7 @@ import pytest
 from masa_jax.models import qwen
 from masa_jax.rewards import math as math_lib
 from masa_jax.rewards import meta as meta_lib
-from masa_jax.rewards import prompts
+from masa_jax.rl import prompts
 from masa_jax.tokenization import load_codec
 from masa_jax.toy import defaults, world
 from masa_jax.toy.tokenizer import TOKENIZER_DIR

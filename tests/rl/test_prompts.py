@@ -1,4 +1,4 @@
-"""Tests of masa_jax.rewards.prompts: message layout, config templates, hints, and the expert
+"""Tests of masa_jax.rl.prompts: message layout, config templates, hints, and the expert
 serialiser round trip through meta.parse."""
 import re
 
@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from masa_jax.rewards import meta, prompts
+from masa_jax.rewards import meta
+from masa_jax.rl import prompts
 from masa_jax.rewards.meta import MetaPrediction
 
 Q = "Let $f(x) = x^{2} + 1$. Find $f(\\{2\\})$."
