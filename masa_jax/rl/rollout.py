@@ -196,8 +196,12 @@ def score(problems: Sequence[Problem], meta: MetaPath, sol: SolutionPath, decisi
         ok, vmetrics = verify([t for p in sol_idx for t in sol.texts[p]],
                               [problems[p].answer for p in sol_idx for _ in range(G)])
         metrics["time/verify_s"] = time.perf_counter() - t0
-        # Counts (timeouts, restarts, ...) only: the verifier's wall-clock is time/verify_s above.
-        metrics.update({f"verify/{k}": float(v) for k, v in vmetrics.items() if "second" not in k})
+        # Counts (timeouts, restarts, ...) under verify/. Times go under time/, which deterministic
+        # comparisons leave out: the wall-clock is time/verify_s above, the workers' CPU seconds
+        # time/verify_worker_cpu_s.
+        for k, v in vmetrics.items():
+            if "second" not in k:
+                metrics[f"time/verify_{k}" if k.endswith("_s") else f"verify/{k}"] = float(v)
         ok = np.asarray(ok, bool).reshape(len(sol_idx), G)
         correct[sol_idx] = ok & ~sol.finish_budget[sol_idx]  # a cut-off rollout has no final answer: 0
     meta_rewards = None
