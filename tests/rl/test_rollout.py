@@ -153,3 +153,18 @@ def test_dapo_filter_decides_per_path():
     kept_g = rollout.dapo_filter(ro_g)
     assert [p.uid for p in kept_g.problems] == ["mixed"]
     np.testing.assert_array_equal(kept_g.sequences.kind, [0, 0])
+
+
+def test_verifier_times_are_logged_under_time_not_with_the_counts():
+    """The workers' CPU seconds vary run to run: under verify/ they broke the deterministic (non-time/)
+    metrics that resume checks compare."""
+    def timed_verify(texts, answers):
+        ok, _ = verify(texts, answers)
+        return ok, {"n": len(texts), "errors": 0, "worker_cpu_s": 0.25, "seconds": 1.5}
+
+    metas, sols = {"a": [_meta(4, 10)]}, {"a": ["\\boxed{7}"]}
+    ro = rollout.run_rollouts(_problems("a"), generate=scripted(metas, sols), codec=CharCodec(), verify=timed_verify,
+                              cfg=_cfg(), efficient_active=False, rng=jax.random.key(0))
+    assert ro.metrics["verify/n"] == 2.0 and ro.metrics["verify/errors"] == 0.0
+    assert ro.metrics["time/verify_worker_cpu_s"] == 0.25
+    assert not any(k.startswith("verify/") and ("cpu" in k or "second" in k) for k in ro.metrics)
