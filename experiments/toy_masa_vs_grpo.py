@@ -28,7 +28,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from masa_jax import config as config_lib, evaluate, metrics as metrics_lib, train  # noqa: E402
+from masa_jax import components, config as config_lib, evaluate, metrics as metrics_lib, train  # noqa: E402
 from masa_jax.rewards import math as math_reward  # noqa: E402
 from masa_jax.rl import rollout as rollout_lib  # noqa: E402
 from masa_jax.sampling.generate import generate as sampling_generate  # noqa: E402
@@ -66,7 +66,7 @@ def heldout_eval(config, checkpoint: str, problems, verifier, seed: int) -> dict
     config = config_lib.resolve(config)  # fills model.tokenizer_path from model.path
     model_cfg, params, mesh = evaluate.load_policy(config, checkpoint)
     codec = load_codec(config.model.tokenizer_path)
-    rcfg = dataclasses.replace(train.rollout_config(config), use_meta=True)
+    rcfg = dataclasses.replace(components.rollout_config(config), use_meta=True)
     r = config.rollout
 
     def generate(prompt_ids, budgets, max_new_tokens, rng):

@@ -23,30 +23,14 @@ import os
 from typing import Callable, Sequence
 
 import jax
-import numpy as np
 
 from masa_jax import checkpointing
 from masa_jax import errors
 from masa_jax import fs
 from masa_jax.data import sources
-from masa_jax.rl import prompts
+from masa_jax.evaluation.scoring import sample_and_score
 
 log = logging.getLogger("masa_jax.evaluate")
-
-
-def sample_and_score(problems: Sequence[sources.Problem], generate: Callable, codec, verify: Callable, *,
-                     n: int, max_new_tokens: int, rng: jax.Array, solution_template: str = ""
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """n solutions per problem (solution prompt, no hint), scored: (correct bool [P, n], response
-    tokens int [P, n])."""
-    prompt_ids = [codec.encode_chat(prompts.solution_prompt(p.question, template=solution_template or None))
-                  for p in problems]
-    out = generate([ids for ids in prompt_ids for _ in range(n)], None, max_new_tokens, rng)
-    texts = [codec.decode(t[:-1] if r == "eos" and t else t) for t, r in zip(out.tokens, out.finish_reasons)]
-    answers = [p.answer for p in problems for _ in range(n)]
-    ok, _ = verify(texts, answers)
-    lengths = np.array([len(t) for t in out.tokens], np.int64).reshape(len(problems), n)
-    return np.asarray(ok, bool).reshape(len(problems), n), lengths
 
 
 def evaluate_problems(problems: Sequence[sources.Problem], generate: Callable, codec, verify: Callable, *,
@@ -106,7 +90,7 @@ def run_evaluation(F) -> dict:
     from masa_jax import config as config_lib
     from masa_jax.evaluation import paper
     from masa_jax.rewards import math as math_reward
-    from masa_jax.train import sampler_config, verifier_config
+    from masa_jax.components import sampler_config, verifier_config
     from masa_jax.sampling import to_sampling_params
     from masa_jax.sampling.generate import generate as sampling_generate
     from masa_jax.tokenization import load_codec

@@ -24,12 +24,14 @@ import jax
 import numpy as np
 
 from masa_jax import checkpointing
+from masa_jax import components
 from masa_jax import config as config_lib
 from masa_jax import errors
 from masa_jax import fs
 from masa_jax import metrics as metrics_lib
 from masa_jax import perf
 from masa_jax.data import pipeline, sources
+from masa_jax.evaluation import scoring
 from masa_jax.models.qwen.presets import model_config_for
 from masa_jax.models import qwen
 from masa_jax.parallel import mesh as mesh_lib
@@ -37,11 +39,10 @@ from masa_jax.parallel import multihost
 from masa_jax.rewards import math as math_reward
 from masa_jax.rl import prompts
 from masa_jax.rl import bc as bc_lib
-from masa_jax.rl import controls as controls_lib
 from masa_jax.rl import expert_buffer as expert_lib
 from masa_jax.rl import rollout as rollout_lib
 from masa_jax.rl import update as update_lib
-from masa_jax.sampling.generate import SamplerConfig, generate as sampling_generate
+from masa_jax.sampling.generate import generate as sampling_generate
 from masa_jax.sampling.reshard import to_sampling_params
 from masa_jax.tokenization import ChatCodec, load_codec
 
@@ -67,28 +68,6 @@ class Run:
     writer: metrics_lib.MetricsWriter
     eval_problems: list                  # this host's share of the held-out problems (config.eval.files)
     generate_fn: Callable | None = None  # injected policy for tests; None = the sampler
-
-
-def rollout_config(config) -> rollout_lib.RolloutConfig:
-    e = config.efficient
-    return rollout_lib.RolloutConfig(
-        num_meta=config.rollout.num_meta, num_solutions=config.rollout.num_solutions,
-        max_response_length=config.rollout.max_response_length,
-        meta_max_new_tokens=config.rollout.meta_max_new_tokens, use_meta=config_lib.uses_meta(config),
-        k=config.meta.k, base=config.meta.base, weights=tuple(config.meta.weights),
-        min_solution_length=config.prompts.min_solution_length, meta_template=config.prompts.meta_template,
-        solution_template=config.prompts.solution_template, advantage=config.rl.advantage,
-        adv_eps=config.rl.adv_eps,
-        control=controls_lib.ControlConfig(gate_std=e.gate_std, gate_tol=e.gate_tol, cutoff_factor=e.cutoff_factor,
-                                           max_hint_notions=e.max_hint_notions),
-        gating=e.gating, cutoff=e.cutoff, hints=e.hints)
-
-
-def verifier_config(config) -> math_reward.VerifierConfig:
-    """The verifier pool of a run (training, its held-out evaluation and `evaluate` alike)."""
-    r = config.reward
-    return math_reward.VerifierConfig(num_workers=r.num_workers, per_item_timeout_s=r.per_item_timeout_s,
-                                      batch_budget_s=r.batch_budget_s, fallback=r.answer_fallback)
 
 
 def load_training_problems(config, codec: ChatCodec, rcfg: rollout_lib.RolloutConfig, process_index: int | None = None,
@@ -137,7 +116,7 @@ def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
     model_cfg, params = qwen.from_pretrained(fs.local_copy(config.model.path), dtype=model_cfg.param_dtype,
                                              mesh=mesh, compute_dtype=model_cfg.dtype, remat=model_cfg.remat,
                                              attention_impl=model_cfg.attention_impl)
-    rcfg = rollout_config(config)
+    rcfg = components.rollout_config(config)
     problems, data_stats = load_training_problems(config, codec, rcfg)
     shard_sizes = multihost.allgather_json(len(problems))  # every host's share (all hosts raise alike)
     if not min(shard_sizes):
@@ -149,7 +128,7 @@ def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
                             sharded=True, shard_sizes=shard_sizes)
     log.info("training problems: %d on this host of %d (%s)", len(problems), sum(shard_sizes), data_stats)
     eval_problems = list(pipeline.load_host_all(config.eval.files).problems)  # this host's share of each file
-    verifier = math_reward.MathVerifier(verifier_config(config))
+    verifier = math_reward.MathVerifier(components.verifier_config(config))
     updater = update_lib.Updater.create(config, model_cfg, params, mesh, pad_id=codec.pad_id)
     checkpointer = checkpointing.RunCheckpointer(fs.join(workdir, "checkpoints"),
                                                  max_to_keep=config.checkpoint.max_to_keep)
@@ -159,22 +138,12 @@ def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
                eval_problems, generate_fn)
 
 
-def sampler_config(config, eos_ids, *, temperature: float | None = None, top_p: float | None = None,
-                   top_k: int | None = None) -> SamplerConfig:
-    """The sampler of a run (training rollouts, held-out evaluation and `evaluate` alike): the rollout
-    section's knobs, with the temperature / top-p / top-k overridden where given."""
-    r = config.rollout
-    pick = lambda value, default: default if value is None else value  # noqa: E731
-    return SamplerConfig(temperature=pick(temperature, r.temperature), top_p=pick(top_p, r.top_p),
-                         top_k=pick(top_k, r.top_k), eos_ids=tuple(eos_ids), num_slots=r.num_slots)
-
-
 def make_generate(run: Run, params, temperature: float | None = None) -> Callable:
     """The rollout policy for this step: the refill sampler over the sampling-layout weights, at the
     rollout temperature unless `temperature` is given."""
     if run.generate_fn is not None:
         return run.generate_fn
-    sampler = sampler_config(run.config, run.codec.eos_ids, temperature=temperature)
+    sampler = components.sampler_config(run.config, run.codec.eos_ids, temperature=temperature)
     sampling_params = to_sampling_params(run.model_cfg, params, mesh=run.mesh)  # the per-step reshard
     mesh = run.mesh
     if jax.process_count() > 1:  # each host samples its own problems on its own devices
@@ -391,7 +360,6 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
 def heldout_eval(run: Run, params, step: int) -> dict[str, float]:
     """Accuracy of the current policy on the held-out problems (solution prompt, no hint), all hosts'
     shares pooled; with toy / MATH difficulty levels also per level. Keys `eval/...`."""
-    from masa_jax import evaluate  # the evaluation CLI's scoring, so both measure the same thing
     c = run.config.eval
     t0 = time.perf_counter()
     generate = make_generate(run, params, temperature=c.temperature)
@@ -399,7 +367,7 @@ def heldout_eval(run: Run, params, step: int) -> dict[str, float]:
     rng = sampling_key(jax.random.fold_in(jax.random.key(run.config.seed + 1), step), jax.process_index())
     correct = np.zeros((0, c.num_samples), bool)  # a host with no share still joins the gather below
     if run.eval_problems:
-        correct, _ = evaluate.sample_and_score(
+        correct, _ = scoring.sample_and_score(  # evaluate's measurement
             run.eval_problems, generate, run.codec, run.verifier.verify, n=c.num_samples,
             max_new_tokens=run.config.rollout.max_response_length, rng=rng,
             solution_template=run.config.prompts.solution_template)

@@ -281,14 +281,13 @@ def run_protocol(benchmarks: Mapping[str, Sequence[sources.Problem]], generate: 
     budgets, max_new_tokens, rng)` is the sampler at the protocol's settings; `rng_fn(i, kind)` the key of
     benchmark i for "solution" / "meta". Returns (results: benchmark -> numbers, plus "average" and
     "settings"; meta reports: benchmark -> `meta_eval.MetaReport`)."""
-    from masa_jax import evaluate
-    from masa_jax.evaluation import meta_eval
+    from masa_jax.evaluation import meta_eval, scoring
 
     results: dict = {}
     reports: dict = {}
     pooled: tuple[list, list, list] = ([], [], [])
     for i, (name, problems) in enumerate(benchmarks.items()):
-        correct, lengths = evaluate.sample_and_score(
+        correct, lengths = scoring.sample_and_score(
             problems, generate, codec, verify, n=settings.n, max_new_tokens=settings.max_new_tokens,
             rng=rng_fn(i, "solution"), solution_template=config.prompts.solution_template)
         results[name] = score(correct, lengths, settings.ks, settings.max_new_tokens)

@@ -21,23 +21,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from masa_jax import components
 from masa_jax.models.qwen.config import ModelConfig
 from masa_jax.rl import batching, bc, train_step
 from masa_jax.rl.expert_buffer import Expert
 from masa_jax.rl.sequences import TrainingSequences
-
-
-def loss_config(config) -> train_step.LossConfig:
-    r = config.rl
-    return train_step.LossConfig(clip_low=r.clip_low, clip_high=r.clip_high, clip_c=r.clip_c, agg=r.loss_agg,
-                                 kl_coef=r.kl_coef, kl_estimator=r.kl_estimator,
-                                 temperature=config.rollout.temperature, chunk_size=r.chunk_size)
-
-
-def optim_config(config) -> train_step.OptimConfig:
-    r = config.rl
-    return train_step.OptimConfig(learning_rate=r.lr, warmup_steps=r.warmup_steps, weight_decay=r.weight_decay,
-                                  clip_norm=r.clip_norm, bc_learning_rate=config.bc.lr)
 
 
 def _host_metrics(metrics: dict, prefix: str) -> dict[str, float]:
@@ -63,7 +51,7 @@ class Updater:
 
     @classmethod
     def create(cls, config, model_cfg: ModelConfig, params, mesh: jax.sharding.Mesh, *, pad_id: int) -> "Updater":
-        lcfg, ocfg = loss_config(config), optim_config(config)
+        lcfg, ocfg = components.loss_config(config), components.optim_config(config)
         mb = config.rl.micro_batch_size
         dp = mesh.shape["data"] * mesh.shape["fsdp"]
         if mb % dp:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from masa_jax import train
+from masa_jax import components, train
 from masa_jax.config import base_config
 from masa_jax.data import pipeline, sources
 
@@ -151,7 +151,7 @@ def test_trainer_loads_each_hosts_share_only(tmp_path, parsed, max_prompt_length
     c = base_config()
     c.data.train_files = (path, "toy:8")
     c.data.max_prompt_length = max_prompt_length
-    rcfg = train.rollout_config(c)
+    rcfg = components.rollout_config(c)
     one, one_stats = train.load_training_problems(c, _stub_codec(), rcfg, process_index=0, process_count=1)
     parsed.clear()
     hosts = []
@@ -244,7 +244,7 @@ def test_an_empty_share_is_an_error_on_one_host_and_left_to_build_run_on_several
     c = base_config()
     c.data.train_files = ("toy:3",)
     c.data.max_prompt_length = 1
-    rcfg = train.rollout_config(c)
+    rcfg = components.rollout_config(c)
     with pytest.raises(UserError, match="no training problems left"):
         train.load_training_problems(c, _stub_codec(), rcfg, process_index=0, process_count=1)
     # Several hosts: every host reports its (empty) share and build_run raises on all of them together.

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from masa_jax import components
 from masa_jax.config import base_config
 from masa_jax.rl import grpo, train_step as ts, update
 from masa_jax.rl.sequences import TrainingSequences
@@ -35,7 +36,7 @@ def updater(config, tiny, host_params, mesh1):
 
 @pytest.fixture
 def fresh_state(config, tiny, host_params, mesh1):
-    return lambda: ts.create_train_state(tiny, host_params, update.optim_config(config), mesh1)
+    return lambda: ts.create_train_state(tiny, host_params, components.optim_config(config), mesh1)
 
 
 def fake_rollouts(seed: int = 0):

@@ -1,0 +1,26 @@
+"""Sampling and scoring evaluation problems: the one measurement the trainer's held-out evaluation,
+`python -m masa_jax.evaluate` and the paper protocol share."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from masa_jax.data.problem import Problem
+from masa_jax.rl import prompts
+
+
+def sample_and_score(problems: Sequence[Problem], generate: Callable, codec, verify: Callable, *,
+                     n: int, max_new_tokens: int, rng: jax.Array, solution_template: str = ""
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """n solutions per problem (solution prompt, no hint), scored: (correct bool [P, n], response
+    tokens int [P, n])."""
+    prompt_ids = [codec.encode_chat(prompts.solution_prompt(p.question, template=solution_template or None))
+                  for p in problems]
+    out = generate([ids for ids in prompt_ids for _ in range(n)], None, max_new_tokens, rng)
+    texts = [codec.decode(t[:-1] if r == "eos" and t else t) for t, r in zip(out.tokens, out.finish_reasons)]
+    answers = [p.answer for p in problems for _ in range(n)]
+    ok, _ = verify(texts, answers)
+    lengths = np.array([len(t) for t in out.tokens], np.int64).reshape(len(problems), n)
+    return np.asarray(ok, bool).reshape(len(problems), n), lengths
