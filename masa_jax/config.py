@@ -6,13 +6,23 @@ Unknown / mistyped fields are rejected by ml_collections (ConfigDicts are locked
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections as mlc
 
 from masa_jax.errors import UserError
 from masa_jax.rl import prompts as prompts_lib
 from masa_jax.rewards.math import VerifierConfig
+from masa_jax.rl.controls import ControlConfig
+from masa_jax.rl.rollout import RolloutConfig
+from masa_jax.rl.train_step import LossConfig, OptimConfig
+from masa_jax.sampling.generate import SamplerConfig
 
-_VERIFIER = VerifierConfig()  # component defaults live with the component; the run config reads them
+# A default that a component has lives with the component (its dataclass says why); the run config reads
+# it from there, so no default is written twice. The paper's values are those defaults (docs/method.md §5).
+_VERIFIER, _CONTROL, _LOSS, _OPTIM, _SAMPLER = (VerifierConfig(), ControlConfig(), LossConfig(), OptimConfig(),
+                                                SamplerConfig())
+_ROLLOUT = {f.name: f.default for f in dataclasses.fields(RolloutConfig)}
 
 ALGORITHMS = ("grpo", "dapo", "masa", "masa_efficient")
 
@@ -52,9 +62,9 @@ def base_config() -> mlc.ConfigDict:
     c.rollout.num_meta = 16       # M
     c.rollout.max_response_length = 8192
     c.rollout.meta_max_new_tokens = 2048
-    c.rollout.temperature = 1.0
-    c.rollout.top_p = 1.0
-    c.rollout.top_k = 0
+    c.rollout.temperature = _SAMPLER.temperature
+    c.rollout.top_p = _SAMPLER.top_p
+    c.rollout.top_k = _SAMPLER.top_k
     c.rollout.num_slots = 256     # decode slots of the refill sampler
 
     c.prompts = mlc.ConfigDict()
@@ -63,42 +73,42 @@ def base_config() -> mlc.ConfigDict:
     c.prompts.min_solution_length = prompts_lib.MIN_SOLUTION_LENGTH
 
     c.meta = mlc.ConfigDict()
-    c.meta.k = 8                  # pass_rate is an integer 0..k
-    c.meta.base = 0.01            # b of the difficulty reward b ** |d_pred - d_sol|
-    c.meta.weights = (1 / 3, 1 / 3, 1 / 3)  # (length, difficulty, notion): Figure-6 ablations
+    c.meta.k = _ROLLOUT["k"]              # pass_rate is an integer 0..k
+    c.meta.base = _ROLLOUT["base"]        # b of the difficulty reward b ** |d_pred - d_sol|
+    c.meta.weights = _ROLLOUT["weights"]  # (length, difficulty, notion): Figure-6 ablations
 
     c.efficient = mlc.ConfigDict()
     c.efficient.switch_step = 120     # k: from this step on, meta first, then gating / cutoff / hints
     c.efficient.auto_switch_threshold = -1.0  # > 0: switch once the meta-reward moving average passes it
     c.efficient.auto_switch_window = 10
-    c.efficient.gate_std = 0.1
-    c.efficient.gate_tol = 0.0
-    c.efficient.cutoff_factor = 2.0
-    c.efficient.gating = True
-    c.efficient.cutoff = True
-    c.efficient.hints = True
-    c.efficient.max_hint_notions = 5
+    c.efficient.gate_std = _CONTROL.gate_std
+    c.efficient.gate_tol = _CONTROL.gate_tol
+    c.efficient.cutoff_factor = _CONTROL.cutoff_factor
+    c.efficient.gating = _ROLLOUT["gating"]
+    c.efficient.cutoff = _ROLLOUT["cutoff"]
+    c.efficient.hints = _ROLLOUT["hints"]
+    c.efficient.max_hint_notions = _CONTROL.max_hint_notions
 
     c.bc = mlc.ConfigDict()
     c.bc.enabled = True
     c.bc.buffer_size = 128        # N_expert
     c.bc.steps = 5                # E_bc
-    c.bc.lr = 1e-6
+    c.bc.lr = _OPTIM.bc_learning_rate
     c.bc.min_notion_reward = 0.2
 
     c.rl = mlc.ConfigDict()
-    c.rl.lr = 1e-6
-    c.rl.warmup_steps = 20
-    c.rl.weight_decay = 0.1
-    c.rl.clip_norm = 1.0
-    c.rl.clip_low = 0.2
-    c.rl.clip_high = 0.28
-    c.rl.clip_c = 10.0
-    c.rl.loss_agg = "token-mean"
-    c.rl.advantage = "grpo"
-    c.rl.adv_eps = 1e-6
-    c.rl.kl_coef = 0.0
-    c.rl.kl_estimator = "low_var_kl"
+    c.rl.lr = _OPTIM.learning_rate
+    c.rl.warmup_steps = _OPTIM.warmup_steps
+    c.rl.weight_decay = _OPTIM.weight_decay
+    c.rl.clip_norm = _OPTIM.clip_norm
+    c.rl.clip_low = _LOSS.clip_low
+    c.rl.clip_high = _LOSS.clip_high
+    c.rl.clip_c = _LOSS.clip_c
+    c.rl.loss_agg = _LOSS.agg
+    c.rl.advantage = _ROLLOUT["advantage"]
+    c.rl.adv_eps = _ROLLOUT["adv_eps"]
+    c.rl.kl_coef = _LOSS.kl_coef
+    c.rl.kl_estimator = _LOSS.kl_estimator
     # PPO mini-batching as verl (ppo_mini_batch_size / ppo_epochs): each step's problems are shuffled and
     # split into ceil(problems / mini_batch_size) mini-batches, one optimizer update each, ppo_epochs
     # passes. Counted in PROBLEMS over all hosts (verl counts prompts too): a mini-batch holds all
@@ -109,7 +119,7 @@ def base_config() -> mlc.ConfigDict:
     c.rl.mini_batch_size = 32
     c.rl.ppo_epochs = 1
     c.rl.micro_batch_size = 8     # sequences per gradient-accumulation micro-batch
-    c.rl.chunk_size = 512         # log-prob chunk along the sequence
+    c.rl.chunk_size = _LOSS.chunk_size    # log-prob chunk along the sequence
 
     c.dapo = mlc.ConfigDict()
     c.dapo.dynamic_sampling = False   # drop zero-variance solution groups, resample to fill the batch
