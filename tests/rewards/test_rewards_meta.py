@@ -1,5 +1,5 @@
 """Tests of masa_jax.rewards.meta: parse() tolerance and ranges, notion matching, self_alignment
-with hand-computed rewards for every rule of the method doc (section 2), and property tests."""
+with hand-computed rewards for every rule of docs/method.md §2, and property tests."""
 import json
 import math
 

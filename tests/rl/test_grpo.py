@@ -64,7 +64,7 @@ def test_other_estimators_hand_cases():
 
 
 def np_policy_loss(logp, old, adv, mask, clip_low, clip_high, clip_c, agg):
-    """The method doc's formula, in float64, one step at a time."""
+    """The formula of docs/method.md §3, in float64, one step at a time."""
     logp, old = logp.astype(np.float64), old.astype(np.float64)
     adv = np.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, logp.shape).astype(np.float64)
     ratio = np.exp(np.clip(logp - old, -20, 20))
