@@ -1,17 +1,18 @@
 """GRPO vs MASA vs MASA-efficient on the toy world, from the same shipped base model, several seeds.
 
-    python experiments/toy_masa_vs_grpo.py [--seeds 0,1,2] [--steps 60] [--heldout 64]
+    python experiments/toy_masa_vs_grpo.py [--seeds 0,1,2] [--steps 60] [--heldout 100] [--eval_every 5]
 
-Each (algorithm, seed) is a full `masa_jax.train` run of configs/tiny.py, for twice the default run's 30
-steps: on this world the meta path's predictions agree enough to gate only from step ~32-51
-(docs/results.md). Before training (the base model) and after each run, a held-out evaluation rolls out
-the meta path (M predictions per problem) and the solution path (G samples per problem) on fixed
-held-out toy problems — for every algorithm, GRPO included (its meta path is evaluated but never
-trained) — and measures accuracy and the calibration of the predicted pass rate (mean |predicted -
-actual|). Writes a results JSON, figures and the tables of docs/results.md (the "GRPO vs MASA" section
-is replaced, the rest of the file kept). A finished run leaves `experiment_run.json` in its workdir;
-invoking the script again reuses it (a different --steps or --heldout is an error), so an interrupted
-sweep resumes where it stopped — delete the workdir to rerun from scratch.
+Each (algorithm, seed) is a full `masa_jax.train` run of configs/tiny.py. Every run evaluates its own
+held-out accuracy (`eval.*`: the same held-out problems, before the first step, every --eval_every steps
+and after the last; training seconds exclude the evaluations): that gives the accuracy and the
+accuracy-vs-training-time curves and bars. After each run (and for the base model) a second held-out
+evaluation rolls out the meta path (M predictions per problem) and the solution path (G samples) to
+measure the calibration of the predicted pass rate (mean |predicted - actual|) — for every algorithm,
+GRPO included (its meta path is evaluated but never trained). Writes a results JSON, figures and the
+tables of docs/results.md (the "GRPO vs MASA" section is replaced, the rest of the file kept). A finished
+run leaves `experiment_run.json` in its workdir; invoking the script again reuses it (a different --steps,
+--heldout or --eval_every is an error), so an interrupted sweep resumes where it stopped — delete the
+workdir to rerun from scratch.
 """
 from __future__ import annotations
 
@@ -171,8 +172,10 @@ def summarise(results: dict) -> dict:
         final = [r["evals"][-1]["eval/accuracy"] for r in runs]
         mae = [r["heldout"]["pass_mae"] for r in runs]
         sol_tokens = [sum(h.get("tokens/solution", 0.0) for h in r["history"]) for r in runs]
-        gated = [np.nanmean([h["gate/fraction"] for h in r["history"] if h["step"] > switch and "gate/fraction" in h])
-                 if alg == "masa_efficient" else None for r in runs]
+        # Mean gated fraction after the switch-over (nan when the run ended before it).
+        after = [[h["gate/fraction"] for h in r["history"] if h["step"] > switch and "gate/fraction" in h]
+                 for r in runs]
+        gated = [float(np.mean(a)) if a else float("nan") if alg == "masa_efficient" else None for a in after]
         steps, secs, acc, _ = _eval_curve(runs)
         s[alg] = {"start_accuracy_mean": float(np.mean(start)), "accuracy_mean": float(np.mean(final)),
                   "accuracy_std": float(np.std(final, ddof=1)) if len(final) > 1 else 0.0, "accuracy": final,
