@@ -7,6 +7,7 @@ bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -99,24 +100,46 @@ def check_model_dir(config, weights: bool = True) -> None:
                         "[.index.json]: set --config.model.path to an HF model directory")
 
 
-def check_data_files(specs: Sequence[str], *, on_error: str = "raise", field: str = "config.data.train_files",
-                     skip_hint: str = "") -> None:
-    """Reads every data file, so that a missing, empty or malformed one stops a run before it builds the
-    model or creates its workdir. Toy and TFDS specs are generated / fetched by name and checked when
-    loaded."""
-    from masa_jax.data import sources
+def check_data_file_names(specs: Sequence[str], *, field: str = "config.data.train_files") -> None:
+    """Every entry names something and every data file exists (cheap: nothing is parsed, so a pod's
+    hosts do not each read the whole dataset before loading their shares). Toy and TFDS specs are
+    generated / fetched by name and checked when loaded."""
     for spec in specs:
         if not spec:
             raise UserError(f"{field} has an empty entry: name the data files (verl parquet, JSONL, tfds:<name>)")
+        if not spec.startswith(("toy:", "toy-heldout:", "tfds:")) and not fs.isfile(spec):
+            raise UserError(f"data file {spec} does not exist: fix {field}")
+
+
+@contextlib.contextmanager
+def data_file_errors(spec: str, *, field: str = "config.data.train_files", skip_hint: str = ""):
+    """Turns what reading `spec` raises (a malformed row, an unreadable file) into one-line UserErrors
+    naming the file (and the row and field, for a malformed row)."""
+    from masa_jax.data import sources
+    try:
+        yield
+    except sources.DataError as e:  # the message names the file, row and field
+        raise UserError(f"{e}: fix the row{skip_hint}") from e
+    except UserError:
+        raise
+    except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid (truncated parquet) is a ValueError
+        raise UserError(f"data file {spec} cannot be read ({one_line(e)}): replace it or fix {field}") from e
+
+
+def no_problems(spec: str, field: str = "config.data.train_files") -> UserError:
+    return UserError(f"data file {spec} holds no problems: fill it or remove it from {field}")
+
+
+def check_data_files(specs: Sequence[str], *, on_error: str = "raise", field: str = "config.data.train_files",
+                     skip_hint: str = "") -> None:
+    """Reads every data file, so that a missing, empty or malformed one stops a command before it builds
+    the model or writes anything (`evaluate`, which reads them all anyway)."""
+    from masa_jax.data import sources
+    check_data_file_names(specs, field=field)
+    for spec in specs:
         if spec.startswith(("toy:", "toy-heldout:", "tfds:")):
             continue
-        if not fs.isfile(spec):
-            raise UserError(f"data file {spec} does not exist: fix {field}")
-        try:
+        with data_file_errors(spec, field=field, skip_hint=skip_hint):
             loaded = sources.load_problems(spec, on_error=on_error)
-        except sources.DataError as e:  # the message names the file, row and field
-            raise UserError(f"{e}: fix the row{skip_hint}") from e
-        except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid (truncated parquet) is a ValueError
-            raise UserError(f"data file {spec} cannot be read ({one_line(e)}): replace it or fix {field}") from e
         if not loaded.problems:
-            raise UserError(f"data file {spec} holds no problems: fill it or remove it from {field}")
+            raise no_problems(spec, field)

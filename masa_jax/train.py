@@ -70,6 +70,9 @@ class Run:
     generate_fn: Callable | None = None  # injected policy for tests; None = the sampler
 
 
+SKIP_HINT = ", or skip malformed rows with --config.data.on_error=skip"
+
+
 def load_training_problems(config, codec: ChatCodec, rcfg: rollout_lib.RolloutConfig, process_index: int | None = None,
                            process_count: int | None = None) -> tuple[list, dict]:
     """This host's share of the training problems, overlong prompts filtered (counted): each host parses
@@ -80,7 +83,10 @@ def load_training_problems(config, codec: ChatCodec, rcfg: rollout_lib.RolloutCo
     p = jax.process_count() if process_count is None else process_count
     problems, stats = [], collections.Counter()
     for spec in config.data.train_files:
-        loaded = pipeline.load_host_problems(spec, process_index=h, process_count=p, on_error=config.data.on_error)
+        with errors.data_file_errors(spec, skip_hint=SKIP_HINT):  # a malformed row: one line naming it
+            loaded = pipeline.load_host_problems(spec, process_index=h, process_count=p, on_error=config.data.on_error)
+        if p == 1 and not loaded.problems:  # on a pod a host's share of a small file may be empty
+            raise errors.no_problems(spec)
         stats["skipped_malformed"] += loaded.num_skipped
         for msg in loaded.skipped[:5]:
             log.warning("skipped malformed row: %s", msg)
@@ -112,13 +118,20 @@ def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
     if jax.process_index() == 0:
         write_config(config, workdir)
     codec = load_codec(config.model.tokenizer_path)
-    model_cfg = model_config_for(config)
-    model_cfg, params = qwen.from_pretrained(fs.local_copy(config.model.path), dtype=model_cfg.param_dtype,
-                                             mesh=mesh, compute_dtype=model_cfg.dtype, remat=model_cfg.remat,
-                                             attention_impl=model_cfg.attention_impl)
     rcfg = components.rollout_config(config)
-    problems, data_stats = load_training_problems(config, codec, rcfg)
-    shard_sizes = multihost.allgather_json(len(problems))  # every host's share (all hosts raise alike)
+    try:  # data before the model: a bad file stops the start in seconds, not after loading the weights
+        problems, data_stats = load_training_problems(config, codec, rcfg)
+        eval_problems = []  # this host's share of each held-out file
+        for spec in config.eval.files:
+            with errors.data_file_errors(spec, field="config.eval.files"):
+                eval_problems += pipeline.load_host_problems(spec).problems
+        failure = None
+    except errors.UserError as e:  # a malformed row in one host's share: every host must stop, not hang
+        problems, data_stats, failure = [], {}, str(e)
+    shares = multihost.allgather_json({"n": len(problems), "error": failure})
+    if any(sh["error"] for sh in shares):
+        raise errors.UserError(next(sh["error"] for sh in shares if sh["error"]))
+    shard_sizes = [sh["n"] for sh in shares]
     if not min(shard_sizes):
         raise errors.UserError(f"no training problems left for host(s) {[i for i, n in enumerate(shard_sizes) if not n]} "
                                f"of {len(shard_sizes)} from {list(config.data.train_files)} (after data.max_prompt_length="
@@ -127,7 +140,10 @@ def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
     data = pipeline.batches(problems, batch_size=per_host, seed=config.seed, shuffle=config.data.shuffle,
                             sharded=True, shard_sizes=shard_sizes)
     log.info("training problems: %d on this host of %d (%s)", len(problems), sum(shard_sizes), data_stats)
-    eval_problems = list(pipeline.load_host_all(config.eval.files).problems)  # this host's share of each file
+    model_cfg = model_config_for(config)
+    model_cfg, params = qwen.from_pretrained(fs.local_copy(config.model.path), dtype=model_cfg.param_dtype,
+                                             mesh=mesh, compute_dtype=model_cfg.dtype, remat=model_cfg.remat,
+                                             attention_impl=model_cfg.attention_impl)
     verifier = math_reward.MathVerifier(components.verifier_config(config))
     updater = update_lib.Updater.create(config, model_cfg, params, mesh, pad_id=codec.pad_id)
     checkpointer = checkpointing.RunCheckpointer(fs.join(workdir, "checkpoints"),
@@ -397,9 +413,8 @@ def check_inputs(config, workdir: str, allow_config_change: bool = False) -> Non
     errors.check_workdir(workdir)
     check_config_change(config, workdir, allow_config_change)
     errors.check_model_dir(config)
-    errors.check_data_files(config.data.train_files, on_error=config.data.on_error,
-                            skip_hint=", or skip malformed rows with --config.data.on_error=skip")
-    errors.check_data_files(config.eval.files, field="config.eval.files")
+    errors.check_data_file_names(config.data.train_files)
+    errors.check_data_file_names(config.eval.files, field="config.eval.files")
 
 
 def _first_missing_dir(path: str) -> str | None:
