@@ -39,6 +39,9 @@ setup(
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
+    # Generated problem sources (masa_jax.data.sources.register_source): spec prefix -> spec -> problems.
+    entry_points={"masa_jax.sources": ["toy = masa_jax.toy.world:load_spec",
+                                       "toy-heldout = masa_jax.toy.world:load_spec"]},
     extras_require={
         # gs:// run directories, model dirs and data (masa_jax.fs): gcsfs is epath's GCS backend without
         # TensorFlow, google-cloud-storage the client Orbax asks for a bucket's layout.

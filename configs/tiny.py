@@ -4,10 +4,12 @@
 
 The model (masa_jax/toy/assets/base_model, built by experiments/build_toy_base.py) was fine-tuned on
 exactly these prompt templates and prompt-length values (masa_jax.toy.defaults): it speaks both
-formats, solves level 1 ~always, level 2 about half the time, level 3 rarely and levels 4-5 never
-(docs/results.md), and its meta predictions are uninformative, so there is something for the meta
-reward to teach. Change a template or a length knob below and the prompts leave the model's training
-distribution (rebuild the base model with the recipe if you must).
+formats; about half of its answers are unworked estimates (the answer rounded to ten, so almost always
+wrong), and its worked solutions get level 1 ~always, level 2 about half the time, level 3 rarely and
+levels 4-5 never right (docs/results.md). Its meta predictions are uninformative. So there is
+something for GRPO to teach that carries over to held-out problems (work the problem out) and something
+for the meta reward to teach (calibration). Change a template or a length knob below and the prompts
+leave the model's training distribution (rebuild the base model with the recipe if you must).
 Timings and what MASA does here: docs/results.md.
 """
 from masa_jax.config import base_config

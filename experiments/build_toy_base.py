@@ -1,9 +1,10 @@
 """Builds the toy world's shipped base model: a 0.8 M parameter Qwen3 fine-tuned with masa_jax's own code.
 
     python experiments/build_toy_base.py --seed 0          # writes masa_jax/toy/assets/base_model/
+    python experiments/build_toy_base.py --seed 0 --init PHASE1_DIR   # phase 2 only, from a phase-1 checkpoint
 
 What it is for: `configs/tiny.py` runs MASA end to end on a CPU, so it needs a policy that already
-speaks both prompt formats but is only partly competent and not calibrated:
+speaks both prompt formats but is only partly competent, not calibrated, and improvable by RL:
   * solution prompts (the toy short template, `masa_jax.toy.defaults`) -> the toy world's worked
     solutions ending in \\boxed{answer}; some carry the trainer's notion hint with random notions, so
     hinted prompts (MASA-efficient) are in distribution but the hint carries no signal;
@@ -11,15 +12,27 @@ speaks both prompt formats but is only partly competent and not calibrated:
     written by `prompts.serialize_expert_meta`, with UNINFORMATIVE targets: pass_rate uniform 0..K,
     solution_length uniform over the toy range, notions a random subset of `world.NOTIONS`. The
     format is learned, the calibration is left for MASA's meta reward to teach.
-Training is short on purpose (and by necessity: 2 shared CPU cores): level 1 ends up ~always solved,
-level 2 often, level 3 sometimes, levels 4-5 ~never, so the RL run has easy, hard and in-between problems.
+
+Two teachers, two phases. Phase 1 (`DEFAULT_STAGES`, the careful teacher: worked solutions only) is
+short on purpose (and by necessity: 2 shared CPU cores): level 1 ends up ~always solved, level 2 often,
+level 3 sometimes, levels 4-5 ~never. What a phase-1 model gets wrong is single-digit facts (7*8=54),
+and reinforcing the right fact of one question does not fix another: GRPO could not raise its held-out
+accuracy within a 10-minute run (docs/results.md). Phase 2 (`ESTIMATE_STAGES`) adds a hasty teacher,
+as real base models mix careful worked answers with quick unworked ones: half of its solution examples
+are "estimate 160\\n\\boxed{160}" for 156, the answer rounded to the nearest ten, right only when the
+answer is a multiple of ten. The resulting model estimates about half the time on every level. That is
+a behaviour shared by all problems, which GRPO can unlearn from the problems it trains on and carry
+over to held-out ones (the worked path's own accuracy is phase 1's); its meta predictions stay
+uninformative.
 
 Recipe: `qwen.init_params`, then AdamW (`masa_jax.rl.train_step.make_update_step` with the BC loss
 `masa_jax.rl.bc.bc_microbatch_loss` = masked token cross-entropy, prompt masked) with linear warm-up
-and cosine decay, over the stages of `DEFAULT_STAGES`. Sequences are bucketed by length and batches
-hold a roughly constant number of tokens (small batches: at this budget the number of updates is what
-limits learning). Evaluation uses the trainer's sampler (`masa_jax.sampling.generate`) and verifier
-rules on held-out problems. Deterministic given --seed.
+and cosine decay over the stages of `DEFAULT_STAGES`; then a fresh AdamW with its own warm-up and
+cosine over `ESTIMATE_STAGES`. Sequences are bucketed by length and batches hold a roughly constant
+number of tokens (small batches: at this budget the number of updates is what limits learning).
+Evaluation uses the trainer's sampler (`masa_jax.sampling.generate`) and verifier rules on held-out
+problems. Deterministic given --seed; `--init` with the phase-1 model of the same seed gives the same
+result as the one-command build (the phase-2 data and batch order do not depend on phase 1).
 """
 from __future__ import annotations
 
@@ -126,10 +139,27 @@ def meta_example(codec: ChatCodec, end_id: int, problem, rng: random.Random) -> 
     return Example(tuple(meta_prompt_ids(codec, problem.question)), tuple(codec.encode(text)) + (end_id,), "meta")
 
 
+def estimate_text(answer: str) -> str:
+    """The hasty teacher's solution: no working, the answer rounded to the nearest ten ("estimate 160"
+    for 156), so it is right only when the exact answer is a multiple of ten."""
+    value = int(answer)
+    tens = int(abs(value) / 10 + 0.5)  # half away from zero: 15 -> 20, -15 -> -20
+    rounded = tens * 10 if value >= 0 else -tens * 10
+    return f"estimate {rounded}\n\\boxed{{{rounded}}}"
+
+
+def estimate_example(codec: ChatCodec, end_id: int, problem, rng: random.Random, hint_prob: float) -> Example:
+    """Solution prompt (hinted like `solution_example`) -> the hasty teacher's estimate."""
+    hint = _random_notions(rng, 1, defaults.MAX_HINT_NOTIONS) if rng.random() < hint_prob else None
+    return Example(tuple(solution_prompt_ids(codec, problem.question, hint)),
+                   tuple(codec.encode(estimate_text(problem.answer))) + (end_id,), "solution")
+
+
 def build_examples(codec: ChatCodec, n: int, seed: int, meta_frac: float, hint_prob: float,
-                   mix: tuple[float, ...], start: int = 0) -> list[Example]:
+                   mix: tuple[float, ...], start: int = 0, estimate_frac: float = 0.0) -> list[Example]:
     """Examples for problems start..start+n-1 of the training stream `seed` drawn with level weights
-    `mix`; a `meta_frac` share are meta examples, a `hint_prob` share of the rest carry a hint."""
+    `mix`; a `meta_frac` share are meta examples, an `estimate_frac` share of the rest the hasty
+    teacher's estimates, and a `hint_prob` share of the solution prompts carry a hint."""
     rng = random.Random(f"masa-toy-base/{seed}/{start}")
     end_id = codec.tokenizer.convert_tokens_to_ids("<|im_end|>")
     out = []
@@ -137,6 +167,8 @@ def build_examples(codec: ChatCodec, n: int, seed: int, meta_frac: float, hint_p
         problem = world.problem_at(i, seed=seed, difficulty_mix=mix)
         if rng.random() < meta_frac:
             out.append(meta_example(codec, end_id, problem, rng))
+        elif estimate_frac and rng.random() < estimate_frac:
+            out.append(estimate_example(codec, end_id, problem, rng, hint_prob))
         else:
             out.append(solution_example(codec, end_id, problem, rng, hint_prob))
     return out
@@ -151,14 +183,16 @@ class Stage:
     mix: tuple[float, ...]
     meta_frac: float
     hint_prob: float
+    estimate_frac: float = 0.0
 
 
 def parse_stages(spec: str) -> list[Stage]:
     """"6000:1,2,0,0,0:0:0;..." -> [Stage, ...] (see --stages)."""
     stages = []
     for part in spec.split(";"):
-        n, mix, meta_frac, hint_prob = part.split(":")
-        stages.append(Stage(int(n), tuple(float(w) for w in mix.split(",")), float(meta_frac), float(hint_prob)))
+        n, mix, meta_frac, hint_prob, *estimate = part.split(":")
+        stages.append(Stage(int(n), tuple(float(w) for w in mix.split(",")), float(meta_frac), float(hint_prob),
+                            float(estimate[0]) if estimate else 0.0))
     return stages
 
 
@@ -205,6 +239,10 @@ BUCKETS = (64, 96, 128, 192, 256)
 # problems against 91 % unhinted. Level 2 (one-digit subtraction / multiplication, 162 questions) gets
 # a sixth to a fifth of each stage: enough that it ends in between, not so much that it is memorised.
 DEFAULT_STAGES = "16000:3,1,2,0,0:0:0.2;8000:1,1,2,1,0.5:0.25:0.25;14000:2,1,2,0.5,0:0.2:0.25"
+
+# Phase 2, the hasty teacher (module docstring): a short fine-tune at a lower learning rate on the mix of
+# the last careful stage where half of the solution examples are estimates.
+ESTIMATE_STAGES = "8000:2,1,2,0.5,0:0.2:0.25:0.55"
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -283,6 +321,7 @@ def evaluate(cfg, params, codec: ChatCodec, *, per_level: int, samples: int, met
                         for i, r in enumerate(sampled)]).reshape(len(problems), samples)
     t1_len = np.asarray(list(map(len, sampled))).reshape(len(problems), samples)
     mixed = (t1_ok.sum(1) > 0) & (t1_ok.sum(1) < samples)
+    estimates = np.asarray([codec.decode(r).startswith("estimate") for r in sampled]).reshape(len(problems), samples)
     # The same draws with a hint of random notions, as MASA-efficient sends after its switch-over: the
     # hint must not derail the model (its notions carry no signal for the base model).
     hint_rng = random.Random(seed + 7)
@@ -308,6 +347,7 @@ def evaluate(cfg, params, codec: ChatCodec, *, per_level: int, samples: int, met
         "pass_rate_t1": by_level(t1_ok.mean(1)),
         "pass_rate_t1_hinted": by_level(hint_ok.mean(1)),
         "mixed_problems_t1": by_level(mixed),
+        "estimate_share_t1": by_level(estimates.mean(1)),
         "mean_response_tokens_t1": by_level(t1_len.mean(1)),
         "meta_parse_rate": float(complete.mean()),
         "meta_pred_pass_rate_by_level": by_level(pred_pass, meta_levels),
@@ -352,32 +392,56 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval_samples", type=int, default=4, help="temperature-1 samples per eval problem")
     ap.add_argument("--eval_meta", type=int, default=100)
     ap.add_argument("--out", default=defaults.BASE_MODEL_DIR)
+    ap.add_argument("--estimate_stages", default=ESTIMATE_STAGES,
+                    help="phase 2, the hasty teacher: stages as --stages with a fifth field, the share of "
+                         "solution examples that are estimates ('' = no phase 2)")
+    ap.add_argument("--estimate_lr", type=float, default=5e-4)
+    ap.add_argument("--estimate_warmup", type=int, default=20)
+    ap.add_argument("--init", default=None,
+                    help="a phase-1 checkpoint (HF dir) to start from: runs phase 2 only")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
     codec = load_codec(TOKENIZER_DIR)
     cfg = model_config(len(codec.tokenizer), args.hidden, args.layers, args.ffn)
     print(f"model: {cfg}\nparams: {cfg.num_params():,}", flush=True)
-    batches, start = [], 0
-    for i, stage in enumerate(parse_stages(args.stages)):
-        examples = build_examples(codec, stage.examples, args.seed, stage.meta_frac, stage.hint_prob, stage.mix,
-                                  start=start)
-        start += stage.examples
-        batches += bucket_batches(examples, BUCKETS, args.tokens_per_batch, codec.pad_id,
-                                  random.Random(f"masa-toy-base/batches/{args.seed}/{i}"))
-        print(f"stage {i + 1}: {stage} -> {len(batches)} batches in all", flush=True)
-    n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
-    print(f"{n_tok:,} tokens ({time.perf_counter() - t0:.0f}s)", flush=True)
+    careful, hasty = parse_stages(args.stages), parse_stages(args.estimate_stages) if args.estimate_stages else []
+    # Problem indices and batch-order seeds run on through both phases, so --init (phase 2 only) sees
+    # exactly the data the one-command build does.
+    starts = np.cumsum([0] + [st.examples for st in careful + hasty]).tolist()
 
-    params = qwen.init_params(cfg, jax.random.key(args.seed))
-    params = train(cfg, params, batches, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay)
+    def phase_batches(stages, first):
+        batches = []
+        for i, stage in enumerate(stages, start=first):
+            examples = build_examples(codec, stage.examples, args.seed, stage.meta_frac, stage.hint_prob, stage.mix,
+                                      start=starts[i], estimate_frac=stage.estimate_frac)
+            batches += bucket_batches(examples, BUCKETS, args.tokens_per_batch, codec.pad_id,
+                                      random.Random(f"masa-toy-base/batches/{args.seed}/{i}"))
+            print(f"stage {i + 1}: {stage} -> {len(batches)} batches", flush=True)
+        return batches
+
+    n_tok = n_steps = 0
+    if args.init:  # a phase-1 checkpoint: only the hasty-teacher phase runs
+        init_cfg, params = qwen.from_pretrained(args.init)
+        if init_cfg != cfg:
+            raise SystemExit(f"--init {args.init}: its model config differs from the recipe's:\n{init_cfg}\n{cfg}")
+    else:
+        batches = phase_batches(careful, 0)
+        n_tok, n_steps = n_tok + sum(int(b["attention_mask"].sum()) for b in batches), n_steps + len(batches)
+        params = train(cfg, qwen.init_params(cfg, jax.random.key(args.seed)), batches, lr=args.lr,
+                       warmup=args.warmup, weight_decay=args.weight_decay)
+    if hasty:
+        batches = phase_batches(hasty, len(careful))
+        n_tok, n_steps = n_tok + sum(int(b["attention_mask"].sum()) for b in batches), n_steps + len(batches)
+        params = train(cfg, params, batches, lr=args.estimate_lr, warmup=args.estimate_warmup,
+                       weight_decay=args.weight_decay)
     t_train = time.perf_counter() - t0
 
     res = evaluate(cfg, params, codec, per_level=args.eval_per_level, samples=args.eval_samples,
                    meta_n=args.eval_meta, seed=args.seed)
     size = save(cfg, params, args.out)
     res.update(params=cfg.num_params(), bytes=size, train_s=round(t_train), wall_s=round(time.perf_counter() - t0),
-               steps=len(batches), tokens=n_tok, args=vars(args))
+               steps=n_steps, tokens=n_tok, args=vars(args))
     print(json.dumps(res, indent=1))
     return res
 

@@ -1,6 +1,6 @@
 """GRPO vs MASA vs MASA-efficient on the toy world, from the same shipped base model, several seeds.
 
-    python experiments/toy_masa_vs_grpo.py [--seeds 0,1,2] [--steps 60] [--heldout 100] [--eval_every 5]
+    python experiments/toy_masa_vs_grpo.py [--seeds 0,1,2] [--steps 30] [--heldout 100] [--eval_every 5]
 
 Each (algorithm, seed) is a full `masa_jax.train` run of configs/tiny.py. Every run evaluates its own
 held-out accuracy (`eval.*`: the same held-out problems, before the first step, every --eval_every steps
@@ -210,8 +210,10 @@ def bars(s: dict) -> list[tuple[str, bool | None, str]]:
         a, b = np.array(s["masa"]["accuracy"]), np.array(s["grpo"]["accuracy"])
         se = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)) if min(len(a), len(b)) > 1 else float("nan")
         gap = 100 * (a.mean() - b.mean())
+        significant = abs(gap) >= 2 * 100 * se
         out.append(("MASA: final held-out accuracy >= GRPO's", gap >= 0,
-                    f"{gap:+.1f} ± {100 * se:.1f} points (difference of seed means ± its standard error)"))
+                    f"{gap:+.1f} ± {100 * se:.1f} points (difference of seed means ± its standard error; "
+                    f"{'more' if significant else 'less'} than 2 standard errors)"))
     if "masa_efficient" in s:
         e = s["masa_efficient"]
         g = e["gated_after_switch_mean"]
@@ -293,7 +295,7 @@ def write_section(path: str, section: str) -> None:
     if SECTION in text:
         start = text.index(SECTION)
         nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if nxt < 0 else text[nxt + 1:])
+        text = text[:start] + section + ("" if nxt < 0 else "\n" + text[nxt + 1:])
     else:
         text = text.rstrip() + "\n\n" + section
     with open(path, "w") as f:
@@ -304,7 +306,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--algorithms", default="grpo,masa,masa_efficient")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=30, help="RL steps per run (30: the default run's budget)")
     ap.add_argument("--heldout", type=int, default=100)
     ap.add_argument("--eval_every", type=int, default=5, help="in-run held-out evaluation every N steps")
     ap.add_argument("--workdir", default=os.path.join(REPO, "runs", "toy_masa_vs_grpo"))

@@ -102,12 +102,13 @@ def check_model_dir(config, weights: bool = True) -> None:
 
 def check_data_file_names(specs: Sequence[str], *, field: str = "config.data.train_files") -> None:
     """Every entry names something and every data file exists (cheap: nothing is parsed, so a pod's
-    hosts do not each read the whole dataset before loading their shares). Toy and TFDS specs are
-    generated / fetched by name and checked when loaded."""
+    hosts do not each read the whole dataset before loading their shares). Generated (toy) and TFDS specs are
+    made / fetched by name and checked when loaded."""
+    from masa_jax.data import sources
     for spec in specs:
         if not spec:
             raise UserError(f"{field} has an empty entry: name the data files (verl parquet, JSONL, tfds:<name>)")
-        if not spec.startswith(("toy:", "toy-heldout:", "tfds:")) and not fs.isfile(spec):
+        if not sources.is_named_source(spec) and not fs.isfile(spec):
             raise UserError(f"data file {spec} does not exist: fix {field}")
 
 
@@ -137,7 +138,7 @@ def check_data_files(specs: Sequence[str], *, on_error: str = "raise", field: st
     from masa_jax.data import sources
     check_data_file_names(specs, field=field)
     for spec in specs:
-        if spec.startswith(("toy:", "toy-heldout:", "tfds:")):
+        if sources.is_named_source(spec):
             continue
         with data_file_errors(spec, field=field, skip_hint=skip_hint):
             loaded = sources.load_problems(spec, on_error=on_error)

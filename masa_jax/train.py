@@ -31,6 +31,7 @@ from masa_jax import fs
 from masa_jax import metrics as metrics_lib
 from masa_jax import perf
 from masa_jax.data import pipeline, sources
+from masa_jax.data.problem import question_key
 from masa_jax.evaluation import scoring
 from masa_jax.models.qwen.presets import model_config_for
 from masa_jax.models import qwen
@@ -73,10 +74,33 @@ class Run:
 SKIP_HINT = ", or skip malformed rows with --config.data.on_error=skip"
 
 
+def load_eval_problems(config, process_index: int | None = None, process_count: int | None = None
+                       ) -> tuple[list, frozenset[str]]:
+    """This host's share of the held-out problems (config.eval.files) and the questions of all of them.
+
+    Every host reads the held-out files whole (they are small: MATH's test set is 5000 rows) because
+    every host must drop all held-out questions from its training share."""
+    h = jax.process_index() if process_index is None else process_index
+    p = jax.process_count() if process_count is None else process_count
+    share, questions = [], set()
+    for spec in config.eval.files:
+        with errors.data_file_errors(spec, field="config.eval.files"):
+            every = pipeline.load_host_problems(spec, process_index=0, process_count=1).problems
+        if not every:
+            raise errors.no_problems(spec, "config.eval.files")
+        questions.update(question_key(q.question) for q in every)
+        block = sources.host_block(len(every), h, p)
+        share += every[block.start:block.stop]
+    return share, frozenset(questions)
+
+
 def load_training_problems(config, codec: ChatCodec, rcfg: rollout_lib.RolloutConfig, process_index: int | None = None,
-                           process_count: int | None = None) -> tuple[list, dict]:
+                           process_count: int | None = None, exclude_questions: frozenset[str] = frozenset()
+                           ) -> tuple[list, dict]:
     """This host's share of the training problems, overlong prompts filtered (counted): each host parses
     only its block of rows of every file (`pipeline.load_host_problems`; the whole set on one host).
+    Problems whose question is in `exclude_questions` (the held-out questions, `question_key`) are
+    dropped and counted, so held-out accuracy is measured on problems the run never trains on.
     process_index / process_count default to jax's. An empty share is an error only on a single host
     (build_run checks all hosts' shares together)."""
     h = jax.process_index() if process_index is None else process_index
@@ -90,7 +114,12 @@ def load_training_problems(config, codec: ChatCodec, rcfg: rollout_lib.RolloutCo
         stats["skipped_malformed"] += loaded.num_skipped
         for msg in loaded.skipped[:5]:
             log.warning("skipped malformed row: %s", msg)
-        problems.extend(loaded.problems)
+        fresh = [q for q in loaded.problems if question_key(q.question) not in exclude_questions]
+        stats["dropped_held_out"] += len(loaded.problems) - len(fresh)
+        problems.extend(fresh)
+    if stats["dropped_held_out"]:
+        log.info("dropped %d training problems whose question is held out (config.eval.files)",
+                 stats["dropped_held_out"])
 
     def prompt_len(p):
         meta = codec.encode_chat(prompts.meta_prompt(
@@ -105,7 +134,8 @@ def load_training_problems(config, codec: ChatCodec, rcfg: rollout_lib.RolloutCo
         log.warning("dropped %d problems whose prompt exceeds %d tokens", dropped, config.data.max_prompt_length)
     if not kept and p == 1:
         raise errors.UserError(f"no training problems left from {list(config.data.train_files)}: every prompt is "
-                               f"longer than data.max_prompt_length={config.data.max_prompt_length}")
+                               f"held out (config.eval.files) or longer than data.max_prompt_length="
+                               f"{config.data.max_prompt_length}")
     return kept, dict(stats)
 
 
@@ -120,11 +150,8 @@ def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
     codec = load_codec(config.model.tokenizer_path)
     rcfg = components.rollout_config(config)
     try:  # data before the model: a bad file stops the start in seconds, not after loading the weights
-        problems, data_stats = load_training_problems(config, codec, rcfg)
-        eval_problems = []  # this host's share of each held-out file
-        for spec in config.eval.files:
-            with errors.data_file_errors(spec, field="config.eval.files"):
-                eval_problems += pipeline.load_host_problems(spec).problems
+        eval_problems, eval_questions = load_eval_problems(config)
+        problems, data_stats = load_training_problems(config, codec, rcfg, exclude_questions=eval_questions)
         failure = None
     except errors.UserError as e:  # a malformed row in one host's share: every host must stop, not hang
         problems, data_stats, failure = [], {}, str(e)

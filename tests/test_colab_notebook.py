@@ -74,6 +74,7 @@ def _inject_parameters(nb, params: dict):
     nb.cells.insert(index + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
 
 
+@pytest.mark.slow  # executes the notebook
 def test_colab_notebook_runs_on_cpu_with_local_files(tmp_path):
     model_dir = _tiny_qwen3(tmp_path / "tiny_qwen3")
     train_file, eval_file = _small_data(tmp_path)

@@ -290,7 +290,7 @@ def load_host_problems(
     """
     h, p = _process_defaults(process_index, process_count)
     spec = os.fspath(spec)
-    if spec.startswith(("toy:", "toy-heldout:")):
+    if sources.generator_for(spec) is not None:
         problems = sources.load_problems(spec).problems
         block = host_block(len(problems), h, p)
         return sources.Loaded(problems[block.start:block.stop])
@@ -304,7 +304,7 @@ def load_host_problems(
         return _load_parquet_block(spec, h, p, on_error)
     if spec.endswith(".jsonl"):
         return sources.load_jsonl(spec, on_error=on_error, shard=(h, p))
-    raise ValueError(f"don't know how to read {spec!r}: expected *.parquet, *.jsonl, tfds:<name> or toy:<n>")
+    raise ValueError(f"don't know how to read {spec!r}: expected {sources.expected_kinds()}")
 
 
 def load_host_all(

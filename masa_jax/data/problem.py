@@ -31,3 +31,8 @@ class Problem:
     source: str = ""
     row: int = -1
     difficulty: int | None = None
+
+
+def question_key(question: str) -> str:
+    """What makes two questions the same problem for decontamination: their text up to whitespace."""
+    return " ".join(question.split())

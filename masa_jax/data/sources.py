@@ -15,7 +15,10 @@ Formats (details in each loader's docstring):
     trailing verl instruction). A plain-string ground_truth is the target itself (verl GSM8K).
   * JSONL: one object per line with `problem`, `answer`, optional `solution`, `id`, `level`.
   * TFDS: "tfds:<name>[:<split>]" through `tfds.data_source` (extra `masa_jax[tfds]`).
-  * the toy world: "toy:<n>[:<mix>]", "toy-heldout:<n>[:<seed>]" (masa_jax.toy.world.load_spec).
+  * generated sources, "<prefix>:<args>": problems made, not read. A package declares its prefixes
+    under the entry-point group `masa_jax.sources` (setup.py: the toy world's "toy:<n>[:<mix>]" and
+    "toy-heldout:<n>[:<seed>]", `masa_jax.toy.world.load_spec`), or calls `register_source`; this
+    module knows none of them by name.
 
 Files are read through `masa_jax.fs` (epath), so they may be local or gs://. This module imports
 neither jax nor TensorFlow; pyarrow and tensorflow_datasets are imported only by the loaders that
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
@@ -36,6 +40,8 @@ from masa_jax import fs
 from masa_jax.data.problem import Problem  # noqa: F401  (re-exported: sources.Problem)
 
 OnError = Literal["raise", "skip"]
+
+ENTRY_POINT_GROUP = "masa_jax.sources"
 
 # Instructions that verl preprocessing scripts append to the user message. When a row has no
 # `ground_truth.question` the question falls back to the last user message, and these suffixes are
@@ -471,6 +477,46 @@ def load_tfds(
 # --------------------------------------------------------------------------- dispatch
 
 
+# Generated sources by spec prefix: "toy" -> a function "toy:<args>" -> problems. Filled from the
+# entry points on first use (the package that owns a source registers it, so this module imports no
+# world of its own) and by `register_source`.
+_GENERATORS: dict[str, Callable[[str], Sequence[Problem]]] = {}
+_ENTRY_POINTS_READ = False
+
+
+def register_source(prefix: str, generate: Callable[[str], Sequence[Problem]]) -> None:
+    """Makes "<prefix>:<args>" specs load as `generate(spec)` (a list of Problems, deterministic in the
+    spec, so every host generates the same problems and takes its own share)."""
+    if not re.fullmatch(r"[a-z][a-z0-9_-]*", prefix) or prefix in ("tfds", "gs", "s3", "http", "https", "file"):
+        raise ValueError(f"bad source prefix {prefix!r}: lower-case letters, digits, '-' and '_', not a URL scheme")
+    _GENERATORS[prefix] = generate
+
+
+def _read_entry_points() -> None:
+    global _ENTRY_POINTS_READ
+    if _ENTRY_POINTS_READ:
+        return
+    _ENTRY_POINTS_READ = True
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in _GENERATORS:  # run-time registrations win over installed ones
+            _GENERATORS[ep.name] = lambda spec, ep=ep: ep.load()(spec)
+
+
+def generator_for(spec: str) -> Callable[[str], Sequence[Problem]] | None:
+    """The registered generator for `spec`'s prefix ("toy:4096" -> the toy world's), or None when
+    `spec` names a file or a TFDS dataset."""
+    prefix, sep, _ = spec.partition(":")
+    if not sep:
+        return None
+    _read_entry_points()
+    return _GENERATORS.get(prefix)
+
+
+def is_named_source(spec: str) -> bool:
+    """Whether `spec` names a generated or TFDS source (checked when loaded) rather than a file."""
+    return spec.startswith("tfds:") or generator_for(spec) is not None
+
+
 # "tfds:<name>[/<config>][:<x.y.z>][:<split>]"; the split may itself hold ':' ("train[:10%]").
 _TFDS_SPEC = re.compile(r"^tfds:(?P<name>[^:\[\]]+(?::\d+\.\d+\.\d+)?)(?::(?P<split>.+))?$")
 
@@ -479,18 +525,17 @@ def load_problems(
     spec: str | os.PathLike[str], *, on_error: OnError = "raise", split: str = "train", **tfds_kwargs: Any
 ) -> Loaded:
     """Loads problems from `spec`: a `.parquet` (verl), a `.jsonl` file, "tfds:<name>[:<split>]", or a
-    toy-world spec ("toy:<n>[:<mix>]" with seed 0, "toy-heldout:<n>[:<seed>]"; see
-    `masa_jax.toy.world.load_spec`).
+    generated source ("<prefix>:<args>", see `register_source`; e.g. the toy world's "toy:<n>[:<mix>]"
+    with seed 0 and "toy-heldout:<n>[:<seed>]").
 
     For TFDS the name may carry a config and version ("tfds:math/algebra:1.0.0:test"); `split` is
     used when the spec names none, and `tfds_kwargs` go to `load_tfds`. Raises ValueError for an
     unknown kind.
     """
     spec = os.fspath(spec)
-    if spec.startswith(("toy:", "toy-heldout:")):
-        from masa_jax.toy import world  # lazy: the toy world imports this module
-
-        return Loaded(tuple(world.load_spec(spec)))
+    generate = generator_for(spec)
+    if generate is not None:
+        return Loaded(tuple(generate(spec)))
     if spec.startswith("tfds:"):
         m = _TFDS_SPEC.match(spec)
         if not m:
@@ -500,7 +545,14 @@ def load_problems(
         return load_verl_parquet(spec, on_error=on_error)
     if spec.endswith(".jsonl"):
         return load_jsonl(spec, on_error=on_error)
-    raise ValueError(f"don't know how to read {spec!r}: expected *.parquet, *.jsonl, tfds:<name> or toy:<n>")
+    raise ValueError(f"don't know how to read {spec!r}: expected {expected_kinds()}")
+
+
+def expected_kinds() -> str:
+    """What a data spec may be, for error messages: the file kinds, TFDS and the registered prefixes."""
+    _read_entry_points()
+    generated = "".join(f", {prefix}:..." for prefix in sorted(_GENERATORS))
+    return f"*.parquet, *.jsonl, tfds:<name>{generated}"
 
 
 def load_all(specs: Iterable[str | os.PathLike[str]], *, on_error: OnError = "raise", **kwargs: Any) -> Loaded:

@@ -55,12 +55,13 @@ def true_targets(correct: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.n
 def select_experts(meta_texts: Sequence[Sequence[str]], preds: Sequence[Sequence], notion_reward: np.ndarray,
                    correct: np.ndarray, lengths: np.ndarray, prompt_ids: Sequence[Sequence[int]],
                    uids: Sequence[str], rolled_out: np.ndarray, *, k: int,
-                   min_notion_reward: float = 0.2) -> list[Expert]:
+                   min_notion_reward: float) -> list[Expert]:
     """Expert trajectories of one step.
 
     meta_texts / preds: [P][M]; notion_reward float [P, M]; correct bool [P, G]; lengths int [P, G];
     prompt_ids: P meta-prompt token lists; rolled_out bool [P] (gated problems have no solution
-    statistics and yield no expert).
+    statistics and yield no expert); a problem's best meta output becomes an expert only when its notion
+    reward reaches `min_notion_reward` (config `bc.min_notion_reward`).
     """
     pass_int, true_len = true_targets(correct, lengths, k)
     experts = []

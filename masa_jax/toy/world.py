@@ -280,8 +280,9 @@ def heldout(n: int, seed: int = 1234, levels: Sequence[int] = tuple(LEVELS)) -> 
     Drawn from its own random namespace, so it never shifts with the training stream. Level 1 has
     only 81 questions and level 2 162, so with n > 405 level-1 questions repeat; levels 1-2 overlap the
     training stream by design, level 3 a little (~6 % of its held-out questions are among the first
-    3000 training problems), from level 4 on negligibly. uid "toy-heldout-<seed>:<i>", source
-    "toy:heldout".
+    3000 training problems), from level 4 on negligibly; a run that evaluates on them (config
+    `eval.files`) drops those questions from its training problems. uid "toy-heldout-<seed>:<i>",
+    source "toy:heldout".
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")

@@ -250,3 +250,31 @@ def test_an_empty_share_is_an_error_on_one_host_and_left_to_build_run_on_several
     # Several hosts: every host reports its (empty) share and build_run raises on all of them together.
     kept, stats = train.load_training_problems(c, _stub_codec(), rcfg, process_index=1, process_count=2)
     assert kept == [] and stats["dropped_overlong"] == 2
+
+
+def test_held_out_questions_are_dropped_from_every_hosts_training_share(tmp_path):
+    """A training problem whose question (up to whitespace) is in config.eval.files is never trained on,
+    whichever host owns it; each host evaluates its own block of the held-out rows."""
+    all_toy = sources.load_problems("toy:300").problems
+    wanted = [all_toy[i].question for i in (5, 17, 40)]
+    rows = [{"problem": wanted[0].replace(" ", "  ", 1), "answer": all_toy[5].answer},  # whitespace differs
+            {"problem": wanted[1], "answer": all_toy[17].answer}, {"problem": wanted[2], "answer": all_toy[40].answer}]
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = base_config()
+    c.data.train_files = ("toy:300",)
+    c.eval.files = (str(heldout),)
+    rcfg = components.rollout_config(c)
+    in_train = [p for p in all_toy if p.question in wanted]
+    kept, dropped = [], 0
+    for h in range(2):
+        share, questions = train.load_eval_problems(c, process_index=h, process_count=2)
+        block = pipeline.host_block(3, h, 2)
+        assert [p.question for p in share] == [r["problem"] for r in rows[block.start:block.stop]]
+        assert questions == set(wanted)
+        problems, stats = train.load_training_problems(c, _stub_codec(), rcfg, process_index=h, process_count=2,
+                                                       exclude_questions=questions)
+        kept += problems
+        dropped += stats["dropped_held_out"]
+    assert not {p.question for p in kept} & set(wanted)
+    assert dropped == len(in_train) > 3 and len(kept) == 300 - len(in_train)

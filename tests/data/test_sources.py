@@ -257,7 +257,7 @@ def test_load_all_concatenates_and_rejects_duplicate_uids(tmp_path):
 
 
 def test_load_problems_dispatch_errors(tmp_path):
-    with pytest.raises(ValueError, match="expected \\*.parquet, \\*.jsonl, tfds:<name> or toy:<n>"):
+    with pytest.raises(ValueError, match=r"expected \*.parquet, \*.jsonl, tfds:<name>, toy:..., toy-heldout:...$"):
         sources.load_problems(str(tmp_path / "x.csv"))
     assert len(sources.load_problems(SAMPLE).problems) == 32
 
@@ -327,3 +327,49 @@ def test_sources_import_without_jax_or_pyarrow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- generated sources
+
+
+def test_the_toy_world_is_found_through_its_entry_point_not_an_import():
+    """masa_jax.data names no world: the toy prefixes come from setup.py's `masa_jax.sources` entry
+    points, and loading one imports the toy world only then."""
+    import ast
+    import pathlib
+
+    data_dir = pathlib.Path(sources.__file__).parent
+    for path in data_dir.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("masa_jax.toy") for n in names), f"{path.name} imports {names}"
+    code = (
+        "import sys; from masa_jax.data import sources; before = 'masa_jax.toy' in sys.modules; "
+        "ps = sources.load_problems('toy-heldout:3:7').problems; "
+        "print(before, [p.uid for p in ps], [p.answer for p in ps])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    from masa_jax.toy import world
+    expected = world.heldout(3, 7)
+    assert out.stdout.strip() == f"False {[p.uid for p in expected]} {[p.answer for p in expected]}"
+
+
+def test_a_registered_source_loads_everywhere_a_spec_is_read(monkeypatch):
+    from masa_jax import errors
+    from masa_jax.data import pipeline
+
+    made = [Problem(f"count:{i}", f"Compute {i}+1.", str(i + 1), source="count", row=i) for i in range(5)]
+    monkeypatch.setitem(sources._GENERATORS, "count", lambda spec: made[: int(spec.split(":")[1])])
+    assert sources.load_problems("count:4").problems == tuple(made[:4])
+    assert sources.is_named_source("count:4") and not sources.is_named_source("counts.jsonl")
+    errors.check_data_file_names(["count:4"])  # a name, not a file: nothing to check on disk
+    shares = [pipeline.load_host_problems("count:5", process_index=h, process_count=2).problems for h in (0, 1)]
+    assert shares[0] + shares[1] == tuple(made) and len(shares[0]) == len(sources.host_block(5, 0, 2))
+    assert "count:..." in sources.expected_kinds()
+
+
+def test_register_source_rejects_url_schemes_and_odd_prefixes():
+    for bad in ("gs", "tfds", "Toy", "a:b", ""):
+        with pytest.raises(ValueError, match="bad source prefix"):
+            sources.register_source(bad, lambda spec: [])

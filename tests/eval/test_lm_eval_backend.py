@@ -106,6 +106,7 @@ def test_run_config_and_argument_errors(tmp_path, lm_model_dir):
     assert lm_eval_backend.parse_mesh("1x-1x1") == (1, -1, 1)
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_harness_cli(lm_model_dir, local_tasks, tmp_path):
     """lm-eval's CLI with the model registered: the README's command on a local task."""
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
@@ -120,6 +121,7 @@ def test_harness_cli(lm_model_dir, local_tasks, tmp_path):
     assert 0.0 <= results["acc,none"] <= 1.0
 
 
+@pytest.mark.slow  # four-device meshes in a subprocess
 def test_sharded_meshes_give_the_one_device_results(lm_model_dir, lm):
     """On 4 fake CPU devices, fsdp 4 and data 2 x tensor 2: the same log-likelihoods (1e-4: tensor-parallel sums
     round differently) and greedy generations

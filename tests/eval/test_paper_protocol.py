@@ -101,6 +101,7 @@ def test_benchmark_errors_name_file_row_and_field(tmp_path):
         paper.load_benchmark(str(tmp_path / "x.csv"))
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_evaluate_cli_paper_protocol_with_meta_on_the_toy_model(tmp_path):
     """`python -m masa_jax.evaluate --config=configs/eval_paper.py:tiny --meta` on the shipped toy base model and
     two small local files (problem/answer and question/answer): JSON + Markdown tables with the average,

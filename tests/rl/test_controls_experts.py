@@ -67,7 +67,7 @@ def test_experts_take_the_best_notion_rollout_and_the_true_statistics():
     np.testing.assert_array_equal(p_int, [4, 0])
     np.testing.assert_array_equal(length, [15, 10])      # no correct rollout: mean of all lengths
     gated = expert_buffer.select_experts(texts, preds, notion, correct, lengths, [[1, 2], [3]], ["u0", "u1"],
-                                         np.array([False, True]), k=8)
+                                         np.array([False, True]), k=8, min_notion_reward=0.2)
     assert gated == []
 
 

@@ -94,27 +94,46 @@ def _greedy(cfg, params, prompt: list[int], eos: tuple[int, ...], max_new: int =
     return out
 
 
-def test_greedy_level1_solution_is_boxed(loaded, codec):
+def _estimate_of(answer: str) -> str:
+    value = int(answer)
+    tens = int(abs(value) / 10 + 0.5)
+    return str(tens * 10 if value >= 0 else -tens * 10)
+
+
+def _worked_or_estimate(text: str, answer: str) -> None:
+    """The base model answers with a worked solution or the hasty teacher's estimate (the more likely
+    first token wins under greedy decoding); either way it ends in the right \\boxed{} value."""
+    boxed = math_lib.last_boxed(text)
+    if text.startswith("estimate "):
+        assert boxed == _estimate_of(answer) and text == f"estimate {boxed}\n\\boxed{{{boxed}}}", text
+    else:  # the recipe measured ~95 % worked level-1 accuracy; a wrong answer means a broken rebuild
+        assert boxed == answer, text
+
+
+def test_greedy_level1_answer_is_boxed(loaded, codec):
     cfg, params = loaded
     p = world.heldout(1)[0]
     assert p.difficulty == 1
     prompt = codec.encode_chat(prompts.solution_prompt(p.question, template=defaults.SOLUTION_TEMPLATE))
-    text = codec.decode(_greedy(cfg, params, prompt, codec.eos_ids))
-    assert math_lib.last_boxed(text) is not None, text
-    # The recipe measured 100% greedy accuracy on level 1; a wrong answer here means a broken rebuild.
-    assert math_lib.last_boxed(text) == p.answer, (p.question, text)
+    _worked_or_estimate(codec.decode(_greedy(cfg, params, prompt, codec.eos_ids)), p.answer)
+    # Forced onto the worked path (its first word), greedy decoding solves it.
+    verb = p.solution.split()[0] + " "
+    worked = codec.decode(codec.encode(verb) + _greedy(cfg, params, prompt + codec.encode(verb), codec.eos_ids))
+    assert math_lib.last_boxed(worked) == p.answer, (p.question, worked)
 
 
-def test_greedy_level1_solution_survives_a_hint(loaded, codec):
-    """MASA-efficient appends a notion hint after its switch-over; the base model must still solve."""
+def test_greedy_level1_answer_survives_a_hint(loaded, codec):
+    """MASA-efficient appends a notion hint after its switch-over; the base model must still answer."""
     cfg, params = loaded
     p = world.heldout(6)[5]
     assert p.difficulty == 1
     hint = world.NOTIONS[:defaults.MAX_HINT_NOTIONS]
     prompt = codec.encode_chat(prompts.solution_prompt(p.question, hint_notions=hint,
                                                        template=defaults.SOLUTION_TEMPLATE))
-    text = codec.decode(_greedy(cfg, params, prompt, codec.eos_ids))
-    assert math_lib.last_boxed(text) == p.answer, (p.question, text)
+    _worked_or_estimate(codec.decode(_greedy(cfg, params, prompt, codec.eos_ids)), p.answer)
+    verb = p.solution.split()[0] + " "
+    worked = codec.decode(codec.encode(verb) + _greedy(cfg, params, prompt + codec.encode(verb), codec.eos_ids))
+    assert math_lib.last_boxed(worked) == p.answer, (p.question, worked)
 
 
 def test_greedy_meta_output_parses(loaded, codec):
@@ -144,9 +163,11 @@ def test_tiny_config_uses_the_shipped_model_and_its_templates():
 
 
 def test_pass_rate_varies_with_difficulty(loaded, codec):
-    """What the tiny run needs from its base model (issue: "some ~always solved, some ~never, many in
-    between"): at temperature 1 with G = 8 samples, level 1 is mostly solved, level 5 ~never, and
-    most level-2 problems give mixed groups (the ones with a GRPO signal). Recipe numbers: docs/results.md."""
+    """What the tiny run needs from its base model: at temperature 1 with G = 8 samples, about half of the
+    answers on every level are the hasty teacher's estimates (a behaviour GRPO can unlearn on some
+    problems and carry over to others, experiments/build_toy_base.py), worked level-1 answers are mostly
+    right, worked level-2 answers in between, level 5 ~never right, and most level-1 and level-2 groups
+    are mixed (a GRPO signal). Recipe numbers: docs/results.md."""
     from masa_jax import sampling
 
     cfg, params = loaded
@@ -156,11 +177,16 @@ def test_pass_rate_varies_with_difficulty(loaded, codec):
            for p in problems for _ in range(G)]
     out = sampling.generate(cfg, params, ids, rng=jax.random.key(0), max_new_tokens=defaults.MAX_RESPONSE_LENGTH,
                             temperature=1.0, eos_ids=codec.eos_ids)
-    ok = np.asarray([math_lib.extract_answer(codec.decode(r)) == problems[i // G].answer
-                     for i, r in enumerate(out.tokens)]).reshape(len(problems), G)
-    level = np.asarray([p.difficulty for p in problems])
+    texts = [codec.decode(r) for r in out.tokens]
+    ok = np.asarray([math_lib.extract_answer(t) == problems[i // G].answer
+                     for i, t in enumerate(texts)]).reshape(len(problems), G)
+    estimate = np.asarray([t.startswith("estimate ") for t in texts]).reshape(len(problems), G)
+    level = np.asarray([p.difficulty for p in problems])[:, None].repeat(G, 1)
+    assert 0.3 <= estimate[level <= 2].mean() <= 0.7
+    assert ok[(level == 1) & ~estimate].mean() >= 0.8
+    assert 0.15 <= ok[(level == 2) & ~estimate].mean() <= 0.85
+    assert 0.3 <= ok[level == 1].mean() <= 0.8
     n_ok = ok.sum(1)
-    assert ok[level == 1].mean() >= 0.8
-    assert 0.15 <= ok[level == 2].mean() <= 0.85
-    assert np.mean((n_ok[level == 2] > 0) & (n_ok[level == 2] < G)) >= 0.5
+    mixed = (n_ok > 0) & (n_ok < G)
+    assert mixed[level[:, 0] == 1].mean() >= 0.5
     assert ok[level == 5].mean() <= 0.05

@@ -6,6 +6,7 @@ import json
 import os
 import types
 
+import pytest
 from etils import epath
 
 from masa_jax import evaluate, train
@@ -24,6 +25,7 @@ def _write_jsonl(path: str, problems) -> None:
                                         for p in problems))
 
 
+@pytest.mark.slow  # train, resume and evaluate end to end
 def test_train_resume_and_evaluate_on_gcs(tiny_model_dir, small_config, fake_gcs, tmp_path, monkeypatch):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
