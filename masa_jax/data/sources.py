@@ -551,6 +551,9 @@ def load_problems(
 def expected_kinds() -> str:
     """What a data spec may be, for error messages: the file kinds, TFDS and the registered prefixes."""
     _read_entry_points()
+    if not _GENERATORS:  # run from a source tree that was never installed: no entry points
+        return ("*.parquet, *.jsonl or tfds:<name> (no generated sources such as toy:<n> are registered: "
+                "`pip install -e .` registers masa_jax's)")
     generated = "".join(f", {prefix}:..." for prefix in sorted(_GENERATORS))
     return f"*.parquet, *.jsonl, tfds:<name>{generated}"
 

@@ -373,3 +373,12 @@ def test_register_source_rejects_url_schemes_and_odd_prefixes():
     for bad in ("gs", "tfds", "Toy", "a:b", ""):
         with pytest.raises(ValueError, match="bad source prefix"):
             sources.register_source(bad, lambda spec: [])
+
+
+def test_without_installed_entry_points_the_error_says_how_to_register_them(monkeypatch):
+    monkeypatch.setattr(sources, "_GENERATORS", {})
+    monkeypatch.setattr(sources, "_ENTRY_POINTS_READ", False)
+    monkeypatch.setattr(sources.importlib.metadata, "entry_points", lambda group: [])
+    with pytest.raises(ValueError, match=r"don't know how to read 'toy:8'.*no generated sources such as toy:<n> "
+                                         r"are registered: `pip install -e \.`"):
+        sources.load_problems("toy:8")
