@@ -31,8 +31,10 @@ and cosine decay over the stages of `DEFAULT_STAGES`; then a fresh AdamW with it
 cosine over `ESTIMATE_STAGES`. Sequences are bucketed by length and batches hold a roughly constant
 number of tokens (small batches: at this budget the number of updates is what limits learning).
 Evaluation uses the trainer's sampler (`masa_jax.sampling.generate`) and verifier rules on held-out
-problems. Deterministic given --seed; `--init` with the phase-1 model of the same seed gives the same
-result as the one-command build (the phase-2 data and batch order do not depend on phase 1).
+problems. Deterministic given --seed and the code: a run repeats bit for bit, but a change of the update
+step's rounding gives other weights after thousands of updates. The phase-2 data and batch order do not
+depend on phase 1, so `--init` with a phase-1 checkpoint is phase 2 of the one-command build from that
+checkpoint; the shipped model is phase 2 on the 2026-11-27 phase-1 model (docs/results.md).
 """
 from __future__ import annotations
 
