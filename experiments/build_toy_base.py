@@ -18,10 +18,10 @@ short on purpose (and by necessity: 2 shared CPU cores): level 1 ends up ~always
 level 3 sometimes, levels 4-5 ~never. What a phase-1 model gets wrong is single-digit facts (7*8=54),
 and reinforcing the right fact of one question does not fix another: GRPO could not raise its held-out
 accuracy within a 10-minute run (docs/results.md). Phase 2 (`ESTIMATE_STAGES`) adds a hasty teacher,
-as real base models mix careful worked answers with quick unworked ones: half of its solution examples
+as real base models mix careful worked answers with quick unworked ones: 55 % of its solution examples
 are "estimate 160\\n\\boxed{160}" for 156, the answer rounded to the nearest ten, right only when the
-answer is a multiple of ten. The resulting model estimates about half the time on every level. That is
-a behaviour shared by all problems, which GRPO can unlearn from the problems it trains on and carry
+answer is a multiple of ten. The resulting model estimates about half the time on every level it saw
+in phase 2. That is a behaviour shared by all problems, which GRPO can unlearn from the problems it trains on and carry
 over to held-out ones (the worked path's own accuracy is phase 1's); its meta predictions stay
 uninformative.
 
@@ -243,7 +243,8 @@ BUCKETS = (64, 96, 128, 192, 256)
 DEFAULT_STAGES = "16000:3,1,2,0,0:0:0.2;8000:1,1,2,1,0.5:0.25:0.25;14000:2,1,2,0.5,0:0.2:0.25"
 
 # Phase 2, the hasty teacher (module docstring): a short fine-tune at a lower learning rate on the mix of
-# the last careful stage where half of the solution examples are estimates.
+# the last careful stage where 55 % of the solution examples are estimates; 8,000 sequences, so that the
+# sampled share of estimates converges to the data's (docs/results.md).
 ESTIMATE_STAGES = "8000:2,1,2,0.5,0:0.2:0.25:0.55"
 
 
@@ -423,6 +424,8 @@ def main(argv=None) -> dict:
         return batches
 
     n_tok = n_steps = 0
+    if args.init and not hasty:
+        raise SystemExit("--init runs phase 2 only: give --estimate_stages")
     if args.init:  # a phase-1 checkpoint: only the hasty-teacher phase runs
         init_cfg, params = qwen.from_pretrained(args.init)
         if init_cfg != cfg:

@@ -85,7 +85,7 @@ def load_eval_problems(config, process_index: int | None = None, process_count: 
     share, questions = [], set()
     for spec in config.eval.files:
         with errors.data_file_errors(spec, field="config.eval.files"):
-            every = pipeline.load_host_problems(spec, process_index=0, process_count=1).problems
+            every = sources.load_problems(spec).problems
         if not every:
             raise errors.no_problems(spec, "config.eval.files")
         questions.update(question_key(q.question) for q in every)

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from masa_jax import components, train
+from masa_jax.errors import UserError
 from masa_jax.config import base_config
 from masa_jax.data import pipeline, sources
 
@@ -278,3 +279,13 @@ def test_held_out_questions_are_dropped_from_every_hosts_training_share(tmp_path
         dropped += stats["dropped_held_out"]
     assert not {p.question for p in kept} & set(wanted)
     assert dropped == len(in_train) > 3 and len(kept) == 300 - len(in_train)
+
+
+def test_an_empty_held_out_file_is_a_one_line_error_naming_it(tmp_path):
+    empty = tmp_path / "heldout.jsonl"
+    empty.write_text("")
+    c = base_config()
+    c.eval.files = (str(empty),)
+    with pytest.raises(UserError, match=rf"^data file {empty} holds no problems: fill it or remove it from "
+                                        r"config.eval.files$"):
+        train.load_eval_problems(c, process_index=0, process_count=1)
