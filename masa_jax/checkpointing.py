@@ -52,6 +52,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from masa_jax import fs
+
 logger = logging.getLogger(__name__)
 
 _STATE = "state"
@@ -122,7 +124,7 @@ class RunCheckpointer:
                              f"{max_to_keep}, {save_interval_steps}")
         if max_to_keep < 2:
             logger.warning("max_to_keep=1: a damaged newest checkpoint has no fallback")
-        self.directory = epath.Path(directory)
+        self.directory = epath.Path(fs.absolute(directory))
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save,

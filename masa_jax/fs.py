@@ -39,6 +39,15 @@ def is_remote(p: str | os.PathLike) -> bool:
     return "://" in os.fspath(p)
 
 
+def absolute(p: str | os.PathLike) -> str:
+    """`p` as an absolute local path (`~` expanded), or unchanged when it is a URI or empty. Run paths are
+    resolved once, at the edge: Orbax's OCDBT writer refuses a relative checkpoint path (in its background
+    save thread, so a relative workdir used to crash the run at its second checkpoint)."""
+    if not p or is_remote(p):
+        return os.fspath(p)
+    return os.path.abspath(os.path.expanduser(os.fspath(p)))
+
+
 def join(p: str | os.PathLike, *parts: str) -> str:
     return os.fspath(epath.Path(p, *parts))
 

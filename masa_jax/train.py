@@ -331,6 +331,8 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
     Bad inputs (config values, model dir, data files, workdir) raise a UserError before anything is created.
     """
     config = config_lib.resolve(config)
+    workdir = fs.absolute(workdir or default_workdir(config))
+    log.info("run directory: %s", workdir)
     check_inputs(config, workdir, allow_config_change)
     created = _first_missing_dir(workdir)
     try:
@@ -548,6 +550,11 @@ def write_figures(workdir: str, history: list[dict], calibration_steps: int, *, 
         metrics_lib.plot_gating(history, fs.join(fig_dir, "gating.png"))
 
 
+def default_workdir(config) -> str:
+    """runs/<algorithm> under the cwd: where a run without --workdir (or `train(config, "")`) writes."""
+    return os.path.join("runs", config.algorithm)
+
+
 def main(argv):
     from absl import flags
     del argv
@@ -558,8 +565,7 @@ def main(argv):
         from masa_jax import dry_run
         print(dry_run.report(config, FLAGS.dry_run_devices or None, config.mesh.device_memory_gib or None))
         return
-    workdir = FLAGS.workdir or os.path.join("runs", f"{config.algorithm}")
-    train(config, workdir, allow_config_change=FLAGS.allow_config_change)
+    train(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
 
 
 def _define_flags():

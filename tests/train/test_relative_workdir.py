@@ -1,0 +1,62 @@
+"""The README's first command as a user types it: the default, relative workdir (runs/<algorithm> under
+the cwd). Orbax's OCDBT writer refuses relative checkpoint paths, so before run paths were made absolute
+at the edge (fs.absolute) this crashed at the second checkpoint with rc 1 (issue 19.1)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from masa_jax import fs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_absolute_keeps_uris_and_resolves_local_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert fs.absolute("runs/x") == os.path.join(str(tmp_path), "runs", "x")
+    assert fs.absolute("gs://bucket/run1") == "gs://bucket/run1"
+    assert fs.absolute("") == ""
+    assert fs.absolute("~/r") == os.path.join(os.path.expanduser("~"), "r")
+
+
+def _train(cwd, *extra, **popen):
+    cmd = [sys.executable, "-m", "masa_jax.train", f"--config={ROOT}/configs/tiny.py", "--config.total_steps=3",
+           "--config.checkpoint.every=1", "--config.eval.files=()", *extra]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
+
+
+@pytest.mark.slow
+def test_default_relative_workdir_checkpoints_resumes_and_survives_sigterm(tmp_path):
+    run = tmp_path / "runs" / "masa_efficient"
+    p = _train(tmp_path)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-3000:]
+    steps = sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit())
+    assert steps[-1] == 3 and len(steps) >= 2, steps
+
+    t0 = time.time()  # the same command again: a finished run restores and returns
+    p = _train(tmp_path)
+    out2, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out2[-3000:]
+    assert len(open(run / "metrics.jsonl").read().splitlines()) == 3
+
+    # SIGTERM mid-run in a new relative workdir, then resume to the end.
+    p = _train(tmp_path, "--workdir=other", "--config.total_steps=6")
+    deadline = time.time() + 600
+    while time.time() < deadline and not (tmp_path / "other" / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    out3, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out3[-3000:]
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "other" / "checkpoints") if d.isdigit())
+    assert saved and saved[-1] < 6, saved
+    p = _train(tmp_path, "--workdir=other", "--config.total_steps=6")
+    out4, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out4[-3000:]
+    lines = open(tmp_path / "other" / "metrics.jsonl").read().splitlines()
+    assert len(lines) == 6
