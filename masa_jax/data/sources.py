@@ -208,7 +208,8 @@ def _stem(path: str) -> str:
 
 def _verl_question(record: Mapping[str, Any], gt: Mapping[str, Any] | None) -> str:
     if gt is not None and gt.get("question") is not None:
-        return _as_text(gt["question"], "reward_model.ground_truth.question")
+        # The authors' DeepScaleR rows repeat the instruction here too (data/deepscaler/train_example.json).
+        return _strip_instruction(_as_text(gt["question"], "reward_model.ground_truth.question"))
     # Fallback documented in `verl_row_to_problem`: the last user message of the chat prompt.
     prompt = record.get("prompt")
     if prompt is None:
@@ -342,7 +343,7 @@ def dict_to_problem(
     try:
         qk, q = _first_key(record, question_keys)
         ak, a = _first_key(record, answer_keys)
-        question = _as_text(q, qk)
+        question = _strip_instruction(_as_text(q, qk))
         answer = _as_text(a, ak).strip()
         solution = _optional_text(record.get(solution_key), solution_key)
         rid = record.get("id")

@@ -382,3 +382,26 @@ def test_without_installed_entry_points_the_error_says_how_to_register_them(monk
     with pytest.raises(ValueError, match=r"don't know how to read 'toy:8'.*no generated sources such as toy:<n> "
                                          r"are registered: `pip install -e \.`"):
         sources.load_problems("toy:8")
+
+
+AUTHORS_ROW = os.path.join(os.path.dirname(__file__), "deepscaler_train_example.json")
+_AUTHORS_QUESTION = (
+    "The operation $\\otimes$ is defined for all nonzero numbers by $a \\otimes b = \\frac{a^{2}}{b}$. "
+    "Determine $[(1 \\otimes 2) \\otimes 3] - [1 \\otimes (2 \\otimes 3)]$."
+)
+
+
+def test_authors_deepscaler_row_loses_its_instruction_on_every_path(tmp_path):
+    # Regression: ground_truth.question was returned as is, so the prompt builder appended the
+    # instruction a second time to the authors' DeepScaleR rows.
+    with open(AUTHORS_ROW) as f:
+        row = json.load(f)
+    assert row["reward_model"]["ground_truth"]["question"].endswith("within \\boxed{}.")
+    struct = sources.load_verl_parquet(_write(tmp_path / "ds.parquet", [row])).problems[0]
+    as_json = sources.load_verl_parquet(_write(tmp_path / "ds_str.parquet", _stringify_gt([row], "json"))).problems[0]
+    (tmp_path / "ds.jsonl").write_text(json.dumps({"question": row["prompt"][0]["content"],
+                                                   "answer": row["answer"]}) + "\n")
+    flat = sources.load_jsonl(tmp_path / "ds.jsonl").problems[0]
+    for p in (struct, as_json, flat):
+        assert p.question == _AUTHORS_QUESTION
+        assert p.answer == "-\\frac{2}{3}"
