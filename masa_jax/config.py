@@ -204,9 +204,58 @@ def _check_values(c: mlc.ConfigDict) -> None:
                         f"{c.eval.every!r}, num_samples={c.eval.num_samples!r}, temperature={c.eval.temperature!r}")
     if c.data.on_error not in ("raise", "skip"):
         raise UserError(f"config.data.on_error must be one of ('raise', 'skip'), got {c.data.on_error!r}")
+    _check_ranges(c)
     if not c.log.peak_flops_per_device >= 0:
         raise UserError("config.log.peak_flops_per_device must be >= 0 (0: from the device kind), got "
                         f"{c.log.peak_flops_per_device!r}")
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_ranges(c: mlc.ConfigDict) -> None:
+    """Values that used to be accepted and then trained on nonsense (or raised only at step 1): one place,
+    the valid range in the message."""
+    import math
+
+    from masa_jax.models.qwen.config import ATTENTION_IMPLS, REMAT_POLICIES
+    from masa_jax.rewards.answers import FALLBACK_MODES
+    from masa_jax.rl.grpo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
+
+    def number(name, ok, valid):
+        v = c[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+            raise UserError(f"config.{name} must be {valid}, got {v!r}")
+
+    number("rl.lr", lambda v: v > 0, "a finite number > 0")
+    number("bc.lr", lambda v: v > 0, "a finite number > 0")
+    number("rl.warmup_steps", lambda v: v >= 0 and v == int(v), "an integer >= 0")
+    number("rl.clip_low", lambda v: 0 <= v < 1, "in [0, 1)")
+    number("rl.clip_high", lambda v: v >= 0, "a finite number >= 0")
+    number("rl.kl_coef", lambda v: v >= 0, "a finite number >= 0 (0: no KL term)")
+    number("efficient.cutoff_factor", lambda v: v > 0, "a finite number > 0")
+    number("efficient.gate_std", lambda v: v >= 0, "a finite number >= 0")
+    number("efficient.gate_tol", lambda v: v >= 0, "a finite number >= 0")
+    number("meta.base", lambda v: 0 < v < 1, "in (0, 1) (the difficulty reward is base ** |error|)")
+    number("prompts.min_solution_length", lambda v: v >= 0 and v == int(v), "an integer >= 0")
+    number("rollout.max_response_length", lambda v: v == int(v) and v <= 1 << 20, "an integer <= 1048576")
+    number("reward.batch_budget_s", lambda v: v > 0, "a finite number of seconds > 0")
+    number("reward.per_item_timeout_s", lambda v: v > 0, "a finite number of seconds > 0")
+    if len(c.meta.weights) != 3 or not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0
+                                           for w in c.meta.weights):
+        raise UserError(f"config.meta.weights must be 3 weights >= 0 summing to 1, got {c.meta.weights}")
+    choices = {"model.param_dtype": _DTYPES, "model.dtype": _DTYPES, "model.remat": REMAT_POLICIES,
+               "model.attention_impl": ATTENTION_IMPLS, "rl.kl_estimator": tuple(KL_ESTIMATORS),
+               "rl.advantage": tuple(ADVANTAGE_ESTIMATORS), "reward.answer_fallback": FALLBACK_MODES}
+    for name, valid in choices.items():
+        if c[name] not in valid:
+            raise UserError(f"config.{name} must be one of {valid}, got {c[name]!r}")
+    for name in ("prompts.meta_template", "prompts.solution_template"):
+        if c[name] and "{question}" not in c[name]:
+            raise UserError(f"config.{name} has no {{question}} placeholder: the prompt would not contain the problem")
+    shape = tuple(c.mesh.shape)
+    if len(shape) != 3 or any(not isinstance(d, int) or (d < 1 and d != -1) for d in shape) or shape.count(-1) > 1:
+        raise UserError(f"config.mesh.shape must be 3 sizes (data, fsdp, tensor), each >= 1 or one -1, got {shape}")
 
 
 def override(config: mlc.ConfigDict, overrides: dict) -> mlc.ConfigDict:
