@@ -20,14 +20,7 @@ BAD = [
 def _config(**overrides):
     c = config_lib.base_config()
     c.model.path = "/m"
-    c.unlock()
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return config_lib.override(c, overrides)
 
 
 @pytest.mark.parametrize("field,value", BAD, ids=[f"{f}={v!r}" for f, v in BAD])
