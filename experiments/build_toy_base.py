@@ -45,7 +45,6 @@ import functools
 import json
 import os
 import random
-import shutil
 import sys
 import time
 
@@ -365,12 +364,10 @@ def evaluate(cfg, params, codec: ChatCodec, *, per_level: int, samples: int, met
 
 
 def save(cfg: qwen.ModelConfig, params, out_dir: str, max_bytes: int = 10_000_000) -> int:
-    """HF directory: config.json + model.safetensors (float32, or bfloat16 if float32 would not fit
-    `max_bytes`) + the toy tokenizer files, so `transformers` and `qwen.from_pretrained` both load it."""
+    """HF directory: config.json, generation_config.json, model.safetensors (float32, or bfloat16 if
+    float32 would not fit `max_bytes`) + the toy tokenizer files, so `transformers` and `qwen.from_pretrained` both load it."""
     dtype = "float32" if cfg.num_params() * 4 <= 0.9 * max_bytes else "bfloat16"
-    qwen.save_pretrained(cfg, params, out_dir, dtype=dtype)
-    for name in os.listdir(TOKENIZER_DIR):
-        shutil.copy2(os.path.join(TOKENIZER_DIR, name), os.path.join(out_dir, name))
+    qwen.save_pretrained(cfg, params, out_dir, dtype=dtype, tokenizer_dir=TOKENIZER_DIR)
     size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
     if size > max_bytes:
         raise RuntimeError(f"{out_dir} holds {size} bytes > {max_bytes}")

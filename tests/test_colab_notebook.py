@@ -4,7 +4,6 @@ papermill does), and configs/qwen3_0p6b_colab.py fits a 16 GiB Colab TPU by the 
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -43,9 +42,8 @@ def _tiny_qwen3(path):
     cfg = qwen.ModelConfig(family="qwen3", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2,
                            num_heads=2, num_kv_heads=1, head_dim=16, tie_word_embeddings=True,
                            max_position_embeddings=2048, eos_token_id=tok.eos_token_id)
-    qwen.save_pretrained(cfg, qwen.init_params(cfg, jax.random.key(0)), str(path))
-    for name in os.listdir(toy_tokenizer.TOKENIZER_DIR):
-        shutil.copy(os.path.join(toy_tokenizer.TOKENIZER_DIR, name), path)
+    qwen.save_pretrained(cfg, qwen.init_params(cfg, jax.random.key(0)), str(path),
+                         tokenizer_dir=toy_tokenizer.TOKENIZER_DIR)
     return str(path)
 
 

@@ -254,3 +254,37 @@ def test_parse_size():
     assert checkpoint.parse_size(123) == 123
     with pytest.raises(ValueError, match="cannot parse"):
         checkpoint.parse_size("lots")
+
+
+def test_export_loads_and_generates_from_the_directory_alone(tmp_path):
+    """The exported directory alone (tokenizer + model + generation_config) is enough for transformers:
+    a chat prompt encoded by the exported tokenizer decodes greedily to the same tokens as masa_jax."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from masa_jax import sampling
+    from masa_jax.toy.tokenizer import TOKENIZER_DIR
+    from masa_jax.toy.defaults import BASE_MODEL_DIR
+
+    cfg, params = qwen.from_pretrained(BASE_MODEL_DIR)
+    out = tmp_path / "export"
+    qwen.save_pretrained(cfg, params, out, tokenizer_dir=TOKENIZER_DIR)
+    tok = AutoTokenizer.from_pretrained(out)
+    hf_cfg = json.loads((out / "config.json").read_text())
+    gen = GenerationConfig.from_pretrained(out)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else cfg.eos_token_id[0]
+    assert hf_cfg["pad_token_id"] == gen.pad_token_id == pad
+    assert gen.eos_token_id == hf_cfg["eos_token_id"] == list(cfg.eos_token_id)
+    assert gen.bos_token_id == cfg.bos_token_id
+
+    text = tok.apply_chat_template([{"role": "user", "content": "2 + 3 = ?"}], add_generation_prompt=True,
+                                   tokenize=False)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    n_new = 16
+    ours = sampling.generate(cfg, params, [prompt], rng=jax.random.key(0), max_new_tokens=n_new,
+                             temperature=0.0, eos_ids=cfg.eos_token_id).tokens[0]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():  # generation_config.json supplies eos / pad: no ids passed here
+        hf = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                            do_sample=False, max_new_tokens=n_new)[0, len(prompt):].tolist()
+    assert len(ours) >= 4
+    assert ours == hf, (tok.decode(ours), tok.decode(hf))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 import jax
@@ -24,9 +23,7 @@ def tiny_model_dir(tmp_path_factory):
                            num_heads=2, num_kv_heads=1, head_dim=16, tie_word_embeddings=True,
                            max_position_embeddings=1024, eos_token_id=tok.eos_token_id)
     params = qwen.init_params(cfg, jax.random.key(0))
-    qwen.save_pretrained(cfg, params, path)
-    for name in os.listdir(toy_tokenizer.TOKENIZER_DIR):
-        shutil.copy(os.path.join(toy_tokenizer.TOKENIZER_DIR, name), path)
+    qwen.save_pretrained(cfg, params, path, tokenizer_dir=toy_tokenizer.TOKENIZER_DIR)
     return path
 
 

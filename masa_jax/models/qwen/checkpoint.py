@@ -292,9 +292,46 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _token_ids(model_cfg: ModelConfig, tokenizer) -> dict:
+    """bos / eos / pad ids for config.json and generation_config.json: the model's bos / eos, and the
+    tokenizer's pad token, else the first eos id (the pad `tokenization.load_codec` uses)."""
+    eos = list(model_cfg.eos_token_id) if isinstance(model_cfg.eos_token_id, tuple) else model_cfg.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer is not None else None
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else eos
+    return {"bos_token_id": model_cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": pad}
+
+
+def _write_tokenizer_and_generation_config(model_cfg: ModelConfig, path: Path, tokenizer_dir) -> dict:
+    """Writes the tokenizer files (re-saved by transformers from `tokenizer_dir`, local or gs://) and
+    generation_config.json (the source's sampling defaults when it has one, with our token ids).
+    Returns the token ids for config.json."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from masa_jax import fs
+
+    tokenizer, source = None, None
+    if tokenizer_dir:
+        source = fs.local_copy(tokenizer_dir)
+        if not os.path.isdir(source):
+            raise FileNotFoundError(f"tokenizer directory {os.fspath(tokenizer_dir)!r} does not exist")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer.save_pretrained(path)
+    ids = _token_ids(model_cfg, tokenizer)
+    if source is not None and os.path.exists(os.path.join(source, "generation_config.json")):
+        generation = GenerationConfig.from_pretrained(source)
+    else:
+        generation = GenerationConfig()
+    generation.update(**ids)
+    generation.save_pretrained(path)
+    return ids
+
+
 def save_pretrained(model_cfg: ModelConfig, params: Params, path: str | os.PathLike, dtype: Any = None, *,
-                    max_shard_size: int | str = "5GB") -> None:
-    """Writes an HF directory `transformers` loads: config.json plus `model.safetensors`, or
+                    max_shard_size: int | str = "5GB", tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """Writes an HF directory `transformers` / vLLM load and generate from alone: config.json (with
+    `pad_token_id`), generation_config.json (bos / eos / pad ids), the tokenizer files of `tokenizer_dir`
+    (the run's `model.tokenizer_path`; None writes no tokenizer) and `model.safetensors`, or
     `model-0000i-of-0000n.safetensors` files and `model.safetensors.index.json` when the tensors exceed
     `max_shard_size` bytes per file. `dtype` is the dtype of the written tensors (default: the param
     dtype). Earlier weight files in `path` are removed so a stale single file cannot shadow new shards.
@@ -341,7 +378,9 @@ def save_pretrained(model_cfg: ModelConfig, params: Params, path: str | os.PathL
             if old.name == SINGLE_FILE or old.name == INDEX_FILE or re.fullmatch(
                     r"model-\d+-of-\d+\.safetensors", old.name):
                 old.unlink()
-        (path / CONFIG_NAME).write_text(json.dumps(model_cfg.to_hf_dict(torch_dtype=np_dtype.name), indent=2))
+        hf_config = model_cfg.to_hf_dict(torch_dtype=np_dtype.name)
+        hf_config.update(_write_tokenizer_and_generation_config(model_cfg, path, tokenizer_dir))
+        (path / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2))
 
     total = 0
     weight_map = {}
