@@ -332,7 +332,6 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
     """
     config = config_lib.resolve(config)
     workdir = fs.absolute(workdir or default_workdir(config))
-    log.info("run directory: %s", workdir)
     check_inputs(config, workdir, allow_config_change)
     created = _first_missing_dir(workdir)
     try:
