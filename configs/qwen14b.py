@@ -15,7 +15,7 @@ def get_config():
     c.mesh.tpu_pod = True
     c.data.train_files = ("/path/to/deepscaler/train.parquet",)
     c.rollout.num_slots = 512
-    c.rl.mini_batch_size = 32                  # verl's DAPO recipe, as configs/qwen8b.py: 4 updates / step
+    c.rl.mini_batch_size = 128                 # authors' train_masagrpo.sh line 47 (ppo_mini_batch_size=128), as qwen8b
     c.rl.micro_batch_size = 8
     c.rl.chunk_size = 1024
     return c

@@ -39,9 +39,10 @@ def get_config():
     c.rl.clip_low, c.rl.clip_high = 0.2, 0.28  # (paper) clip-higher
     c.rl.clip_c = 10.0                         # (paper) dual clip
     c.rl.kl_coef = 0.0                         # (paper) beta = 0
-    # Not in the paper: verl's DAPO recipe (recipe/dapo/run_dapo_qwen2.5_32b.sh, train_prompt_mini_bsz=32;
-    # verl's default ppo_epochs=1): 128 problems in 4 mini-batches of 32 problems (x 32 rollouts each).
-    c.rl.mini_batch_size = 32
+    # Not in the paper: the authors' script (akatigre/MASA-RL train_masagrpo.sh line 47,
+    # actor.ppo_mini_batch_size=128 with data.train_batch_size=128; verl's default ppo_epochs=1):
+    # the step's 128 problems in one mini-batch, one update per step.
+    c.rl.mini_batch_size = 128
     c.rl.ppo_epochs = 1
     c.rl.micro_batch_size = 16
     c.rl.chunk_size = 1024

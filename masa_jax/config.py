@@ -113,10 +113,10 @@ def base_config() -> mlc.ConfigDict:
     # split into ceil(problems / mini_batch_size) mini-batches, one optimizer update each, ppo_epochs
     # passes. Counted in PROBLEMS over all hosts (verl counts prompts too): a mini-batch holds all
     # solution and meta rollouts of its problems. 0 (or >= problems_per_step) = one update per step.
-    # The paper gives no mini-batch size; 32 problems and 1 epoch are verl's DAPO recipe
-    # (recipe/dapo/run_dapo_qwen2.5_32b.sh: train_prompt_bsz=512, train_prompt_mini_bsz=32; verl's
-    # default ppo_epochs=1): 128 problems / step -> 4 updates.
-    c.rl.mini_batch_size = 32
+    # The paper gives no mini-batch size; the authors' script does (akatigre/MASA-RL train_masagrpo.sh:
+    # data.train_batch_size=128, actor.ppo_mini_batch_size=128; verl's default ppo_epochs=1):
+    # 128 problems / step -> 1 update.
+    c.rl.mini_batch_size = 128
     c.rl.ppo_epochs = 1
     c.rl.micro_batch_size = 8     # sequences per gradient-accumulation micro-batch
     c.rl.chunk_size = _LOSS.chunk_size    # log-prob chunk along the sequence

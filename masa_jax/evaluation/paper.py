@@ -30,8 +30,9 @@ from masa_jax import errors
 from masa_jax import metrics as metrics_lib
 from masa_jax.data import sources
 
-# The paper's protocol. num_meta = 0: the training run's rollout.num_meta.
-PAPER: dict[str, Any] = dict(n=32, ks=(1, 8, 32), temperature=0.6, top_p=0.95, top_k=0, max_new_tokens=16384,
+# The paper's protocol. num_meta = 0: the training run's rollout.num_meta. top_p 1.0 as the authors'
+# eval/inference.py (SamplingParams(top_p=1.0)) and docs/method.md.
+PAPER: dict[str, Any] = dict(n=32, ks=(1, 8, 32), temperature=0.6, top_p=1.0, top_k=0, max_new_tokens=16384,
                              seed=0, limit=0, meta=False, num_meta=0, data=())
 BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
 AVERAGE = "average"

@@ -31,7 +31,7 @@ def test_paper_defaults_and_precedence():
     c = _eval_paper_config()
     assert c.model.preset == "qwen3-8b"
     s = paper.resolve_settings(c)
-    assert (s.n, s.ks, s.temperature, s.top_p, s.top_k, s.max_new_tokens) == (32, (1, 8, 32), 0.6, 0.95, 0, 16384)
+    assert (s.n, s.ks, s.temperature, s.top_p, s.top_k, s.max_new_tokens) == (32, (1, 8, 32), 0.6, 1.0, 0, 16384)
     assert s.num_meta == c.rollout.num_meta and not s.meta
     # A plain run config without an evaluate section gets the paper's values too.
     assert paper.resolve_settings(config_lib.resolve(config_lib.base_config())).temperature == 0.6
@@ -120,7 +120,7 @@ def test_evaluate_cli_paper_protocol_with_meta_on_the_toy_model(tmp_path):
     assert list(results) == ["toy_a.jsonl", "toy_b.jsonl", "average", "settings"]
     s = results["settings"]
     assert (s["n"], s["temperature"], s["top_p"], s["max_new_tokens"], s["meta"], s["num_meta"]) == \
-        (4, 0.6, 0.95, 64, True, 4)
+        (4, 0.6, 1.0, 64, True, 4)
     for name in ("toy_a.jsonl", "toy_b.jsonl"):
         r = results[name]
         assert r["problems"] == 3 and r["n"] == 4 and 0 <= r["pass@1"] <= r["pass@2"] <= r["pass@4"] <= 1
@@ -141,7 +141,7 @@ def test_evaluate_cli_paper_protocol_with_meta_on_the_toy_model(tmp_path):
     # Markdown: the accuracy table (a row per file and the average) and the meta table.
     md = (tmp_path / "eval.md").read_text()
     for needle in ("| toy_a.jsonl | 3 |", "| toy_b.jsonl | 3 |", "| **average** | 6 |", "## Meta-awareness",
-                   "temperature 0.6, top-p 0.95", "pass@4"):
+                   "temperature 0.6, top-p 1,", "pass@4"):
         assert needle in md, needle
     assert (tmp_path / "eval_calibration.png").stat().st_size > 0
     assert "average" in res.stdout and "pass-rate MAE" in res.stdout
