@@ -11,7 +11,7 @@ num_meta, efficient.gate_std / gate_tol) the checkpoint was trained with, so the
 the training prompts. This file adds the `evaluate` section, the paper's protocol
 (`masa_jax.evaluation.paper.PAPER`):
 
-    n = 32 samples per problem, temperature 0.6, top-p 0.95, top-k off, at most 16384 new tokens,
+    n = 32 samples per problem, temperature 0.6, top-p 1.0, top-k off, at most 16384 new tokens,
     pass@1 = mean accuracy, pass@k (k = 1, 8, 32) unbiased; seed 0; meta off (--meta turns it on).
 
 Any field can be overridden (`--config.evaluate.n=4`) and the flags of `masa_jax.evaluate` (`--n`,

@@ -15,6 +15,6 @@ def get_config():
     c.data.problems_per_step = 64
     c.rollout.max_response_length = 4096
     c.rollout.num_slots = 128
-    c.rl.mini_batch_size = 32          # verl's DAPO mini-batch (configs/qwen8b.py): 2 updates / step
+    c.rl.mini_batch_size = 32          # 64 problems / step in 2 updates (the 8B config: 1 update of 128)
     c.rl.micro_batch_size = 8
     return c

@@ -7,6 +7,7 @@ Unknown / mistyped fields are rejected by ml_collections (ConfigDicts are locked
 from __future__ import annotations
 
 import dataclasses
+import string
 
 import ml_collections as mlc
 
@@ -250,12 +251,27 @@ def _check_ranges(c: mlc.ConfigDict) -> None:
     for name, valid in choices.items():
         if c[name] not in valid:
             raise UserError(f"config.{name} must be one of {valid}, got {c[name]!r}")
-    for name in ("prompts.meta_template", "prompts.solution_template"):
-        if c[name] and "{question}" not in c[name]:
-            raise UserError(f"config.{name} has no {{question}} placeholder: the prompt would not contain the problem")
+    for name, fields in (("prompts.meta_template", prompts_lib.META_FIELDS),
+                         ("prompts.solution_template", prompts_lib.SOLUTION_FIELDS)):
+        _check_template(name, c[name], fields)
     shape = tuple(c.mesh.shape)
     if len(shape) != 3 or any(not isinstance(d, int) or (d < 1 and d != -1) for d in shape) or shape.count(-1) > 1:
         raise UserError(f"config.mesh.shape must be 3 sizes (data, fsdp, tensor), each >= 1 or one -1, got {shape}")
+
+
+def _check_template(name: str, template: str, fields: tuple[str, ...]) -> None:
+    """A config template ("" = the default) formats with `fields` and contains the problem."""
+    if not template:
+        return
+    try:
+        used = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:  # a lone "{" or "}"
+        raise UserError(f"config.{name} is not a format string ({e}): write literal braces as {{{{ }}}}") from e
+    if used - set(fields):
+        raise UserError(f"config.{name} has unknown placeholders {sorted(used - set(fields))}: the fields are "
+                        f"{list(fields)}")
+    if "question" not in used:
+        raise UserError(f"config.{name} has no {{question}} placeholder: the prompt would not contain the problem")
 
 
 def override(config: mlc.ConfigDict, overrides: dict) -> mlc.ConfigDict:

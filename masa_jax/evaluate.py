@@ -1,7 +1,7 @@
 """`python -m masa_jax.evaluate --config=configs/eval_paper.py[:BASE] --checkpoint=DIR --data=FILE[,FILE...] [--meta]`.
 
 The paper's evaluation protocol (`masa_jax.evaluation.paper`): n = 32 solutions per problem at
-temperature 0.6 / top-p 0.95 with at most 16384 new tokens (solution prompt, never a notion hint),
+temperature 0.6 / top-p 1.0 with at most 16384 new tokens (solution prompt, never a notion hint),
 pass@1 = mean accuracy over the samples, pass@k = unbiased estimator 1 - C(n-c, k) / C(n, k). The
 model is a training checkpoint (a workdir or its checkpoints/ folder) or an HF model directory; the
 benchmarks are verl parquet, flat parquet or JSONL files (`problem`/`question` + `answer`). Each
@@ -168,7 +168,7 @@ def _define_flags():
     flags.DEFINE_integer("n", None, "samples per problem [32]")
     flags.DEFINE_string("k", None, "pass@k values, comma-separated [1,8,32]")
     flags.DEFINE_float("temperature", None, "sampling temperature [0.6]")
-    flags.DEFINE_float("top_p", None, "nucleus sampling [0.95]")
+    flags.DEFINE_float("top_p", None, "nucleus sampling [1.0]")
     flags.DEFINE_integer("top_k", None, "top-k sampling, 0 = off [0]")
     flags.DEFINE_integer("max_new_tokens", None, "max response tokens [16384]")
     flags.DEFINE_integer("limit", None, "evaluate only the first N problems of each file, 0 = all [0]")

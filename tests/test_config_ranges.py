@@ -14,6 +14,7 @@ BAD = [
     ("rl.kl_estimator", "bogus"), ("reward.batch_budget_s", 0.0), ("reward.per_item_timeout_s", -1.0),
     ("reward.answer_fallback", "bogus"), ("mesh.shape", (0, -1, 1)), ("mesh.shape", (2, -1, -1)),
     ("prompts.meta_template", "Predict for: {problem}"), ("prompts.solution_template", "Solve it."),
+    ("prompts.solution_template", "{question} in {steps} steps"), ("prompts.solution_template", "{question} \\boxed{}"),
 ]
 
 
@@ -31,4 +32,13 @@ def test_bad_value_is_refused_naming_the_field(field, value):
 
 def test_defaults_and_shipped_values_pass():
     config_lib.resolve(_config())
-    config_lib.resolve(_config(**{"prompts.solution_template": "Q: {question}", "meta.base": 0.5}))
+    config_lib.resolve(_config(**{"prompts.solution_template": "Q: {question} \\boxed{{}}", "meta.base": 0.5,
+                                  "prompts.meta_template": "{question}: 0..{k}, {min_length}-{max_length}"}))
+
+
+def test_the_checked_template_fields_are_the_ones_the_prompts_format():
+    from masa_jax.rl import prompts
+    meta = " ".join("{%s}" % f for f in prompts.META_FIELDS)
+    assert prompts.meta_prompt("Q?", template=meta, k=8, max_length=4096, system=None)[0]["content"] == \
+        "Q? 8 %d 4096 4 1024" % prompts.MIN_SOLUTION_LENGTH
+    assert prompts.solution_prompt("Q?", template="{question}!")[0]["content"] == "Q?!"

@@ -1,6 +1,6 @@
 """The paper's evaluation protocol for math (what ``python -m masa_jax.evaluate`` runs).
 
-Defaults as the paper evaluates: 32 samples per problem at temperature 0.6 and top-p 0.95, at most
+Defaults as the paper evaluates: 32 samples per problem at temperature 0.6 and top-p 1.0, at most
 16k (16384) new tokens, the solution prompt without hints; pass@1 = the mean accuracy over the samples
 (avg@32), pass@k = the unbiased estimator 1 - C(n-c, k) / C(n, k) averaged over problems. Results: one
 table, a row per benchmark plus their unweighted average (the paper's "Avg." column), as JSON and

@@ -22,6 +22,10 @@ from masa_jax.rewards.meta import MAX_NOTION_CHARS, MAX_NOTIONS, braces_balanced
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 
+# The named fields each template is formatted with (config templates are checked against them at start).
+META_FIELDS = ("question", "k", "min_length", "max_length", "example_pass_rate", "example_length")
+SOLUTION_FIELDS = ("question",)
+
 SOLUTION_TEMPLATE = (
     "{question} Let's think step by step and output the final answer within \\boxed{{}}."
 )
@@ -94,10 +98,9 @@ def meta_prompt(question: str, *, max_length: int, k: int = 8, template: str | N
     """
     if max_length < min_length:
         raise ValueError(f"max_length {max_length} < min_length {min_length}")
-    user = (template or META_TEMPLATE).format(
-        question=question, k=k, min_length=min_length, max_length=max_length,
-        example_pass_rate=(k + 1) // 2,
-        example_length=min(max_length, max(min_length, 1024)))
+    values = dict(question=question, k=k, min_length=min_length, max_length=max_length,
+                  example_pass_rate=(k + 1) // 2, example_length=min(max_length, max(min_length, 1024)))
+    user = (template or META_TEMPLATE).format(**values)
     messages = [{"role": "system", "content": system}] if system is not None else []
     return messages + [{"role": "user", "content": user}]
 
