@@ -39,7 +39,7 @@ def test_default_relative_workdir_checkpoints_resumes_and_survives_sigterm(tmp_p
     steps = sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit())
     assert steps[-1] == 3 and len(steps) >= 2, steps
 
-    t0 = time.time()  # the same command again: a finished run restores and returns
+    # the same command again: a finished run restores and returns, training no step
     p = _train(tmp_path)
     out2, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out2[-3000:]
