@@ -28,14 +28,15 @@ import atexit
 import collections
 import contextlib
 import dataclasses
+import importlib.util
 import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
 import multiprocessing.process
+import multiprocessing.spawn
 import os
-import resource
 import signal
 import threading
 import time
@@ -44,6 +45,8 @@ from typing import Sequence
 
 import numpy as np
 
+from masa_jax import errors
+from masa_jax.rewards import math_worker
 from masa_jax.rewards.answers import (  # noqa: F401  (re-exported: the answer API lives here too)
     _BOX_CMDS,
     FALLBACK_MODES,
@@ -69,7 +72,12 @@ _CLOSE_GRACE_S = 2.0
 # The counters every metrics dict has (see ``MathVerifier.verify``).
 _COUNTS = ("no_answer", "bad_box", "bad_gold", "quick_decisions", "soft_timeouts", "hard_timeouts",
            "stalls", "unfinished", "budget_kills", "errors", "retries", "restarts", "start_timeouts",
-           "forkserver_kills")
+           "start_failures", "kills", "forkserver_kills")
+# Workers that die before they are ready, one after another, are restarted at once this many times
+# (times the pool size); after that each restart waits twice as long as the one before, up to
+# _MAX_RESTART_DELAY_S, so that a host that kills every new process is not flooded with them.
+_FREE_START_FAILURES = 2
+_MAX_RESTART_DELAY_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,106 +130,6 @@ class VerifierConfig:
             raise ValueError("per_item_timeout_s, batch_budget_s and startup_timeout_s must be positive")
 
 
-# -------- The worker ----------------------------------------------------------------------------------
-
-
-class _CpuTimeLimit(BaseException):
-    """Raised in a worker when an item has used its soft CPU time. A BaseException, like math-verify's
-    own TimeoutException, so that the ``except Exception`` clauses of math-verify and sympy let it
-    through."""
-
-
-_cpu_limit_armed = False  # the SIGPROF handler raises only while an item runs
-
-
-def _on_cpu_limit(signum, frame):
-    global _cpu_limit_armed
-    if _cpu_limit_armed:  # once per item; a tick that lands after the item ended is ignored
-        _cpu_limit_armed = False
-        raise _CpuTimeLimit
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _set_cpu_kill_limit(seconds: float | None) -> None:
-    """RLIMIT_CPU: the kernel sends SIGXCPU (fatal) once this process has used ``seconds`` more CPU
-    time; ``None`` lifts the limit (up to a hard limit set from outside, if any)."""
-    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-    soft = hard if seconds is None else int(_cpu_seconds() + seconds) + 1
-    if hard != resource.RLIM_INFINITY:
-        soft = min(soft, hard)
-    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
-
-
-def _judge_under_cpu_limits(pred: str, gold: str, soft_s: float, hard_s: float) -> tuple[bool, str]:
-    """Judges one item in a worker: (correct, status), status "ok", "error" or "cpu_timeout".
-
-    Both limits count CPU time, which does not grow while the host is busy with other work, so a
-    correct answer stays correct under load. math-verify's own wall-clock alarm is off
-    (``mv_timeout_s=0``); the SIGPROF timer takes its place and the kernel's RLIMIT_CPU backs it up
-    where Python code no longer runs."""
-    global _cpu_limit_armed
-    _set_cpu_kill_limit(hard_s)
-    _cpu_limit_armed = True
-    signal.setitimer(signal.ITIMER_PROF, soft_s)
-    try:
-        try:
-            return judge_answer(pred, gold, mv_timeout_s=0), "ok"
-        except Exception:  # untrusted input can break sympy anywhere
-            return False, "error"
-    except _CpuTimeLimit:  # also when the timer fires inside the ``except Exception`` clause
-        return False, "cpu_timeout"
-    finally:
-        # First: CPython runs signal handlers only at calls and jumps, so none can raise before this.
-        _cpu_limit_armed = False
-        signal.setitimer(signal.ITIMER_PROF, 0)
-        _set_cpu_kill_limit(None)  # an idle worker has nothing to limit
-
-
-def _limit_memory(headroom_mb: int) -> None:
-    with open("/proc/self/statm") as f:
-        current = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    limit = current + headroom_mb * 2**20
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
-def _worker_main(conn, soft_s: int, hard_s: float, memory_mb: int) -> None:
-    """Worker loop: receive ("chunk", tag, [(tid, pred, gold), ...]); answer ("res", tag, tid, status,
-    ok, cpu seconds) per item, in order, so the parent knows which item is running (its deadline
-    clock). ``tag`` names the batch: the parent drops a reply that carries another batch's tag."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
-    signal.signal(signal.SIGPROF, _on_cpu_limit)
-    signal.signal(signal.SIGXCPU, signal.SIG_DFL)  # the hard CPU-time limit ends the worker ...
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # ... without writing a core file
-    import math_verify  # noqa: F401  (before the memory cap and "ready"; a forkserver preloaded it)
-
-    mv_logger = logging.getLogger("math_verify")  # its warnings quote the whole model output
-    mv_logger.addHandler(logging.NullHandler())
-    mv_logger.propagate = False
-    if memory_mb > 0 and os.path.exists("/proc/self/statm"):
-        _limit_memory(memory_mb)
-    with contextlib.suppress(OSError):  # the pool gave up on us: recv below sees EOF
-        conn.send(("ready", os.getpid()))
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return  # the pool is gone
-        if msg[0] != "chunk":
-            return
-        _, tag, items = msg
-        for tid, pred, gold in items:
-            cpu0 = _cpu_seconds()
-            ok, status = _judge_under_cpu_limits(pred, gold, soft_s, hard_s)
-            try:
-                conn.send(("res", tag, tid, status, bool(ok), _cpu_seconds() - cpu0))
-            except OSError:
-                return
-
-
 # -------- multiprocessing's forkserver ----------------------------------------------------------------
 #
 # Workers fork from multiprocessing's forkserver: one per process, shared by every user of the
@@ -231,8 +139,32 @@ def _worker_main(conn, soft_s: int, hard_s: float, memory_mb: int) -> None:
 # (after ``os.fork``, or once somebody else reaped a dead server: every start raises
 # ChildProcessError). The two functions below handle those cases.
 
-_FORKSERVER_PRELOAD = ("masa_jax.rewards.math", "masa_jax.rewards.answers", "math_verify",
-                       "latex2sympy2_extended.latex2sympy2")
+_FORKSERVER_PRELOAD = ("masa_jax.rewards.math_worker", "math_verify", "latex2sympy2_extended.latex2sympy2")
+
+
+# -------- Workers never import the parent's ``__main__`` -----------------------------------------
+#
+# multiprocessing tells every new "spawn" or "forkserver" process to import the parent's main module
+# first (as ``__mp_main__``), so that targets defined there can be unpickled. Our target lives in
+# ``math_worker``, and the parent's main module is ``masa_jax.train`` (JAX: ~250 MB and ~20 s per
+# worker) or a user's script, maybe without an ``if __name__ == "__main__"`` guard (it would run again
+# in every worker). So the preparation data of our workers' starts leave the main module out. The
+# standard library offers no per-process switch: ``spawn.get_preparation_data`` is wrapped once, and the
+# wrapper drops the main module only for starts made by the thread that is starting one of our workers.
+
+_our_start = threading.local()
+_stdlib_preparation_data = multiprocessing.spawn.get_preparation_data
+
+
+def _preparation_data(name):
+    data = _stdlib_preparation_data(name)
+    if getattr(_our_start, "active", False):
+        data.pop("init_main_from_name", None)
+        data.pop("init_main_from_path", None)
+    return data
+
+
+multiprocessing.spawn.get_preparation_data = _preparation_data
 
 
 def _is_our_child(pid: int) -> bool:
@@ -290,6 +222,7 @@ class _Slot:
     conn: multiprocessing.connection.Connection  # the pool's end: EOF once the worker has exited
     started_at: float
     starter: threading.Thread | None = None  # runs proc.start(), which waits for the forkserver
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)  # ends a delayed start
     ready: bool = False
     gone: bool = False  # EOF seen: the worker exited, or never started
     chunk: list = dataclasses.field(default_factory=list)  # task ids not answered yet, in order
@@ -300,11 +233,15 @@ class _Slot:
         return self.starter is not None and self.starter.is_alive()
 
 
-def _start_process(proc, child_conn) -> None:
+def _start_process(proc, child_conn, delay_s: float, cancel: threading.Event) -> None:
     """Runs in a helper thread. With the forkserver start method ``Process.start`` waits for the
     server, forever if the server is frozen; the pool waits for the worker's "ready" with a timeout
-    instead, and kills the server when it runs out."""
+    instead, and kills the server when it runs out. The start waits ``delay_s`` first (the back-off
+    after repeated start-up deaths) unless ``cancel`` is set meanwhile."""
     try:
+        if cancel.wait(delay_s):
+            return  # stopped before it started
+        _our_start.active = True  # this thread's starts leave the parent's main module out
         proc.start()
     except Exception as e:  # noqa: BLE001  (a dead, killed or foreign forkserver: the pool retries)
         _log.warning("a math-verify worker did not start: %r", e)
@@ -350,7 +287,6 @@ class _Batch:
     pending: collections.deque = dataclasses.field(default_factory=collections.deque)
     results: dict = dataclasses.field(default_factory=dict)  # task id -> correct
     crashed: set = dataclasses.field(default_factory=set)  # task ids whose worker died under them
-    startup_failures: int = 0
 
 
 class VerifierClosed(RuntimeError):
@@ -373,6 +309,8 @@ class MathVerifier:
     def __init__(self, config: VerifierConfig | None = None, **overrides):
         cfg = config or VerifierConfig()
         self.config = dataclasses.replace(cfg, **overrides) if overrides else cfg
+        if importlib.util.find_spec("math_verify") is None:  # else every worker would die at start-up
+            raise errors.UserError("math-verify is not installed in this Python (pip install -e .)")
         self._ctx = multiprocessing.get_context(self.config.start_method)
         if self.config.start_method == "forkserver":
             self._ctx.set_forkserver_preload(list(_FORKSERVER_PRELOAD))
@@ -381,22 +319,23 @@ class MathVerifier:
         self._pid = os.getpid()  # a different pid means we are a fork's child (see _check_fork)
         self._batch_numbers = itertools.count()
         self._slots: list[_Slot] = []
+        self._failed_starts = 0  # workers in a row that died before they were ready (the back-off)
         self._start_missing_workers()
         _pools.add(self)
 
     # -- worker life cycle ----------------------------------------------------------------------
-    def _start_worker(self) -> _Slot:
-        """A new slot whose worker starts in the background (see ``_start_process``)."""
+    def _start_worker(self, delay_s: float = 0.0) -> _Slot:
+        """A new slot whose worker starts in the background after ``delay_s`` (``_start_process``)."""
         _forget_foreign_forkserver()
         cfg = self.config
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
-            target=_worker_main,
+            target=math_worker.worker_main,
             args=(child_conn, cfg.mv_timeout_s, cfg.per_item_timeout_s, cfg.worker_memory_mb),
             daemon=True, name="masa-math-verify")
-        slot = _Slot(proc=proc, conn=parent_conn, started_at=time.monotonic())
-        slot.starter = threading.Thread(target=_start_process, args=(proc, child_conn), daemon=True,
-                                        name="masa-math-verify-start")
+        slot = _Slot(proc=proc, conn=parent_conn, started_at=time.monotonic() + delay_s)
+        slot.starter = threading.Thread(target=_start_process, args=(proc, child_conn, delay_s, slot.cancel),
+                                        daemon=True, name="masa-math-verify-start")
         slot.starter.start()
         return slot
 
@@ -409,6 +348,9 @@ class MathVerifier:
         """Stops a slot's worker for good (idempotent)."""
         if slot.conn.closed:
             return
+        slot.cancel.set()
+        if slot.starting and time.monotonic() < slot.started_at:
+            slot.starter.join(1.0)  # still in its back-off delay: it returns at once, never started
         if slot.starting and (slot.ready or slot.gone):
             slot.starter.join(2.0)  # the start got somewhere (the worker spoke, or it failed): finishing
         if slot.starting and kill_frozen_server and self.config.start_method == "forkserver":
@@ -493,7 +435,9 @@ class MathVerifier:
         to workers), correct, soft_timeouts (CPU-time limit ``mv_timeout_s``), hard_timeouts (CPU-time
         limit ``per_item_timeout_s``: worker ended), stalls (a busy worker that stopped running),
         unfinished (batch budget spent), budget_kills, errors, retries (items re-run after their
-        worker died), restarts (workers replaced), start_timeouts, forkserver_kills (frozen server);
+        worker died), kills (workers SIGKILLed from outside mid-item; the item runs again), restarts
+        (workers replaced), start_timeouts, start_failures (workers that died before they were
+        ready), forkserver_kills (frozen server);
         and worker_cpu_s, seconds. A timed-out, unfinished or failing item scores False. Never blocks
         much past ``batch_budget_s``. Raises ``VerifierClosed`` after ``close()``.
         """
@@ -586,6 +530,8 @@ class MathVerifier:
         cfg = self.config
         slot = self._slots[i]
         self._read(slot, b)
+        if slot.ready:
+            self._failed_starts = 0
         now = time.monotonic()
         if slot.gone:
             self._on_exit(i, b)
@@ -617,16 +563,24 @@ class MathVerifier:
             slot.gone = True
 
     def _on_exit(self, i: int, b: _Batch) -> None:
-        """Worker i has exited. Its running item scores False if the kernel ended it for CPU time
-        (a hang) or if it already cost a worker before (it crashes workers); otherwise it runs again:
-        the death may have had nothing to do with it (the OOM killer, a lost forkserver)."""
+        """Worker i has exited; it is replaced, and no exit ever fails the batch. Its running item
+        scores False if the kernel ended the worker for CPU time (a hang) or if the item already cost
+        a worker a crash before (it crashes workers). Otherwise it runs again: a SIGKILL always comes
+        from outside (an item's own limits end it by SIGXCPU or MemoryError), and other deaths may
+        have had nothing to do with it (a lost forkserver). The batch deadline bounds the retries."""
         slot = self._slots[i]
         self._stop(slot, b.m)  # reaps it: the exit code tells the CPU-time limit from a crash
+        delay_s = 0.0
         if slot.chunk:
             tid = slot.chunk.pop(0)
-            if slot.proc.exitcode == -signal.SIGXCPU:
+            exitcode = slot.proc.exitcode
+            if exitcode == -signal.SIGXCPU:
                 b.results[tid] = False
                 b.m["hard_timeouts"] += 1
+            elif exitcode == -signal.SIGKILL:
+                b.pending.appendleft(tid)
+                b.m["kills"] += 1
+                b.m["retries"] += 1
             elif tid in b.crashed:
                 b.results[tid] = False
                 b.m["errors"] += 1
@@ -635,19 +589,20 @@ class MathVerifier:
                 b.pending.appendleft(tid)
                 b.m["retries"] += 1
         elif not slot.ready:
-            b.startup_failures += 1
-            if b.startup_failures > 2 * self.config.num_workers + 2:
-                raise RuntimeError("math-verify workers keep dying during start-up; "
-                                   "is math-verify importable in a fresh interpreter?")
-        self._replace(i, b, "restarts")
+            b.m["start_failures"] += 1
+            self._failed_starts += 1
+            over = self._failed_starts - _FREE_START_FAILURES * self.config.num_workers
+            if over > 0:
+                delay_s = min(_MAX_RESTART_DELAY_S, 0.05 * 2 ** min(over, 10))
+        self._replace(i, b, "restarts", delay_s)
 
-    def _replace(self, i: int, b: _Batch, reason: str) -> None:
+    def _replace(self, i: int, b: _Batch, reason: str, delay_s: float = 0.0) -> None:
         """Stops worker i and starts another; the items of its chunk go back to the queue."""
         slot = self._slots[i]
         b.pending.extendleft(reversed(slot.chunk))
         slot.chunk = []
         self._stop(slot, b.m)
-        self._slots[i] = self._start_worker()
+        self._slots[i] = self._start_worker(delay_s)
         b.m[reason] += 1
 
 
