@@ -38,6 +38,7 @@ can save and exit cleanly instead of dying mid-step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -52,7 +53,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from masa_jax import fs
+from masa_jax import errors, fs
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,13 @@ _EXTRAS = "extras"
 _CORRUPT_DIR = "corrupt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError):
     """Raised when checkpoints exist but none of them can be restored."""
+
+
+class CheckpointWriteError(errors.UserError):
+    """A checkpoint could not be written (disk full, permissions, a lost bucket). The steps committed
+    before it are intact: the run resumes from the newest of them once the storage is fixed."""
 
 
 def abstract_state(template: Any, shardings: Any = None) -> Any:
@@ -139,6 +145,8 @@ class RunCheckpointer:
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=(_STATE, _EXTRAS))
+        self._in_flight: int | None = None  # the step an asynchronous save is writing
+        self._write_failed = False  # a CheckpointWriteError was raised: close() does not raise it again
 
     def latest_step(self) -> int | None:
         """Newest committed step, or None when the directory holds none."""
@@ -168,7 +176,9 @@ class RunCheckpointer:
             _STATE: ocp.args.StandardSave(state),
             _EXTRAS: ocp.args.JsonSave(to_json_compatible(extras or {})),
         })
-        saved = self._manager.save(step, args=args, force=True)
+        with self._write_errors():  # also the previous asynchronous save's, which surfaces here
+            saved = self._manager.save(step, args=args, force=True)
+            self._in_flight = step if saved else self._in_flight
         if saved:
             logger.info("checkpoint step %d: save started in %s", step, self.directory)
         return saved
@@ -204,27 +214,68 @@ class RunCheckpointer:
             # Damage shows up as any of ValueError (tensorstore), OSError, JSONDecodeError,
             # KeyError (missing item): all mean "this step is unreadable", so try an older one.
             except Exception as err:  # noqa: BLE001
-                logger.warning("checkpoint step %d at %s cannot be restored (%s: %s); falling back "
-                               "to the previous checkpoint", step, self._step_path(step),
-                               type(err).__name__, _first_line(err))
                 failed.append((step, err))
                 continue
+            for bad, err in failed:  # logged once a fallback worked; else the error below says it all
+                logger.warning("checkpoint step %d at %s cannot be restored (%s: %s); falling back to step %d",
+                               bad, self._step_path(bad), type(err).__name__, _first_line(err), step)
             if failed:
                 self._quarantine([bad for bad, _ in failed])
             logger.info("restored checkpoint step %d from %s", step, self.directory)
             return state, extras, step
         raise CheckpointError(
-            f"none of the checkpoints {steps} in {self.directory} could be restored; the newest "
-            f"failed with: {type(failed[0][1]).__name__}: {_first_line(failed[0][1])}"
+            f"none of the checkpoints {steps} in {self.directory} could be restored (the newest: "
+            f"{type(failed[0][1]).__name__}: {_first_line(failed[0][1])[:300]}); they were written by another "
+            f"model or config, or are damaged: move {self.directory} away to start afresh, or pass another --workdir"
         ) from failed[0][1]
 
     def wait(self) -> None:
         """Blocks until every started save is committed to storage."""
-        self._manager.wait_until_finished()
+        with self._write_errors():
+            self._manager.wait_until_finished()
+            self._in_flight = None
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager's threads."""
-        self._manager.close()
+        """Waits for pending saves and releases the manager's threads. A write error it meets is raised
+        as ``CheckpointWriteError`` unless one was raised already."""
+        try:
+            with self._write_errors():
+                self._manager.close()
+        except CheckpointWriteError:
+            if not self._write_failed:
+                raise
+
+    @contextlib.contextmanager
+    def _write_errors(self):
+        """Turns what a failed write raises (Orbax re-raises a background save's error at the next call)
+        into one ``CheckpointWriteError`` naming the step, the reason and the step a rerun resumes from."""
+        try:
+            yield
+        except CheckpointWriteError:
+            raise
+        except Exception as err:  # noqa: BLE001  (tensorstore: ValueError, the file system: OSError, ...)
+            step = self._in_flight
+            self._in_flight = None
+            if self._write_failed:
+                raise CheckpointWriteError("checkpoint writes failed before (see above)") from err
+            self._write_failed = True
+            text = str(err)
+            reason = "no space left on device" if ("No space left" in text or "os_error_code='28'" in text) \
+                else _first_line(err)[:300]
+            committed = [s for s in self._committed_steps() if s != step]
+            resume = (f"the newest complete checkpoint is step {committed[-1]}" if committed
+                      else "no checkpoint was completed")
+            raise CheckpointWriteError(
+                f"checkpoint{'' if step is None else f' step {step}'} could not be written to {self.directory} "
+                f"({reason}); {resume}: fix the storage and run the same command again to resume") from err
+
+    def _committed_steps(self) -> list[int]:
+        """Step directories that hold a finished checkpoint (read from the file system: the manager's
+        own listing may be mid-update after a failed save)."""
+        try:
+            return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+        except OSError:
+            return []
 
     def __enter__(self) -> RunCheckpointer:
         return self

@@ -8,8 +8,11 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 import traceback
 from typing import Callable, Sequence
 
@@ -77,9 +80,25 @@ def config_from_flags(F):
         raise UserError(f"config file {path} does not load: {e.__cause__ or e}") from e
 
 
-def check_workdir(workdir: str) -> None:
+def check_workdir(workdir: str, flag: str = "--workdir") -> None:
+    """The run directory is a directory we can create and write (read-only mounts, /proc, a file in the
+    way); what the check creates it removes again."""
     if fs.isfile(workdir):
-        raise UserError(f"--workdir {workdir} is a file, not a directory: pass a new or an existing run directory")
+        raise UserError(f"{flag} {workdir} is a file, not a directory: pass a new or an existing run directory")
+    if fs.is_remote(workdir):
+        return  # an object store: the first write tells
+    path, created = os.path.abspath(workdir), None
+    while not os.path.lexists(path):
+        path, created = os.path.dirname(path), path
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {workdir} cannot be written ({e.strerror or e}): pass a writable directory") from e
+    finally:
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
 
 
 def is_hf_dir(path: str) -> bool:
@@ -98,6 +117,40 @@ def check_model_dir(config, weights: bool = True) -> None:
     if weights and not is_hf_dir(config.model.path):
         raise UserError(f"config.model.path {config.model.path!r} has no config.json or model.safetensors"
                         "[.index.json]: set --config.model.path to an HF model directory")
+    if weights:
+        check_hf_weights(config.model.path, "config.model.path")
+    check_tokenizer(config.model.tokenizer_path, "config.model.tokenizer_path")
+
+
+def check_hf_weights(path: str, field: str) -> None:
+    """config.json, every weight file's header and every tensor's shape against the config, as
+    `from_pretrained` will check them, before anything is built (no tensor data is read). A remote
+    directory is checked once its local copy is made."""
+    if fs.is_remote(path):
+        return
+    from masa_jax.models import qwen
+    try:
+        qwen.check_checkpoint(path)
+    except (qwen.CheckpointError, qwen.UnsupportedConfigError, OSError) as e:
+        raise UserError(f"{field} {path}: {one_line(e)}: fix or replace the model directory") from e
+    except (KeyError, TypeError, ValueError) as e:  # a config.json field missing or of the wrong type
+        raise UserError(f"{field} {path}: config.json does not describe a Qwen model "
+                        f"({type(e).__name__}: {one_line(e)})") from e
+
+
+def check_tokenizer(path: str, field: str) -> None:
+    """The tokenizer loads (transformers' errors for a missing tokenizer.json name a package to install)."""
+    if fs.is_remote(path):
+        return
+    names = ("tokenizer.json", "vocab.json", "tokenizer.model")
+    if not any(os.path.isfile(os.path.join(path, n)) for n in names):
+        raise UserError(f"{field} {path} has no tokenizer (tokenizer.json): copy the tokenizer files of the base "
+                        f"model there, or set --{field.removeprefix('config.')} to the directory that has them")
+    from masa_jax.tokenization import load_codec
+    try:
+        load_codec(path)
+    except Exception as e:  # noqa: BLE001  (transformers raises anything from OSError to KeyError)
+        raise UserError(f"{field} {path}: the tokenizer does not load ({type(e).__name__}: {one_line(e)})") from e
 
 
 def check_data_file_names(specs: Sequence[str], *, field: str = "config.data.train_files") -> None:
@@ -110,6 +163,9 @@ def check_data_file_names(specs: Sequence[str], *, field: str = "config.data.tra
             raise UserError(f"{field} has an empty entry: name the data files (verl parquet, JSONL, tfds:<name>)")
         if not sources.is_named_source(spec) and not fs.isfile(spec):
             raise UserError(f"data file {spec} does not exist: fix {field}")
+        if spec.startswith("tfds:") and importlib.util.find_spec("tensorflow_datasets") is None:
+            raise UserError(f"{field} {spec} needs tensorflow-datasets: pip install 'masa_jax[tfds]' "
+                            "(no TensorFlow needed)")
 
 
 @contextlib.contextmanager

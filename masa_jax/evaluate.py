@@ -7,7 +7,8 @@ model is a training checkpoint (a workdir or its checkpoints/ folder) or an HF m
 benchmarks are verl parquet, flat parquet or JSONL files (`problem`/`question` + `answer`). Each
 setting is the flag when given, else the config's `evaluate` section (configs/eval_paper.py), else the
 paper's value. Prints a table (a row per benchmark and their average) and writes it as JSON (--output,
-default <checkpoint>/eval.json: {benchmark: numbers, "average": ..., "settings": ...}) and Markdown
+default <workdir>/eval.json for a training run, runs/eval/<model dir name>/eval.json for an HF model
+directory, which is never written to: {benchmark: numbers, "average": ..., "settings": ...}) and Markdown
 (same stem, .md).
 
 `--meta` also runs the meta path (the run's meta prompt, num_meta answers per problem) and reports its
@@ -111,8 +112,8 @@ def run_evaluation(F) -> dict:
         name = paper.benchmark_name(path)
         problems = paper.load_benchmark(fs.local_copy(path))  # a gs:// file is read from a local copy
         benchmarks[name if name not in benchmarks else path] = problems[:settings.limit or None]
-    out = F.output or fs.join(F.checkpoint, "eval.json")
-    if not fs.is_remote(out) and not os.path.isdir(os.path.dirname(os.path.abspath(out))):  # gs:// has no dirs
+    out = fs.absolute(F.output or default_output(F.checkpoint))
+    if F.output and not fs.is_remote(out) and not os.path.isdir(os.path.dirname(out)):  # gs:// has no dirs
         raise errors.UserError(f"--output {out}: its directory does not exist")
     model_cfg, params, mesh = load_policy(config, F.checkpoint)
     codec = load_codec(config.model.tokenizer_path)
@@ -144,11 +145,23 @@ def run_evaluation(F) -> dict:
               f"r {m['pass_pearson']:.3f}; length MAE {m['length_mae']:.1f}, r {m['length_pearson']:.3f}; "
               f"gated {m['gated']} of {m['problems']}, precision {m['gate_precision']:.2f}")
     if jax.process_index() == 0:
+        if not F.output and not fs.is_remote(out):
+            os.makedirs(os.path.dirname(out), exist_ok=True)  # the default place, made once there are results
         with fs.local_dir_for(fs.parent(out)) as d:  # local files, copied to a remote --output's folder
             paths = paper.write_outputs(results, reports, os.path.join(d, os.path.basename(out)),
                                         title=f"Evaluation of {F.checkpoint}")
         print("wrote " + ", ".join(fs.join(fs.parent(out), os.path.basename(p)) for p in paths.values()))
     return results
+
+
+def default_output(checkpoint: str) -> str:
+    """Where results go without --output: a training run keeps them next to its checkpoints
+    (<workdir>/eval.json); an HF model directory is an input and is never written to, so its results
+    go to runs/eval/<model dir name>/eval.json under the working directory."""
+    if errors.is_hf_dir(checkpoint):
+        name = os.path.basename(checkpoint.rstrip("/")) or "model"
+        return os.path.join("runs", "eval", name, "eval.json")
+    return fs.join(checkpoint, "eval.json")
 
 
 def format_table(results: dict) -> str:
@@ -175,7 +188,7 @@ def _define_flags():
     flags.DEFINE_integer("seed", None, "sampling seed [0]")
     flags.DEFINE_boolean("meta", None, "also evaluate the meta path: calibration and would-be gating [false]")
     flags.DEFINE_integer("num_meta", None, "meta answers per problem with --meta [config.rollout.num_meta]")
-    flags.DEFINE_string("output", "", "JSON output path (default: <checkpoint>/eval.json); the Markdown "
+    flags.DEFINE_string("output", "", "JSON output path (default: <workdir>/eval.json of a run, runs/eval/<name>/eval.json for an HF dir); the Markdown "
                         "table and --meta's files go next to it")
     flags.mark_flags_as_required(["config", "checkpoint"])
 

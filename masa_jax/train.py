@@ -340,10 +340,18 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
         if created:  # a failed start leaves no half-made workdir behind
             fs.rmtree(created)
         raise
+    if jax.process_index() == 0:
+        print(f"run directory: {workdir}", flush=True)  # after the checks: a user error stays one line
     state = run.updater.state
     loop = LoopState(buffer=expert_lib.ExpertBuffer(config.bc.buffer_size))
     history: list[dict] = []
-    restored = run.checkpointer.restore_latest(state)
+    try:
+        restored = run.checkpointer.restore_latest(state)
+    except BaseException:  # e.g. every checkpoint unreadable: release the workers and threads first
+        run.checkpointer.close()
+        run.writer.close()
+        run.verifier.close()
+        raise
     if restored is not None:
         state, extras, step = restored
         me = jax.process_index()
@@ -387,10 +395,11 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
                     break
     finally:
         bar.close()
-        run.checkpointer.wait()
-        run.checkpointer.close()
-        run.writer.close()
-        run.verifier.close()
+        try:
+            run.checkpointer.close()  # waits for the last save; its write error is raised once
+        finally:
+            run.writer.close()
+            run.verifier.close()
     if jax.process_index() == 0:
         if config.log.figures:
             write_figures(workdir, history, config.log.calibration_steps, meta=config_lib.uses_meta(config),

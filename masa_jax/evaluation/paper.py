@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -29,6 +30,8 @@ import numpy as np
 from masa_jax import errors
 from masa_jax import metrics as metrics_lib
 from masa_jax.data import sources
+
+log = logging.getLogger(__name__)
 
 # The paper's protocol. num_meta = 0: the training run's rollout.num_meta. top_p 1.0 as the authors'
 # eval/inference.py (SamplingParams(top_p=1.0)) and docs/method.md.
@@ -77,14 +80,19 @@ def resolve_settings(config, flags: Mapping[str, Any] | None = None) -> EvalSett
     accept comma-separated strings; the number of meta samples falls back to config.rollout.num_meta."""
     flags = flags or {}
     section = config.get("evaluate") if hasattr(config, "get") else None
-    values = {}
+    values, given = {}, set()
     for name, default in PAPER.items():
         v = flags.get(name)
         if v is None and section is not None and name in section:
             v = section[name]
         values[name] = default if v is None else v
+        if v is not None and v != default:
+            given.add(name)
     ks = values["ks"]
-    values["ks"] = tuple(int(k) for k in (ks.split(",") if isinstance(ks, str) else ks) if str(k).strip())
+    try:
+        values["ks"] = tuple(int(k) for k in (ks.split(",") if isinstance(ks, str) else ks) if str(k).strip())
+    except (TypeError, ValueError):
+        raise errors.UserError(f"--k {ks!r}: pass@k values are comma-separated integers, e.g. --k=1,8,32") from None
     data = values["data"]
     values["data"] = tuple(d for d in (data.split(",") if isinstance(data, str) else data) if d)
     if not values["num_meta"]:
@@ -101,6 +109,13 @@ def resolve_settings(config, flags: Mapping[str, Any] | None = None) -> EvalSett
                                f"{s.temperature}, {s.top_p}, {s.top_k}")
     if any(k < 1 for k in s.ks):
         raise errors.UserError(f"--k: pass@k needs k >= 1, got {s.ks}")
+    too_large = [k for k in s.ks if k > s.n]
+    if too_large and "ks" in given:
+        raise errors.UserError(f"--k {','.join(map(str, s.ks))}: pass@{too_large[0]} needs at least "
+                               f"{too_large[0]} samples per problem, --n is {s.n}; raise --n or drop it from --k")
+    if too_large:  # the paper's default k values, with a smaller n: report what n allows, and say so
+        log.warning("pass@%s not reported: n=%d samples per problem", ",".join(map(str, too_large)), s.n)
+        s = dataclasses.replace(s, ks=tuple(k for k in s.ks if k <= s.n))
     return s
 
 

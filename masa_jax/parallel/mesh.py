@@ -7,6 +7,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from masa_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 log = logging.getLogger(__name__)
 
@@ -18,14 +20,17 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
         raise ValueError(f"mesh shape needs {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
     if shape.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+    if any(s < 1 and s != -1 for s in shape):
+        raise UserError(f"config.mesh.shape {tuple(shape)}: sizes must be >= 1 (or one -1)")
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(f"mesh {shape} does not divide {num_devices} devices")
+            raise UserError(f"config.mesh.shape {tuple(shape)}: {known} does not divide the {num_devices} "
+                            f"device(s) of this run; set the fixed sizes to divide {num_devices}")
         shape[shape.index(-1)] = num_devices // known
     if int(np.prod(shape)) != num_devices:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, "
-                         f"have {num_devices}")
+        raise UserError(f"config.mesh.shape {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, "
+                        f"this run has {num_devices}: make the sizes multiply to {num_devices} (or use one -1)")
     return tuple(shape)
 
 

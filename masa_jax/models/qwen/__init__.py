@@ -3,4 +3,4 @@ from masa_jax.models.qwen.config import ModelConfig, UnsupportedConfigError
 from masa_jax.models.qwen.logprobs import logprobs_from_hidden, token_logprobs
 from masa_jax.models.qwen.model import (forward, hidden_states, init_params, param_logical_axes,
                                         param_shapes)
-from masa_jax.models.qwen.checkpoint import CheckpointError, from_pretrained, save_pretrained
+from masa_jax.models.qwen.checkpoint import CheckpointError, check_checkpoint, from_pretrained, save_pretrained

@@ -205,6 +205,35 @@ def _place(read, shape: tuple[int, ...], sharding: jax.sharding.Sharding | None)
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
+def read_hf_config(path: str | os.PathLike) -> dict:
+    """The `config.json` of an HF directory as a dict; CheckpointError naming the file if it is not JSON."""
+    config_file = Path(path) / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"missing {config_file}")
+    try:
+        hf = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_file} is not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{config_file} is not a JSON object")
+    return hf
+
+
+def _open_checked(path: Path, **config_kwargs) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    cfg = ModelConfig.from_hf_dict(read_hf_config(path), **config_kwargs)
+    tensors = open_checkpoint(path)
+    check_tensors(cfg, tensors, where=str(path))
+    return cfg, tensors
+
+
+def check_checkpoint(path: str | os.PathLike) -> ModelConfig:
+    """Everything `from_pretrained` checks, without reading a tensor's data: config.json parses and is a
+    supported Qwen config, every weight file's header is sound and fits the file, and every tensor the
+    config needs is there with its shape. Raises what `from_pretrained` raises; returns the config."""
+    cfg, _ = _open_checked(Path(path))
+    return cfg
+
+
 def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None,
                     *, compute_dtype: Any = None, rules: Rules = TRAIN_RULES,
                     **config_overrides) -> tuple[ModelConfig, Params]:
@@ -239,11 +268,7 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: jax
                         "param_dtype=")
     param_dtype = jnp.dtype(dtype).name
     compute = jnp.dtype(compute_dtype).name if compute_dtype is not None else param_dtype
-    hf = json.loads(config_file.read_text())
-    cfg = ModelConfig.from_hf_dict(hf, param_dtype=param_dtype, dtype=compute, **config_overrides)
-
-    tensors = open_checkpoint(path)
-    check_tensors(cfg, tensors, where=str(path))
+    cfg, tensors = _open_checked(path, param_dtype=param_dtype, dtype=compute, **config_overrides)
     shapes = param_shapes(cfg)
     shardings = (tree_shardings(param_logical_axes(cfg), shapes, mesh, rules) if mesh is not None else None)
     np_dtype = np.dtype(cfg.jnp_param_dtype)
