@@ -1,7 +1,8 @@
 """`python -m masa_jax.evaluate --config=configs/eval_paper.py[:BASE] --checkpoint=DIR --data=FILE[,FILE...] [--meta]`.
 
 The paper's evaluation protocol (`masa_jax.evaluation.paper`): n = 32 solutions per problem at
-temperature 0.6 / top-p 1.0 with at most 16384 new tokens (solution prompt, never a notion hint),
+temperature 0.6 / top-p 1.0 with at most 16384 new tokens (the raw problem text as the authors evaluate, or
+with --config.evaluate.prompt=solution the training solution prompt; never a notion hint),
 pass@1 = mean accuracy over the samples, pass@k = unbiased estimator 1 - C(n-c, k) / C(n, k). The
 model is a training checkpoint (a workdir or its checkpoints/ folder) or an HF model directory; the
 benchmarks are verl parquet, flat parquet or JSONL files (`problem`/`question` + `answer`). Each
