@@ -87,3 +87,16 @@ def test_eval_paper_config_prompt_option():
     spec.loader.exec_module(module)
     assert paper.resolve_settings(resolve(module.get_config())).prompt == "raw"
     assert paper.resolve_settings(resolve(module.get_config("tiny"))).prompt == "solution"
+
+
+def test_authors_setup_doc_names_every_field_qwen8b_sets():
+    # docs/authors-setup.md lists each hyper-parameter of configs/qwen8b.py next to the authors' value.
+    import re
+    source = open(os.path.join(REPO, "configs", "qwen8b.py")).read()
+    fields = set()
+    for lhs in re.findall(r"^\s*(c\.[\w.]+(?:\s*,\s*c\.[\w.]+)*)\s*=", source, re.M):
+        fields.update(f.strip()[2:] for f in lhs.split(","))
+    doc = open(os.path.join(REPO, "docs", "authors-setup.md")).read()
+    named = {f for f in fields if f"`{f}`" in doc or f.startswith("mesh.") and "`mesh.*`" in doc
+             or f in ("model.path", "model.preset")}
+    assert len(fields) > 30 and fields - named == set()
