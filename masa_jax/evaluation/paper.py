@@ -37,8 +37,11 @@ from masa_jax.data import sources
 # _simple_data_processing: {"role": "user", "content": item[problem]}; the paper's tables); "solution" = the
 # run's training solution prompt (config.prompts.solution_template: the problem plus the boxed instruction).
 PAPER: dict[str, Any] = dict(n=32, ks=(1, 8, 32), temperature=0.6, top_p=1.0, top_k=0, max_new_tokens=16384,
-                             seed=0, limit=0, meta=False, num_meta=0, data=(), prompt="raw")
+                             seed=0, limit=0, meta=False, num_meta=0, data=(), prompt="raw", suite="math")
 PROMPTS = ("raw", "solution")
+# suite: "math" = this module's benchmarks; "ood" = the ten out-of-domain benchmarks (`evaluation.ood`), each
+# with its own prompt (`prompt` does not apply), on the same sampling.
+SUITES = ("math", "ood")
 RAW_TEMPLATE = "{question}"  # the solution prompt's template for prompt="raw"
 
 BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
@@ -60,6 +63,7 @@ class EvalSettings:
     num_meta: int
     data: tuple[str, ...]
     prompt: str = "raw"
+    suite: str = "math"
 
     def describe(self) -> str:
         prompt = ("the raw problem text" if self.prompt == "raw" else "the training solution prompt")
@@ -107,7 +111,9 @@ def resolve_settings(config, flags: Mapping[str, Any] | None = None) -> EvalSett
                      top_p=float(values["top_p"]), top_k=int(values["top_k"]),
                      max_new_tokens=int(values["max_new_tokens"]), seed=int(values["seed"]), limit=int(values["limit"]),
                      meta=bool(values["meta"]), num_meta=int(values["num_meta"]), data=values["data"],
-                     prompt=str(values["prompt"]))
+                     prompt=str(values["prompt"]), suite=str(values["suite"]))
+    if s.suite not in SUITES:
+        raise errors.UserError(f"config.evaluate.suite must be one of {SUITES}, got {s.suite!r}")
     if s.prompt not in PROMPTS:
         raise errors.UserError(f"config.evaluate.prompt must be one of {PROMPTS} (raw: the problem text alone, as the "
                                f"authors evaluate; solution: the training prompt), got {s.prompt!r}")
