@@ -52,9 +52,9 @@ def _labels_named(statement: str, labels: tuple[str, ...]) -> set[str]:
     found = set()
     for m in re.finditer(r"(?<![A-Za-z0-9])([A-Z0-9])(?![A-Za-z0-9])", s):
         label = m.group(1)
-        after = s[m.end():m.end() + 2]
-        # "A study" is the article; "A) True", "A.", "A:", "(A)", "A" at the end are labels.
-        if label in labels and not (label == "A" and after[:1] == " " and after[1:2].islower()):
+        word = re.match(r" ([a-z]+)", s[m.end():])
+        # "A study" is the article; "A) True", "A.", "A:", "(A)", "A or C", "A" at the end are labels.
+        if label in labels and not (label == "A" and word and word.group(1) not in ("or", "and", "nor")):
             found.add(label)
     return found
 
