@@ -107,3 +107,30 @@ def test_errors_name_the_file_row_and_field(tmp_path):
         protocol.load_all([str(bad)])
     with pytest.raises(errors.UserError, match="rbench file /nope/rbench.jsonl does not exist"):
         protocol.load_all(["/nope/rbench.jsonl"])
+
+
+@pytest.mark.slow  # the CLI in a subprocess
+def test_evaluate_cli_runs_the_ood_suite_on_the_toy_model(tmp_path):
+    """`python -m masa_jax.evaluate --config=configs/eval_paper_ood.py:tiny` on the shipped toy base model over the
+    local samples of all ten benchmarks: a row per benchmark, per-domain and overall averages, JSON + Markdown."""
+    import subprocess
+    import sys
+
+    from masa_jax.toy import defaults
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "ood.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "masa_jax.evaluate", "--config=configs/eval_paper_ood.py:tiny",
+         f"--checkpoint={defaults.BASE_MODEL_DIR}", "--data=" + ",".join(ENTRIES), "--n=2", "--k=1,2",
+         "--max_new_tokens=16", f"--output={out}"], cwd=repo, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert set(B.SPECS) <= set(r) and {"average/science", "average/logic", "average/coding", "average"} <= set(r)
+    for name in B.SPECS:
+        assert r[name]["n"] == 2 and 0 <= r[name]["pass@1"] <= r[name]["pass@2"] <= 1
+    assert r["average/logic"]["problems"] == 7 and r["average"]["problems"] == 16 and r["average"]["benchmarks"] == 10
+    assert r["average"]["pass@1"] == pytest.approx(sum(r[n]["pass@1"] for n in B.SPECS) / 10)
+    assert r["settings"]["suite"] == "ood" and r["settings"]["temperature"] == 0.6
+    md = (tmp_path / "ood.md").read_text()
+    for needle in ("| MBPP | coding | 2 |", "| **average/logic** | logic | 7 |", "| **average** | all | 16 |"):
+        assert needle in md, needle
