@@ -134,3 +134,20 @@ def test_evaluate_cli_runs_the_ood_suite_on_the_toy_model(tmp_path):
     md = (tmp_path / "ood.md").read_text()
     for needle in ("| MBPP | coding | 2 |", "| **average/logic** | logic | 7 |", "| **average** | all | 16 |"):
         assert needle in md, needle
+
+
+def test_suite_setting():
+    import importlib.util
+
+    from masa_jax import config as config_lib
+    from masa_jax.evaluation import paper
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("ood_cfg", os.path.join(repo, "configs", "eval_paper_ood.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = config_lib.resolve(module.get_config())
+    s = paper.resolve_settings(c)
+    assert (s.suite, s.n, s.temperature, s.top_p, s.max_new_tokens) == ("ood", 32, 0.6, 1.0, 16384)
+    assert paper.resolve_settings(config_lib.resolve(config_lib.base_config())).suite == "math"
+    with pytest.raises(errors.UserError, match="config.evaluate.suite must be one of"):
+        paper.resolve_settings(c, {"suite": "logic"})
