@@ -12,7 +12,10 @@ the training prompts. This file adds the `evaluate` section, the paper's protoco
 (`masa_jax.evaluation.paper.PAPER`):
 
     n = 32 samples per problem, temperature 0.6, top-p 1.0, top-k off, at most 16384 new tokens,
-    pass@1 = mean accuracy, pass@k (k = 1, 8, 32) unbiased; seed 0; meta off (--meta turns it on).
+    pass@1 = mean accuracy, pass@k (k = 1, 8, 32) unbiased; seed 0; meta off (--meta turns it on);
+    prompt "raw": the problem text alone, as the authors' eval/inference.py (the paper's tables);
+    --config.evaluate.prompt=solution prompts with the training solution template instead
+    (`:tiny` does, the toy model knows only that).
 
 Any field can be overridden (`--config.evaluate.n=4`) and the flags of `masa_jax.evaluate` (`--n`,
 `--temperature`, ...) win over both. `configs/eval_paper.py:tiny` is the toy world's (CPU) variant.
@@ -34,4 +37,6 @@ def _base(name: str):
 
 
 def get_config(base: str = "qwen8b"):
-    return paper.with_protocol(_base(base or "qwen8b"))
+    base = base or "qwen8b"
+    # The toy model knows only its training prompt (no authors' evaluation exists for the toy world).
+    return paper.with_protocol(_base(base), **({"prompt": "solution"} if base == "tiny" else {}))

@@ -14,6 +14,7 @@ def get_config():
     c.data.train_files = ("/path/to/deepscaler/train.parquet",)
     c.data.problems_per_step = 64
     c.rollout.max_response_length = 4096
+    c.rollout.meta_max_new_tokens = c.rollout.max_response_length  # as the authors: one cap for both paths
     c.rollout.num_slots = 128
     c.rl.mini_batch_size = 32          # 64 problems / step in 2 updates (the 8B config: 1 update of 128)
     c.rl.micro_batch_size = 8

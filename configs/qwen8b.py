@@ -23,7 +23,8 @@ def get_config():
     c.rollout.num_solutions = 16               # (paper) G
     c.rollout.num_meta = 16                    # (paper) M
     c.rollout.max_response_length = 8192       # (paper)
-    c.rollout.meta_max_new_tokens = 2048
+    # Authors: meta and solution rollouts in one call capped at the response length (masa_ray_trainer.py:242-247).
+    c.rollout.meta_max_new_tokens = c.rollout.max_response_length
     c.rollout.temperature = 1.0                # (paper)
     c.rollout.top_p = 1.0                      # (paper)
     c.rollout.num_slots = 512

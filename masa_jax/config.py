@@ -62,7 +62,10 @@ def base_config() -> mlc.ConfigDict:
     c.rollout.num_solutions = 16  # G
     c.rollout.num_meta = 16       # M
     c.rollout.max_response_length = 8192
-    c.rollout.meta_max_new_tokens = 2048
+    # The authors generate meta and solution rollouts in one vLLM call capped at the response length
+    # (akatigre/MASA-RL masa_train/masa_ray_trainer.py:242-247, data.max_response_length=8192 in
+    # train_masagrpo.sh:15,32), and their meta prompt asks for reasoning before the JSON: the same cap.
+    c.rollout.meta_max_new_tokens = 8192
     c.rollout.temperature = _SAMPLER.temperature
     c.rollout.top_p = _SAMPLER.top_p
     c.rollout.top_k = _SAMPLER.top_k

@@ -51,9 +51,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:  # bad value, missing required flag, unknown flag
-        raise UserError(f"{e} (--helpshort lists the flags)") from e
+        raise UserError(f"{_without_traceback(str(e))} (--helpshort lists the flags)") from e
     except (AttributeError, KeyError) as e:  # ml_collections: a --config.<field> the config does not have
         raise UserError(_unknown_field_message(e, argv)) from e
+
+
+def _without_traceback(message: str) -> str:
+    """ml_collections puts a config file's whole traceback into its flag error: keep only the exception line."""
+    head, sep, trace = message.partition("Traceback (most recent call last):")
+    if not sep:
+        return message
+    lines = [line.strip() for line in trace.splitlines() if line.strip()]
+    return head.rstrip() + " " + (lines[-1] if lines else "")
 
 
 def _unknown_field_message(e: BaseException, argv: Sequence[str]) -> str:

@@ -1,7 +1,8 @@
 """`python -m masa_jax.evaluate --config=configs/eval_paper.py[:BASE] --checkpoint=DIR --data=FILE[,FILE...] [--meta]`.
 
 The paper's evaluation protocol (`masa_jax.evaluation.paper`): n = 32 solutions per problem at
-temperature 0.6 / top-p 1.0 with at most 16384 new tokens (solution prompt, never a notion hint),
+temperature 0.6 / top-p 1.0 with at most 16384 new tokens (the raw problem text as the authors evaluate, or
+with --config.evaluate.prompt=solution the training solution prompt; never a notion hint),
 pass@1 = mean accuracy over the samples, pass@k = unbiased estimator 1 - C(n-c, k) / C(n, k). The
 model is a training checkpoint (a workdir or its checkpoints/ folder) or an HF model directory; the
 benchmarks are verl parquet, flat parquet or JSONL files (`problem`/`question` + `answer`). Each
@@ -104,14 +105,22 @@ def run_evaluation(F) -> dict:
         "num_meta": F.num_meta, "data": F.data})
     _check_checkpoint(F.checkpoint)
     errors.check_model_dir(config, weights=not errors.is_hf_dir(F.checkpoint))
-    if not settings.data:
+    ood = settings.suite == "ood"
+    if ood:
+        from masa_jax.evaluation.ood import protocol as ood_protocol
+        if settings.meta:
+            raise errors.UserError("--meta: the out-of-domain suite has no meta path (the meta prompt is the "
+                                   "math one); leave --meta out")
+        benchmarks = ood_protocol.load_all(settings.data, settings.limit, localize=fs.local_copy)
+    elif not settings.data:
         raise errors.UserError("--data: name the benchmark files (verl parquet, parquet or JSONL with problem/answer "
                                "or question/answer), comma-separated, or set config.evaluate.data")
-    benchmarks = {}
-    for path in settings.data:
-        name = paper.benchmark_name(path)
-        problems = paper.load_benchmark(fs.local_copy(path))  # a gs:// file is read from a local copy
-        benchmarks[name if name not in benchmarks else path] = problems[:settings.limit or None]
+    else:
+        benchmarks = {}
+        for path in settings.data:
+            name = paper.benchmark_name(path)
+            problems = paper.load_benchmark(fs.local_copy(path))  # a gs:// file is read from a local copy
+            benchmarks[name if name not in benchmarks else path] = problems[:settings.limit or None]
     out = fs.absolute(F.output or default_output(F.checkpoint))
     if F.output and not fs.is_remote(out) and not os.path.isdir(os.path.dirname(out)):  # gs:// has no dirs
         raise errors.UserError(f"--output {out}: its directory does not exist")
@@ -130,6 +139,18 @@ def run_evaluation(F) -> dict:
     def rng_fn(i, kind):
         key = jax.random.key(settings.seed + i)
         return key if kind == "solution" else jax.random.fold_in(key, 1)
+
+    if ood:
+        with jax.set_mesh(mesh):
+            results = ood_protocol.run(benchmarks, generate, codec, settings, rng_fn=rng_fn,
+                                       workers=config.reward.num_workers)
+        print(ood_protocol.format_table(results))
+        if jax.process_index() == 0:
+            with fs.local_dir_for(fs.parent(out)) as d:
+                paths = ood_protocol.write_outputs(results, os.path.join(d, os.path.basename(out)),
+                                                   title=f"Out-of-domain evaluation of {F.checkpoint}")
+            print("wrote " + ", ".join(fs.join(fs.parent(out), os.path.basename(p)) for p in paths.values()))
+        return results
 
     verifier = math_reward.MathVerifier(verifier_config(config))  # the trainer's: same fallback, limits
     try:
@@ -176,7 +197,8 @@ def _define_flags():
                                     "sets the paper's protocol)", lock_config=True)
     flags.DEFINE_string("checkpoint", None, "run workdir / checkpoint folder, or an HF model directory")
     flags.DEFINE_string("data", None, "benchmark files (verl parquet, parquet or JSONL), comma-separated "
-                        "(default: config.evaluate.data)")
+                        "(default: config.evaluate.data); with configs/eval_paper_ood.py NAME=PATH or paths naming "
+                        "the benchmarks (masa_jax.evaluation.ood.benchmarks)")
     # Unset flags fall back to config.evaluate.<name>, then to the paper's value (in brackets).
     flags.DEFINE_integer("n", None, "samples per problem [32]")
     flags.DEFINE_string("k", None, "pass@k values, comma-separated [1,8,32]")

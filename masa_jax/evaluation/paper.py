@@ -1,7 +1,8 @@
 """The paper's evaluation protocol for math (what ``python -m masa_jax.evaluate`` runs).
 
 Defaults as the paper evaluates: 32 samples per problem at temperature 0.6 and top-p 1.0, at most
-16k (16384) new tokens, the solution prompt without hints; pass@1 = the mean accuracy over the samples
+16k (16384) new tokens, the raw problem text as the prompt (the authors' eval/inference.py: no training
+instruction; `prompt="solution"` uses the run's training solution prompt instead), never a notion hint; pass@1 = the mean accuracy over the samples
 (avg@32), pass@k = the unbiased estimator 1 - C(n-c, k) / C(n, k) averaged over problems. Results: one
 table, a row per benchmark plus their unweighted average (the paper's "Avg." column), as JSON and
 Markdown; with ``--meta`` also the meta-awareness report (`meta_eval`).
@@ -35,8 +36,17 @@ log = logging.getLogger(__name__)
 
 # The paper's protocol. num_meta = 0: the training run's rollout.num_meta. top_p 1.0 as the authors'
 # eval/inference.py (SamplingParams(top_p=1.0)) and docs/method.md.
+# prompt: "raw" = the problem text alone as the user message, as the authors evaluate (eval/utils.py
+# _simple_data_processing: {"role": "user", "content": item[problem]}; the paper's tables); "solution" = the
+# run's training solution prompt (config.prompts.solution_template: the problem plus the boxed instruction).
 PAPER: dict[str, Any] = dict(n=32, ks=(1, 8, 32), temperature=0.6, top_p=1.0, top_k=0, max_new_tokens=16384,
-                             seed=0, limit=0, meta=False, num_meta=0, data=())
+                             seed=0, limit=0, meta=False, num_meta=0, data=(), prompt="raw", suite="math")
+PROMPTS = ("raw", "solution")
+# suite: "math" = this module's benchmarks; "ood" = the ten out-of-domain benchmarks (`evaluation.ood`), each
+# with its own prompt (`prompt` does not apply), on the same sampling.
+SUITES = ("math", "ood")
+RAW_TEMPLATE = "{question}"  # the solution prompt's template for prompt="raw"
+
 BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
 AVERAGE = "average"
 SETTINGS = "settings"
@@ -55,10 +65,18 @@ class EvalSettings:
     meta: bool
     num_meta: int
     data: tuple[str, ...]
+    prompt: str = "raw"
+    suite: str = "math"
 
     def describe(self) -> str:
+        prompt = ("the raw problem text" if self.prompt == "raw" else "the training solution prompt")
         return (f"{self.n} samples per problem, temperature {self.temperature:g}, top-p {self.top_p:g}, "
-                f"top-k {self.top_k or 'off'}, at most {self.max_new_tokens} new tokens, seed {self.seed}")
+                f"top-k {self.top_k or 'off'}, at most {self.max_new_tokens} new tokens, seed {self.seed}, "
+                f"prompt: {prompt}")
+
+    def solution_template(self, config) -> str:
+        """The template `scoring.sample_and_score` formats each problem with."""
+        return RAW_TEMPLATE if self.prompt == "raw" else config.prompts.solution_template
 
 
 def with_protocol(config, **overrides):
@@ -100,7 +118,13 @@ def resolve_settings(config, flags: Mapping[str, Any] | None = None) -> EvalSett
     s = EvalSettings(n=int(values["n"]), ks=values["ks"], temperature=float(values["temperature"]),
                      top_p=float(values["top_p"]), top_k=int(values["top_k"]),
                      max_new_tokens=int(values["max_new_tokens"]), seed=int(values["seed"]), limit=int(values["limit"]),
-                     meta=bool(values["meta"]), num_meta=int(values["num_meta"]), data=values["data"])
+                     meta=bool(values["meta"]), num_meta=int(values["num_meta"]), data=values["data"],
+                     prompt=str(values["prompt"]), suite=str(values["suite"]))
+    if s.suite not in SUITES:
+        raise errors.UserError(f"config.evaluate.suite must be one of {SUITES}, got {s.suite!r}")
+    if s.prompt not in PROMPTS:
+        raise errors.UserError(f"config.evaluate.prompt must be one of {PROMPTS} (raw: the problem text alone, as the "
+                               f"authors evaluate; solution: the training prompt), got {s.prompt!r}")
     if s.n < 1 or s.max_new_tokens < 1 or s.num_meta < 1 or s.limit < 0:
         raise errors.UserError(f"evaluation needs n >= 1, max_new_tokens >= 1, num_meta >= 1 and limit >= 0, got "
                                f"n={s.n}, max_new_tokens={s.max_new_tokens}, num_meta={s.num_meta}, limit={s.limit}")
@@ -305,7 +329,7 @@ def run_protocol(benchmarks: Mapping[str, Sequence[sources.Problem]], generate: 
     for i, (name, problems) in enumerate(benchmarks.items()):
         correct, lengths = scoring.sample_and_score(
             problems, generate, codec, verify, n=settings.n, max_new_tokens=settings.max_new_tokens,
-            rng=rng_fn(i, "solution"), solution_template=config.prompts.solution_template)
+            rng=rng_fn(i, "solution"), solution_template=settings.solution_template(config))
         results[name] = score(correct, lengths, settings.ks, settings.max_new_tokens)
         if settings.meta:
             ms = meta_eval.meta_settings(config)
