@@ -57,6 +57,7 @@ def base_config() -> mlc.ConfigDict:
     c.data.max_prompt_length = 2048
     c.data.on_error = "raise"     # raise | skip (malformed rows)
     c.data.shuffle = True
+    c.data.tfds_data_dir = ""     # where tfds:<name> specs are prepared (local or gs://); "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
 
     c.rollout = mlc.ConfigDict()
     c.rollout.num_solutions = 16  # G

@@ -74,6 +74,11 @@ class Run:
 SKIP_HINT = ", or skip malformed rows with --config.data.on_error=skip"
 
 
+def tfds_data_dir(config) -> str | None:
+    """config.data.tfds_data_dir for the tfds: specs (None: TFDS's own default, $TFDS_DATA_DIR)."""
+    return fs.absolute(config.data.tfds_data_dir) or None
+
+
 def load_eval_problems(config, process_index: int | None = None, process_count: int | None = None
                        ) -> tuple[list, frozenset[str]]:
     """This host's share of the held-out problems (config.eval.files) and the questions of all of them.
@@ -85,7 +90,7 @@ def load_eval_problems(config, process_index: int | None = None, process_count: 
     share, questions = [], set()
     for spec in config.eval.files:
         with errors.data_file_errors(spec, field="config.eval.files"):
-            every = sources.load_problems(spec).problems
+            every = sources.load_problems(spec, data_dir=tfds_data_dir(config)).problems
         if not every:
             raise errors.no_problems(spec, "config.eval.files")
         questions.update(question_key(q.question) for q in every)
@@ -108,7 +113,8 @@ def load_training_problems(config, codec: ChatCodec, rcfg: rollout_lib.RolloutCo
     problems, stats = [], collections.Counter()
     for spec in config.data.train_files:
         with errors.data_file_errors(spec, skip_hint=SKIP_HINT):  # a malformed row: one line naming it
-            loaded = pipeline.load_host_problems(spec, process_index=h, process_count=p, on_error=config.data.on_error)
+            loaded = pipeline.load_host_problems(spec, process_index=h, process_count=p, on_error=config.data.on_error,
+                                                 data_dir=tfds_data_dir(config))
         if p == 1 and not loaded.problems:  # on a pod a host's share of a small file may be empty
             raise errors.no_problems(spec)
         stats["skipped_malformed"] += loaded.num_skipped
