@@ -192,13 +192,14 @@ class MetricsWriter:
         self._use_tensorboard = use_tensorboard
         self._tb = None
         self._wandb_run = None
+        self._hparams = dict(hparams or {})
+        self._hparams_due = False  # written with the first event of each opened event file
         if not is_primary:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         if use_tensorboard:
             self._tb = _open_tensorboard(self.workdir / TENSORBOARD_DIR, purge_step=None)
-            if hparams:
-                _write_hparams(self._tb, hparams)
+            self._hparams_due = bool(self._hparams)
         if use_wandb:
             self._wandb_run = _init_wandb(self.workdir, wandb_project, wandb_config)
         if resume_step is not None:
@@ -221,6 +222,7 @@ class MetricsWriter:
             if self._tb is not None:
                 self._tb.close()
             self._tb = _open_tensorboard(self.workdir / TENSORBOARD_DIR, purge_step=step + 1)
+            self._hparams_due = bool(self._hparams)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Appends the record for ``step``; returns it sanitised (also on non-primary hosts)."""
@@ -232,7 +234,7 @@ class MetricsWriter:
         # the file is rewritten: no append there).
         fs.append_text(self.path, json.dumps(record, allow_nan=False) + "\n")
         scalars = _scalars(record)
-        if self._tb is not None:
+        if self._board() is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, global_step=record["step"])
         if self._wandb_run is not None:
@@ -245,7 +247,7 @@ class MetricsWriter:
         if not self.is_primary:
             return
         values = _scalars(to_json_value(dict(scalars)))
-        if self._tb is not None:
+        if self._board() is not None:
             for key, value in values.items():
                 self._tb.add_scalar(key, value, global_step=int(step))
         if self._wandb_run is not None:
@@ -262,7 +264,7 @@ class MetricsWriter:
         for path in dict.fromkeys(r.get("path", "") for r in records):
             rows = [r for r in records if r.get("path", "") == path]
             columns = list(dict.fromkeys(k for r in rows for k in r if k not in ("step", "path")))
-            if self._tb is not None:
+            if self._board() is not None:
                 self._tb.add_text(f"samples/{path}", _markdown_table(columns, rows), global_step=int(step))
             if self._wandb_run is not None:
                 import wandb  # present: the run was made with it
@@ -271,6 +273,14 @@ class MetricsWriter:
                         for r in rows]
                 self._wandb_run.log({f"samples/{path}": wandb.Table(columns=columns, data=data)}, step=int(step))
 
+    def _board(self) -> Any:
+        """The TensorBoard writer (None: off), with the hparams written into its event file first. Not at
+        open: truncate_after reopens at once, and an event file opened in the same second has the same name."""
+        if self._tb is not None and self._hparams_due:
+            _write_hparams(self._tb, self._hparams)
+            self._hparams_due = False
+        return self._tb
+
     def flush(self) -> None:
         """Pushes buffered TensorBoard events to disk (the JSONL file is never buffered)."""
         if self._tb is not None:
@@ -278,7 +288,7 @@ class MetricsWriter:
 
     def close(self) -> None:
         """Flushes and closes TensorBoard and W&B."""
-        if self._tb is not None:
+        if self._board() is not None:
             self._tb.close()
             self._tb = None
         if self._wandb_run is not None:
