@@ -57,6 +57,7 @@ def base_config() -> mlc.ConfigDict:
     c.data.max_prompt_length = 2048
     c.data.on_error = "raise"     # raise | skip (malformed rows)
     c.data.shuffle = True
+    c.data.tfds_data_dir = ""     # where tfds:<name> specs are prepared (local or gs://); "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
 
     c.rollout = mlc.ConfigDict()
     c.rollout.num_solutions = 16  # G
@@ -151,6 +152,8 @@ def base_config() -> mlc.ConfigDict:
     c.log.wandb_project = "masa_jax"
     c.log.figures = True            # PNGs at the end of a run: calibration, meta rewards, gating
     c.log.calibration_steps = 5     # steps pooled for the start / end calibration panels and summary table
+    c.log.num_samples = 2           # meta and solution generations per step (with rewards) in samples.jsonl,
+                                    # TensorBoard text and a W&B table; 0 = none
     # Peak FLOP/s of one device for perf/mfu; 0 = masa_jax.perf's table by device kind (unknown: no MFU).
     c.log.peak_flops_per_device = 0.0
     c.lock()  # config files and overrides may change fields, never invent them (typos are errors)
@@ -209,6 +212,8 @@ def _check_values(c: mlc.ConfigDict) -> None:
     if c.data.on_error not in ("raise", "skip"):
         raise UserError(f"config.data.on_error must be one of ('raise', 'skip'), got {c.data.on_error!r}")
     _check_ranges(c)
+    if isinstance(c.log.num_samples, bool) or not isinstance(c.log.num_samples, int) or c.log.num_samples < 0:
+        raise UserError(f"config.log.num_samples must be an integer >= 0 (0: no samples), got {c.log.num_samples!r}")
     if not c.log.peak_flops_per_device >= 0:
         raise UserError("config.log.peak_flops_per_device must be >= 0 (0: from the device kind), got "
                         f"{c.log.peak_flops_per_device!r}")

@@ -31,6 +31,7 @@ they are safe in headless jobs and do not disturb a notebook's backend.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -51,6 +52,7 @@ from masa_jax.stats import pass_at_k, pearson  # noqa: F401  (re-exported: metri
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 TENSORBOARD_DIR = "tb"
 
 # (metric key, console label, formatter) for the progress bar, in display order.
@@ -66,6 +68,8 @@ PROGRESS_KEYS: tuple[tuple[str, str, str], ...] = (
 )
 META_REWARD_KEYS = ("reward/meta_total", "reward/meta_length", "reward/meta_difficulty",
                     "reward/meta_notion")
+# The metrics TensorBoard's HParams tab shows against the run's config.
+HPARAM_METRICS = ("eval/accuracy", "reward/solution_mean", "acc/solution", "reward/meta_total")
 SUMMARY_KEYS = ("reward/solution_mean", "acc/solution", *META_REWARD_KEYS, "gate/fraction",
                 "throughput/tokens_per_s")
 
@@ -169,12 +173,14 @@ class MetricsWriter:
         knows the step it restored — 0 for a fresh run, so stale lines of an earlier attempt that
         crashed before its first checkpoint go too.
       wandb_config: config dict recorded with the W&B run.
+      hparams: the run's config (nested dicts), recorded as TensorBoard hparams (dotted keys) with
+        ``HPARAM_METRICS`` as their metrics.
     """
 
     def __init__(self, workdir: str | os.PathLike, use_tensorboard: bool = True,
                  use_wandb: bool = False, wandb_project: str | None = None, *,
                  is_primary: bool | None = None, resume_step: int | None = None,
-                 wandb_config: Mapping[str, Any] | None = None):
+                 wandb_config: Mapping[str, Any] | None = None, hparams: Mapping[str, Any] | None = None):
         if is_primary is None:
             import jax  # deferred: the rest of this module does not need a JAX backend
 
@@ -182,14 +188,18 @@ class MetricsWriter:
         self.is_primary = is_primary
         self.workdir = fs.path(workdir)
         self.path = self.workdir / METRICS_FILE
+        self.samples_path = self.workdir / SAMPLES_FILE
         self._use_tensorboard = use_tensorboard
         self._tb = None
         self._wandb_run = None
+        self._hparams = dict(hparams or {})
+        self._hparams_due = False  # written with the first event of each opened event file
         if not is_primary:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         if use_tensorboard:
             self._tb = _open_tensorboard(self.workdir / TENSORBOARD_DIR, purge_step=None)
+            self._hparams_due = bool(self._hparams)
         if use_wandb:
             self._wandb_run = _init_wandb(self.workdir, wandb_project, wandb_config)
         if resume_step is not None:
@@ -205,11 +215,14 @@ class MetricsWriter:
         if not self.is_primary:
             return
         truncate_jsonl(self.path, step)
+        if self.samples_path.exists():
+            truncate_jsonl(self.samples_path, step)
         if self._use_tensorboard:
             # purge_step is only honoured when a writer opens, so reopen the writer.
             if self._tb is not None:
                 self._tb.close()
             self._tb = _open_tensorboard(self.workdir / TENSORBOARD_DIR, purge_step=step + 1)
+            self._hparams_due = bool(self._hparams)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Appends the record for ``step``; returns it sanitised (also on non-primary hosts)."""
@@ -221,12 +234,52 @@ class MetricsWriter:
         # the file is rewritten: no append there).
         fs.append_text(self.path, json.dumps(record, allow_nan=False) + "\n")
         scalars = _scalars(record)
-        if self._tb is not None:
+        if self._board() is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, global_step=record["step"])
         if self._wandb_run is not None:
             self._wandb_run.log(scalars, step=record["step"])
         return record
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Scalars for TensorBoard / W&B only, not a metrics.jsonl record: the held-out evaluation before
+        the first step (step 0), which is not an RL step (eval.jsonl keeps it)."""
+        if not self.is_primary:
+            return
+        values = _scalars(to_json_value(dict(scalars)))
+        if self._board() is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(key, value, global_step=int(step))
+        if self._wandb_run is not None:
+            self._wandb_run.log(values, step=int(step))
+
+    def write_samples(self, step: int, samples: Sequence[Mapping[str, Any]]) -> None:
+        """A step's sample generations (dicts with "path": "meta" | "solution", "text", "reward", ...):
+        one line each in samples.jsonl, a Markdown table per path in TensorBoard's text tab
+        (``samples/<path>``) and a W&B table per path."""
+        if not self.is_primary or not samples:
+            return
+        records = [{"step": int(step), **to_json_value(dict(r))} for r in samples]
+        fs.append_text(self.samples_path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
+        for path in dict.fromkeys(r.get("path", "") for r in records):
+            rows = [r for r in records if r.get("path", "") == path]
+            columns = list(dict.fromkeys(k for r in rows for k in r if k not in ("step", "path")))
+            if self._board() is not None:
+                self._tb.add_text(f"samples/{path}", _markdown_table(columns, rows), global_step=int(step))
+            if self._wandb_run is not None:
+                import wandb  # present: the run was made with it
+
+                data = [[json.dumps(v) if isinstance(v, (list, dict)) else v for v in (r.get(c) for c in columns)]
+                        for r in rows]
+                self._wandb_run.log({f"samples/{path}": wandb.Table(columns=columns, data=data)}, step=int(step))
+
+    def _board(self) -> Any:
+        """The TensorBoard writer (None: off), with the hparams written into its event file first. Not at
+        open: truncate_after reopens at once, and an event file opened in the same second has the same name."""
+        if self._tb is not None and self._hparams_due:
+            _write_hparams(self._tb, self._hparams)
+            self._hparams_due = False
+        return self._tb
 
     def flush(self) -> None:
         """Pushes buffered TensorBoard events to disk (the JSONL file is never buffered)."""
@@ -235,7 +288,7 @@ class MetricsWriter:
 
     def close(self) -> None:
         """Flushes and closes TensorBoard and W&B."""
-        if self._tb is not None:
+        if self._board() is not None:
             self._tb.close()
             self._tb = None
         if self._wandb_run is not None:
@@ -247,6 +300,40 @@ class MetricsWriter:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def flat_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """A nested config as dotted keys with the value types TensorBoard's hparams take (others as text)."""
+    out: dict[str, bool | int | float | str] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(flat_hparams(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return out
+
+
+def _write_hparams(tb: Any, config: Mapping[str, Any]) -> None:
+    """The HParams plugin's experiment and session summaries, in the run's own event file, so the
+    scalars logged there are the session's metrics (add_hparams would open a separate run)."""
+    from tensorboardX.summary import hparams
+
+    for summary in hparams(flat_hparams(config), {key: 0.0 for key in HPARAM_METRICS}):
+        tb.file_writer.add_summary(summary)
+
+
+def _markdown_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table (TensorBoard renders text summaries as Markdown); cells on one line, pipes escaped."""
+    def cell(value: Any) -> str:
+        text = value if isinstance(value, str) else json.dumps(value)
+        for raw, escaped in (("\\", "\\\\"), ("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("|", "\\|"),
+                             ("\n", "<br>")):  # <meta> tags would be dropped as HTML
+            text = text.replace(raw, escaped)
+        return text
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def _open_tensorboard(logdir: epath.Path, purge_step: int | None) -> Any:
@@ -304,6 +391,29 @@ def _init_wandb(workdir: epath.Path, project: str | None, config: Mapping[str, A
 # --------------------------------------------------------------------------------------------
 
 
+def _is_console(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr)
+
+
+def _log_through_tqdm(stack: contextlib.ExitStack) -> None:
+    """Routes console logging through tqdm.write until `stack` closes: the root logger's console handlers
+    with tqdm's logging_redirect_tqdm, and absl's handler (not a StreamHandler, so that one leaves it
+    alone) by pointing its stream at tqdm's DummyTqdmFile."""
+    from tqdm.contrib import DummyTqdmFile
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    root = logging.getLogger()
+    if any(_is_console(h) for h in root.handlers):  # it would add a second handler next to absl's otherwise
+        stack.enter_context(logging_redirect_tqdm())
+    absl_logging = sys.modules.get("absl.logging")
+    if absl_logging is not None and absl_logging.get_absl_handler() in root.handlers:
+        handler = absl_logging.get_absl_handler().python_handler
+        if handler.stream in (sys.stdout, sys.stderr):
+            stream = handler.stream
+            handler.stream = DummyTqdmFile(stream)
+            stack.callback(setattr, handler, "stream", stream)
+
+
 def format_progress(metrics: Mapping[str, Any]) -> str:
     """The progress bar's postfix: the ``PROGRESS_KEYS`` present in ``metrics``, short labels."""
     parts = []
@@ -317,7 +427,9 @@ def format_progress(metrics: Mapping[str, Any]) -> str:
 class ProgressBar:
     """A tqdm bar over RL steps: step / total, ETA, and the headline metrics of the last step.
 
-    ``initial`` is the step the run resumes from, so the ETA counts only the steps left.
+    ``initial`` is the step the run resumes from, so the ETA counts only the steps left. While the bar
+    is open, console log lines (the root logger's stderr / stdout handlers, absl's handler) are written
+    through ``tqdm.write``, above the bar, instead of into it (which redrew the bar after every line).
     """
 
     def __init__(self, total_steps: int, initial: int = 0, *, enabled: bool = True,
@@ -326,6 +438,9 @@ class ProgressBar:
 
         self._bar = tqdm(total=total_steps, initial=initial, unit="step", dynamic_ncols=True,
                          smoothing=0.1, disable=not enabled, file=file or sys.stderr)
+        self._redirect = contextlib.ExitStack()
+        if enabled:
+            _log_through_tqdm(self._redirect)
 
     def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
         """Moves the bar to ``step`` completed steps and shows ``metrics``' headline values."""
@@ -334,7 +449,8 @@ class ProgressBar:
         self._bar.update(step - self._bar.n)
 
     def close(self) -> None:
-        """Closes the bar (leaves the last line on the console)."""
+        """Closes the bar (leaves the last line on the console) and gives the log handlers their streams back."""
+        self._redirect.close()
         self._bar.close()
 
     def __enter__(self) -> ProgressBar:
@@ -457,38 +573,75 @@ def _binned_means(pred: np.ndarray, true: np.ndarray, low: float, high: float, b
     return centres, means
 
 
-def plot_meta_rewards(history: Sequence[Mapping[str, Any]], path: str | os.PathLike,
-                      title: str = "meta reward") -> epath.Path | None:
-    """Meta reward total and its length / difficulty / notion parts over steps.
+def switch_step(history: Sequence[Mapping[str, Any]]) -> int | None:
+    """The first step MASA-efficient's controls were applied (``efficient/active``), None if never."""
+    steps, active = history_series(history, "efficient/active")
+    on = steps[active > 0.5]
+    return int(on[0]) if on.size else None
 
-    Returns the PNG path, or None (with a WARNING, nothing written) when the history has none of
-    ``META_REWARD_KEYS`` — e.g. a GRPO run — so an end-of-run report does not crash over it.
-    """
-    return _plot_history_keys(history, META_REWARD_KEYS, path, title, ylabel="reward",
-                              ylim=(0.0, 1.02))
+
+def meta_rewards_figure(history: Sequence[Mapping[str, Any]], title: str = "meta reward", *,
+                        switch: int | None = None) -> Figure | None:
+    """Meta reward total and its length / difficulty / notion parts over steps, the switch-over step
+    (``switch``, default ``switch_step(history)``) marked; None when the history has none of
+    ``META_REWARD_KEYS`` (e.g. a GRPO run)."""
+    return _history_figure(history, META_REWARD_KEYS, title, "reward",
+                           switch_step(history) if switch is None else switch)
+
+
+def gating_figure(history: Sequence[Mapping[str, Any]], title: str = "predictive gating", *,
+                  switch: int | None = None) -> Figure | None:
+    """Fraction of problems gated (no solution rollouts) over steps, and before the switch-over the
+    fraction the controls would have gated (not applied; dashed); None if neither was logged."""
+    return _history_figure(history, GATING_KEYS, title, "fraction of problems",
+                           switch_step(history) if switch is None else switch)
+
+
+def plot_meta_rewards(history: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+                      title: str = "meta reward", *, switch: int | None = None) -> epath.Path | None:
+    """`meta_rewards_figure` as a PNG at ``path``; None (with a WARNING, nothing written) without meta
+    rewards, so an end-of-run report does not crash over a GRPO run."""
+    return _save_or_warn(meta_rewards_figure(history, title, switch=switch), path, META_REWARD_KEYS)
 
 
 def plot_gating(history: Sequence[Mapping[str, Any]], path: str | os.PathLike,
-                title: str = "predictive gating", keys: Sequence[str] = ("gate/fraction",)
-                ) -> epath.Path | None:
-    """Fraction of problems gated (no solution rollouts) over steps; None if never logged."""
-    return _plot_history_keys(history, keys, path, title, ylabel="fraction of problems",
-                              ylim=(0.0, 1.02))
+                title: str = "predictive gating", *, switch: int | None = None) -> epath.Path | None:
+    """`gating_figure` as a PNG at ``path``; None (with a WARNING) if no gating was logged."""
+    return _save_or_warn(gating_figure(history, title, switch=switch), path, GATING_KEYS)
 
 
-def _plot_history_keys(history, keys, path, title, ylabel, ylim) -> epath.Path | None:
+GATING_KEYS = ("gate/fraction", "gate/would_gate_fraction")
+# Labels for keys whose name does not say what the line is.
+_LABELS = {"gate/would_gate_fraction": "gate/would_gate_fraction (not applied)"}
+
+
+def _save_or_warn(fig: Figure | None, path: str | os.PathLike, keys: Sequence[str]) -> epath.Path | None:
+    if fig is None:
+        logger.warning("no %s in the history; %s not written", ", ".join(keys), path)
+        return None
+    return _save(fig, path)
+
+
+def _history_figure(history, keys, title, ylabel, switch: int | None) -> Figure | None:
+    from matplotlib.ticker import MaxNLocator
+
     series = {key: history_series(history, key) for key in keys}
     series = {key: xy for key, xy in series.items() if xy[0].size}
     if not series:
-        logger.warning("no %s in the history; %s not written", ", ".join(keys), path)
         return None
     fig, (ax,) = _new_figure()
     for key, (steps, values) in series.items():
-        ax.plot(steps, values, lw=2 if key == keys[0] else 1.2, label=key)
-    ax.set(xlabel="step", ylabel=ylabel, ylim=ylim, title=title)
+        label = _LABELS.get(key, key) + (" (0 throughout)" if not values.any() else "")
+        ax.plot(steps, values, "--" if key in _LABELS else "-", lw=2 if key == keys[0] else 1.2, label=label,
+                marker="o" if steps.size == 1 else None)
+    if switch is not None:
+        ax.axvline(switch, color="0.35", ls=":", lw=1.2, label=f"switch-over (step {switch})")
+    # Below 0 and above 1, so a part that stays at 0 (or 1) is a visible line, not the axis.
+    ax.set(xlabel="step", ylabel=ylabel, ylim=(-0.04, 1.04), title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
 def plot_curves(series: Mapping[str, tuple], xlabel: str, ylabel: str, path: str | os.PathLike,

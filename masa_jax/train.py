@@ -74,6 +74,11 @@ class Run:
 SKIP_HINT = ", or skip malformed rows with --config.data.on_error=skip"
 
 
+def tfds_data_dir(config) -> str | None:
+    """config.data.tfds_data_dir for the tfds: specs (None: TFDS's own default, $TFDS_DATA_DIR)."""
+    return fs.absolute(config.data.tfds_data_dir) or None
+
+
 def load_eval_problems(config, process_index: int | None = None, process_count: int | None = None
                        ) -> tuple[list, frozenset[str]]:
     """This host's share of the held-out problems (config.eval.files) and the questions of all of them.
@@ -85,7 +90,7 @@ def load_eval_problems(config, process_index: int | None = None, process_count: 
     share, questions = [], set()
     for spec in config.eval.files:
         with errors.data_file_errors(spec, field="config.eval.files"):
-            every = sources.load_problems(spec).problems
+            every = sources.load_problems(spec, data_dir=tfds_data_dir(config)).problems
         if not every:
             raise errors.no_problems(spec, "config.eval.files")
         questions.update(question_key(q.question) for q in every)
@@ -108,7 +113,8 @@ def load_training_problems(config, codec: ChatCodec, rcfg: rollout_lib.RolloutCo
     problems, stats = [], collections.Counter()
     for spec in config.data.train_files:
         with errors.data_file_errors(spec, skip_hint=SKIP_HINT):  # a malformed row: one line naming it
-            loaded = pipeline.load_host_problems(spec, process_index=h, process_count=p, on_error=config.data.on_error)
+            loaded = pipeline.load_host_problems(spec, process_index=h, process_count=p, on_error=config.data.on_error,
+                                                 data_dir=tfds_data_dir(config))
         if p == 1 and not loaded.problems:  # on a pod a host's share of a small file may be empty
             raise errors.no_problems(spec)
         stats["skipped_malformed"] += loaded.num_skipped
@@ -175,8 +181,10 @@ def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
     updater = update_lib.Updater.create(config, model_cfg, params, mesh, pad_id=codec.pad_id)
     checkpointer = checkpointing.RunCheckpointer(fs.join(workdir, "checkpoints"),
                                                  max_to_keep=config.checkpoint.max_to_keep)
+    run_config = json.loads(json.dumps(config.to_dict(), default=str))  # as config.json holds it
     writer = metrics_lib.MetricsWriter(workdir, use_tensorboard=config.log.tensorboard, use_wandb=config.log.wandb,
-                                       wandb_project=config.log.wandb_project, is_primary=jax.process_index() == 0)
+                                       wandb_project=config.log.wandb_project, is_primary=jax.process_index() == 0,
+                                       wandb_config=run_config, hparams=run_config)
     return Run(config, workdir, mesh, model_cfg, codec, data, verifier, updater, rcfg, checkpointer, writer,
                eval_problems, generate_fn)
 
@@ -266,8 +274,9 @@ def sampling_key(step_key: jax.Array, process_index: int) -> jax.Array:
 
 def train_one_step(run: Run, state, loop: LoopState, rng: jax.Array):
     """One RL step, the paper's Algorithm 1: rollouts of both paths with their rewards and advantages
-    (`collect_rollouts`), the policy update, behaviour cloning. Returns (state, metrics, calibration):
-    calibration is the step's per-problem predicted and actual pass rates (None without a meta path)."""
+    (`collect_rollouts`), the policy update, behaviour cloning. Returns (state, metrics, calibration,
+    samples): calibration is the step's per-problem predicted and actual pass rates (None without a meta
+    path), samples this host's `config.log.num_samples` meta and solution generations for the logs."""
     t_step = time.perf_counter()
     active = efficient_active(run.config, loop)
     generate = make_generate(run, state.params)
@@ -299,7 +308,7 @@ def train_one_step(run: Run, state, loop: LoopState, rng: jax.Array):
     metrics["throughput/tokens_per_s"] = tokens / max(elapsed, 1e-9)
     metrics.update(perf.step_metrics(run.model_cfg, metrics, elapsed,
                                      peak_override=run.config.log.peak_flops_per_device))
-    return state, metrics, calibration_record(ro)
+    return state, metrics, calibration_record(ro), rollout_lib.sample_records(ro, run.config.log.num_samples)
 
 
 def calibration_record(ro: rollout_lib.Rollouts) -> dict | None:
@@ -372,9 +381,10 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
     try:
         with guard:  # the jitted steps carry their own shardings; no global mesh context is needed
             if config.eval.files and not loop.evals:  # the starting point of the held-out accuracy curve
-                _record_eval(run, loop, heldout_eval(run, state.params, loop.step))
+                run.writer.write_scalars(loop.step, _record_eval(run, loop, heldout_eval(run, state.params, loop.step)))
             while loop.step < config.total_steps:
-                state, m, calibration = train_one_step(run, state, loop, jax.random.fold_in(base_rng, loop.step))
+                state, m, calibration, samples = train_one_step(run, state, loop,
+                                                                jax.random.fold_in(base_rng, loop.step))
                 loop.step += 1
                 steps_this_run += 1
                 loop.train_time_s += m["time/step_s"]
@@ -385,6 +395,7 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
                     m.update(_record_eval(run, loop, heldout_eval(run, state.params, loop.step)))
                 history.append(m)
                 run.writer.write(loop.step, m)
+                run.writer.write_samples(loop.step, samples)
                 _append_calibration(run, loop.step, calibration)
                 bar.update(loop.step, m)
                 stop = guard.should_stop_all() or (stop_after is not None and steps_this_run >= stop_after)

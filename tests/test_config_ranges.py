@@ -15,6 +15,7 @@ BAD = [
     ("reward.answer_fallback", "bogus"), ("mesh.shape", (0, -1, 1)), ("mesh.shape", (2, -1, -1)),
     ("prompts.meta_template", "Predict for: {problem}"), ("prompts.solution_template", "Solve it."),
     ("prompts.solution_template", "{question} in {steps} steps"), ("prompts.solution_template", "{question} \\boxed{}"),
+    ("log.num_samples", -1), ("log.num_samples", True),
 ]
 
 

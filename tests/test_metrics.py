@@ -269,3 +269,144 @@ def test_summary_table_window_means():
     assert row("reward/meta_notion") == ["0.3", "0.3", "+0"]  # the null at step 1 is skipped
     with pytest.raises(ValueError):
         metrics.summary_table(history, window=0)
+
+
+# ---------------------------------------------------------------------------------- issue 24.3: logs a researcher reads
+
+
+def _sample(path, step_reward, text):
+    return {"path": path, "uid": "u1", "text": text, "reward": step_reward}
+
+
+def test_step0_scalars_hparams_and_samples_reach_tensorboard(tmp_path):
+    config = {"algorithm": "masa", "rl": {"lr": 2e-6, "clip": (0.2, 0.28)}, "log": {"wandb": False}}
+    with MetricsWriter(tmp_path, is_primary=True, hparams=config) as writer:
+        writer.truncate_after(0)  # as the trainer does on a fresh run
+        writer.write_scalars(0, {"eval/accuracy": np.float32(0.25), "time/eval_s": 3.0, "note": "x"})
+        writer.write(1, {"reward/solution_mean": 0.5, "eval/accuracy": 0.5})
+        writer.write_samples(1, [_sample("meta", 0.75, "<meta>think</meta> | {\"pass_rate\": 4}"),
+                                 _sample("solution", 1.0, "2+2=4\n\\boxed{4}")])
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1, "reward/solution_mean": 0.5, "eval/accuracy": 0.5}]
+    scalars = _read_tb_scalars(tmp_path / "tb")
+    assert scalars["eval/accuracy"] == [(0, 0.25), (1, 0.5)] and "note" not in scalars
+    events = _read_tb_events(tmp_path / "tb")
+    hp = [v for e in events for v in e.summary.value if v.metadata.plugin_data.plugin_name == "hparams"]
+    assert {v.tag for v in hp} == {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"}
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+
+    data = {v.tag: HParamsPluginData.FromString(v.metadata.plugin_data.content) for v in hp}
+    start = data["_hparams_/session_start_info"].session_start_info.hparams
+    assert start["rl.lr"].number_value == pytest.approx(2e-6) and start["algorithm"].string_value == "masa"
+    assert start["rl.clip"].string_value == "(0.2, 0.28)" and start["log.wandb"].bool_value is False
+    metric_tags = [m.name.tag for m in data["_hparams_/experiment"].experiment.metric_infos]
+    assert metric_tags == list(metrics.HPARAM_METRICS)
+    # The hparams live in the run's own directory (tb/), next to its scalars, not in a sub-run.
+    assert all(p.is_file() for p in (tmp_path / "tb").iterdir())
+    # Samples: samples.jsonl and one Markdown table per path in TensorBoard's text tab.
+    assert read_jsonl(tmp_path / "samples.jsonl") == [
+        {"step": 1, **_sample("meta", 0.75, "<meta>think</meta> | {\"pass_rate\": 4}")},
+        {"step": 1, **_sample("solution", 1.0, "2+2=4\n\\boxed{4}")}]
+    texts = {v.tag.removesuffix("/text_summary"): (e.step, v.tensor.string_val[0].decode()) for e in events
+             for v in e.summary.value
+             if v.metadata.plugin_data.plugin_name == "text"}
+    assert texts["samples/meta"] == (1, "| uid | text | reward |\n| --- | --- | --- |\n"
+                                        "| u1 | &lt;meta&gt;think&lt;/meta&gt; \\| {\"pass_rate\": 4} | 0.75 |")
+    assert texts["samples/solution"] == (1, "| uid | text | reward |\n| --- | --- | --- |\n"
+                                            "| u1 | 2+2=4<br>\\\\boxed{4} | 1.0 |")
+
+
+def test_samples_go_to_a_wandb_table_and_resume_drops_later_ones(tmp_path, monkeypatch):
+    logged = []
+
+    class Table:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    run = types.SimpleNamespace(log=lambda data, step: logged.append((step, data)), finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: run, Table=Table))
+    with MetricsWriter(tmp_path, use_tensorboard=False, use_wandb=True) as writer:
+        writer.write_scalars(0, {"eval/accuracy": 0.125})
+        for step in (1, 2, 3):
+            writer.write_samples(step, [{"path": "meta", "text": f"m{step}", "reward": 0.5,
+                                         "pred_notions": ["carry"]}])
+        writer.write_samples(4, [])  # nothing to log: no file line, no W&B call
+    assert logged[0] == (0, {"eval/accuracy": 0.125})
+    step, data = logged[1]
+    table = data["samples/meta"]
+    assert step == 1 and table.columns == ["text", "reward", "pred_notions"]
+    assert table.data == [["m1", 0.5, '["carry"]']] and len(logged) == 4
+    with MetricsWriter(tmp_path, use_tensorboard=False) as writer:
+        writer.truncate_after(2)  # resumed from the step-2 checkpoint
+    assert [r["step"] for r in read_jsonl(tmp_path / "samples.jsonl")] == [1, 2]
+
+
+def test_log_lines_are_written_above_the_progress_bar(capsys):
+    """A console log line while the bar is open goes through tqdm.write: the bar line is cleared first and
+    redrawn after, instead of the line being appended to the bar (which then repeats on every line)."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)  # sys.stderr is capsys's here
+    handler.setFormatter(logging.Formatter("LOG %(message)s"))
+    root.addHandler(handler)
+    log = logging.getLogger("masa_jax.test_bar")
+    log.setLevel(logging.INFO)
+    try:
+        with ProgressBar(total_steps=4) as bar:
+            bar.update(1, {"reward/solution_mean": 0.5})
+            log.info("held-out accuracy at step 1: 0.5")
+            assert root.handlers[-1] is not handler  # replaced by tqdm's handler while the bar is open
+        assert handler in root.handlers  # given back
+        log.info("after the bar")
+    finally:
+        root.removeHandler(handler)
+    err = capsys.readouterr().err
+    before, line, after = err.partition("LOG held-out accuracy at step 1: 0.5\n")
+    assert line and before.endswith("\r")  # the bar's line was cleared before the log line
+    assert "1/4" in after  # and drawn again below it
+    assert err.endswith("LOG after the bar\n")
+
+
+def test_absl_log_lines_go_through_tqdm_while_the_bar_is_open(monkeypatch):
+    from absl import logging as absl_logging
+
+    handler = absl_logging.get_absl_handler()
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [handler])
+    original = handler.python_handler.stream
+    with ProgressBar(total_steps=2):
+        from tqdm.contrib import DummyTqdmFile
+        assert isinstance(handler.python_handler.stream, DummyTqdmFile)
+        assert [type(h) for h in root.handlers] == [type(handler)]  # no second handler next to absl's
+    assert handler.python_handler.stream is original
+
+
+def _lines(ax):
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+def test_meta_reward_and_gating_figures_mark_the_switch_and_show_flat_parts():
+    history = [{"step": s, "reward/meta_total": 0.2 + 0.05 * s, "reward/meta_length": 0.0,
+                "reward/meta_difficulty": 0.5, "reward/meta_notion": 0.1 * s, "efficient/active": float(s >= 4),
+                **({"gate/fraction": 0.25} if s >= 4 else {"gate/would_gate_fraction": 0.5})} for s in range(1, 7)]
+    fig = metrics.meta_rewards_figure(history)
+    (ax,) = fig.axes
+    lines = _lines(ax)
+    assert set(lines) == {"reward/meta_total", "reward/meta_length (0 throughout)", "reward/meta_difficulty",
+                          "reward/meta_notion", "switch-over (step 4)"}
+    assert list(lines["switch-over (step 4)"].get_xdata()) == [4, 4]
+    assert list(lines["reward/meta_length (0 throughout)"].get_ydata()) == [0.0] * 6
+    assert ax.get_ylim()[0] < 0 and ax.get_ylim()[1] > 1  # a part at 0 (or 1) is a line above the axis
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 6]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    fig = metrics.gating_figure(history)
+    (ax,) = fig.axes
+    lines = _lines(ax)
+    assert list(lines["gate/would_gate_fraction (not applied)"].get_xdata()) == [1, 2, 3]
+    assert lines["gate/would_gate_fraction (not applied)"].get_linestyle() == "--"
+    assert list(lines["gate/fraction"].get_xdata()) == [4, 5, 6]
+    assert "switch-over (step 4)" in lines
+    # Without a switch-over (MASA) there is no marker; an explicit one wins over the history.
+    masa = [{k: v for k, v in r.items() if k != "efficient/active"} for r in history]
+    assert metrics.switch_step(masa) is None
+    assert not any("switch" in label for label in _lines(metrics.meta_rewards_figure(masa).axes[0]))
+    assert "switch-over (step 2)" in _lines(metrics.meta_rewards_figure(history, switch=2).axes[0])
+    assert metrics.gating_figure([{"step": 1, "acc/solution": 0.5}]) is None

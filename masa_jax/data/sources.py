@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib.metadata
 import json
 import math
@@ -431,6 +432,20 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _tfds_not_found_error(tfds: Any) -> type[BaseException] | tuple[()]:
+    """tfds' DatasetNotFoundError (tensorflow_datasets.core.registered), or () where a version lacks it."""
+    registered = getattr(getattr(tfds, "core", None), "registered", None)
+    return getattr(registered, "DatasetNotFoundError", ())
+
+
+def unknown_tfds_message(name: str, known: Iterable[str]) -> str:
+    """One line for a TFDS name that is not registered: the three closest registered names (difflib)."""
+    base = name.split(":")[0].split("/")[0]
+    closest = difflib.get_close_matches(base, sorted(set(known)), n=3, cutoff=0.0)
+    return (f"TFDS has no dataset {base!r}; closest registered names: {', '.join(closest) or '(none)'} "
+            "(a dataset prepared outside the registry is found through config.data.tfds_data_dir / $TFDS_DATA_DIR)")
+
+
 def load_tfds(
     name: str,
     *,
@@ -447,11 +462,21 @@ def load_tfds(
 
     Each element must be a mapping with a question, an answer and optionally a solution / id
     (bytes are decoded as UTF-8). uid is "<name>/<split>:<row>". `download` defaults to False so a
-    multi-host job never races to download; prepare the dataset beforehand.
+    multi-host job never races to download; prepare the dataset beforehand. `data_dir` None is TFDS's
+    default: $TFDS_DATA_DIR, else ~/tensorflow_datasets. An unregistered name is a one-line ValueError
+    naming the three closest registered names.
     Raises ImportError with install instructions when tensorflow-datasets is missing.
     """
     tfds = _import_tfds()
-    ds = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+    try:
+        ds = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+    except _tfds_not_found_error(tfds) as e:  # its message lists every registered dataset (~5,000 chars)
+        raise ValueError(unknown_tfds_message(name, tfds.list_builders())) from e
+    except ValueError as e:  # e.g. "file format is not set": the dataset was never prepared under that directory
+        where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+        reason = " ".join(str(e).split())
+        raise ValueError(f"TFDS dataset {name!r} in {where}: {reason} (is it prepared there? `tfds build` it, or set "
+                         "config.data.tfds_data_dir / $TFDS_DATA_DIR to the directory that holds it)") from e
     source = f"tfds:{name}/{split}"
     qkeys = (question_key,) if isinstance(question_key, str) else tuple(question_key)
     akeys = (answer_key,) if isinstance(answer_key, str) else tuple(answer_key)

@@ -558,13 +558,15 @@ class MasaJaxLM(TemplateLM):
             groups.setdefault(self._sampling(kwargs), []).append(i)
         out: list[str | None] = [None] * len(requests)
         params = self._sampler_params() if requests else None
+        from tqdm import tqdm
+        bar = tqdm(total=len(requests), desc="masa_jax generate_until", disable=disable_tqdm)
         for g, ((temperature, top_p, top_k), members) in enumerate(groups.items()):
             budgets = [prepared[i][2] for i in members]
             t0 = time.perf_counter()
             res = generate(self.model_cfg, params, [prepared[i][0] for i in members],
                            rng=jax.random.fold_in(jax.random.key(self.seed), g), max_new_tokens=max(budgets),
                            budgets=budgets, temperature=temperature, top_p=top_p, top_k=top_k,
-                           eos_ids=self.stop_ids, num_slots=self.num_slots, mesh=self.mesh)
+                           eos_ids=self.stop_ids, num_slots=self.num_slots, mesh=self.mesh, on_done=bar.update)
             log.info("masa_jax: %d generations (temperature %g) in %.1f s, %d tokens", len(members), temperature,
                      time.perf_counter() - t0, res.stats.generated_tokens)
             for k, i in enumerate(members):
@@ -579,4 +581,5 @@ class MasaJaxLM(TemplateLM):
                     think_end_token=self.think_end_token if isinstance(self.think_end_token, str) else None)
                 out[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        bar.close()
         return out  # type: ignore[return-value]

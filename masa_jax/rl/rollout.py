@@ -73,6 +73,7 @@ class Rollouts:
     finish_budget: np.ndarray                       # bool [P, G]: stopped by the cutoff budget
     sequences: TrainingSequences
     metrics: dict[str, float]
+    solution_texts: list[list[str]] | None = None   # [P][G] decoded solution rollouts (empty rows for gated)
 
 
 def _response_length(tokens: Sequence[int], reason: str) -> int:
@@ -271,7 +272,7 @@ def run_rollouts(problems: Sequence[Problem], *, generate: GenerateFn, codec: Te
         problems=list(problems), meta_prompt_ids=meta.prompt_ids, meta_texts=meta.texts, preds=meta.preds,
         meta_rewards=scores.meta_rewards, controls=decision.controls, rolled_out=decision.rolled_out,
         correct=scores.correct, lengths=sol.lengths, finish_budget=sol.finish_budget,
-        sequences=training_sequences(meta, sol, scores, decision, cfg), metrics=metrics)
+        sequences=training_sequences(meta, sol, scores, decision, cfg), metrics=metrics, solution_texts=sol.texts)
 
 
 # ------------------------------------------------------------------ DAPO dynamic sampling helpers
@@ -315,7 +316,7 @@ def dapo_filter(ro: Rollouts) -> Rollouts:
 
 # Rollouts fields with a leading problem dimension: lists, arrays, dicts of arrays, Controls, or None.
 _PER_PROBLEM = ("problems", "meta_prompt_ids", "meta_texts", "preds", "meta_rewards", "controls", "rolled_out",
-                "correct", "lengths", "finish_budget")
+                "correct", "lengths", "finish_budget", "solution_texts")
 
 
 def _take(x, idx: np.ndarray):
@@ -400,3 +401,34 @@ def _rollout_metrics(problems, preds, meta_rewards, ctrl, applied, rolled_out, c
     return m
 
 
+
+
+# ------------------------------------------------------------------ sample generations for the logs
+
+
+def sample_records(ro: Rollouts, n: int) -> list[dict]:
+    """Up to `n` meta and `n` solution generations of one step, with their rewards, for the logs
+    (`MetricsWriter.write_samples`). Sample i is rollout i // P of problem i % P, so a step shows one
+    rollout of each of the first problems before a second of any; solution samples come from the
+    rolled-out problems only (a gated problem has none)."""
+    out: list[dict] = []
+    P = len(ro.problems)
+    if ro.meta_texts is not None and P:
+        M = len(ro.meta_texts[0])
+        for i in range(min(n, P * M)):
+            p, j = i % P, i // P
+            pred = ro.preds[p][j]
+            out.append({"path": "meta", "uid": ro.problems[p].uid, "question": ro.problems[p].question,
+                        "text": ro.meta_texts[p][j], "reward": float(ro.meta_rewards["total"][p, j]),
+                        **{f"reward_{k}": float(ro.meta_rewards[k][p, j]) for k in ("length", "difficulty", "notion")},
+                        "pred_pass_rate": pred.pass_rate, "pred_length": pred.length,
+                        "pred_notions": list(pred.notions) if pred.notions is not None else None})
+    rolled = np.flatnonzero(ro.rolled_out)
+    if ro.solution_texts is not None and len(rolled):
+        G = ro.correct.shape[1]
+        for i in range(min(n, len(rolled) * G)):
+            p, g = int(rolled[i % len(rolled)]), i // len(rolled)
+            out.append({"path": "solution", "uid": ro.problems[p].uid, "question": ro.problems[p].question,
+                        "answer": ro.problems[p].answer, "text": ro.solution_texts[p][g],
+                        "reward": float(ro.correct[p, g]), "length": int(ro.lengths[p, g])})
+    return out

@@ -40,7 +40,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -281,8 +281,9 @@ class _Rollout:
     loop of the module doc: refill, decode round, harvest."""
 
     def __init__(self, spec: EngineSpec, sp, knobs: Knobs, sc: SamplerConfig, plan: _Plan, prompts,
-                 out: GenerateOutput, cache_dtype):
+                 out: GenerateOutput, cache_dtype, on_done: Callable[[int], None] | None = None):
         S = spec.num_slots
+        self.on_done = on_done
         self.spec, self.sp, self.knobs, self.sc, self.plan, self.prompts = spec, sp, knobs, sc, plan, prompts
         self.out, self.stats, self.cache_dtype = out, out.stats, cache_dtype
         self.state = engine.init_state(S, spec.max_new_tokens)
@@ -377,6 +378,8 @@ class _Rollout:
                 self.out.finish_reasons[r] = FINISH_NAMES[int(fin[s])]
                 self.stats.generated_tokens += n
                 self.slot_req[s] = -1
+            if self.on_done is not None:
+                self.on_done(len(done))
         self.lengths[:] = lens
         return act
 
@@ -388,7 +391,7 @@ def generate(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *
              cache_buckets: Sequence[int] | None = None, prompt_buckets: Sequence[int] | None = None,
              max_prefill_tokens: int = 8192, schedule: str = "longest_first",
              mesh: jax.sharding.Mesh | None = None, cache_dtype=None,
-             sampler: SamplerConfig | None = None) -> GenerateOutput:
+             sampler: SamplerConfig | None = None, on_done: Callable[[int], None] | None = None) -> GenerateOutput:
     """Samples continuations of `prompts` with a slot-refilling KV-cache engine.
 
     Args:
@@ -414,6 +417,8 @@ def generate(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *
       cache_dtype: KV-cache dtype (default: the compute dtype, bfloat16 on accelerators).
       sampler: a `SamplerConfig` holding all of temperature ... cache_dtype above at once; then those
         keywords must stay at their defaults.
+      on_done: progress hook, called with the number of prompts that just finished (e.g. a tqdm bar's
+        `update`); over the call the counts sum to len(prompts).
 
     Returns a GenerateOutput. Finish reason per prompt: "eos" (stopped at an EOS id), "budget" (hit its
     own budget < max_new_tokens: a real cutoff) or "max_new_tokens". Log-probs are float32 log softmax(logits /
@@ -434,6 +439,8 @@ def generate(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *
     N = len(prompts)
     out = GenerateOutput([[] for _ in range(N)], [np.zeros((0,), np.float32) for _ in range(N)],
                          [FINISH_NAMES[int(r)] for r in plan.reasons], GenerateStats())
+    if on_done is not None and N > len(plan.todo):
+        on_done(N - len(plan.todo))  # finished without a decode step (no budget left)
     if plan.todo:
         S = int(sc.num_slots or min(256, _pow2_ceil(len(plan.todo))))
         spec = EngineSpec(cfg=cfg, num_slots=S, max_new_tokens=max(1, int(max_new_tokens)), mode=mode)
@@ -441,6 +448,6 @@ def generate(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *
         knobs = _knobs(sc, rng, mode)
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             sp = params if is_sampling_params(params) else to_sampling_params(cfg, params, mesh=mesh)
-            _Rollout(spec, sp, knobs, sc, plan, prompts, out, jnp.dtype(sc.cache_dtype or cfg.dtype)).run()
+            _Rollout(spec, sp, knobs, sc, plan, prompts, out, jnp.dtype(sc.cache_dtype or cfg.dtype), on_done).run()
     out.stats.seconds = time.perf_counter() - t_start
     return out

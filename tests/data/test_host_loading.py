@@ -289,3 +289,30 @@ def test_an_empty_held_out_file_is_a_one_line_error_naming_it(tmp_path):
     with pytest.raises(UserError, match=rf"^data file {empty} holds no problems: fill it or remove it from "
                                         r"config.eval.files$"):
         train.load_eval_problems(c, process_index=0, process_count=1)
+
+
+def test_config_tfds_data_dir_reaches_tfds_for_training_and_held_out_specs(tmp_path, monkeypatch):
+    """config.data.tfds_data_dir is the data_dir of every tfds: spec (made absolute once); "" leaves TFDS's
+    default ($TFDS_DATA_DIR) alone by passing None."""
+    calls = []
+
+    def data_source(name, *, split, data_dir, download):
+        calls.append((name, split, data_dir))
+        return [{"problem": f"{name} {i}".encode(), "answer": b"1"} for i in range(4)]
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", types.SimpleNamespace(data_source=data_source))
+    monkeypatch.chdir(tmp_path)
+    c = base_config()
+    c.data.train_files = ("tfds:train_set:train",)
+    c.eval.files = ("tfds:held:test",)
+    c.data.tfds_data_dir = "prepared"
+    rcfg = components.rollout_config(c)
+    share, questions = train.load_eval_problems(c, process_index=0, process_count=1)
+    problems, _ = train.load_training_problems(c, _stub_codec(), rcfg, process_index=0, process_count=1,
+                                               exclude_questions=questions)
+    assert calls == [("held", "test", str(tmp_path / "prepared")), ("train_set", "train", str(tmp_path / "prepared"))]
+    assert [p.question for p in share] == [f"held {i}" for i in range(4)] and len(problems) == 4
+    calls.clear()
+    c.data.tfds_data_dir = ""
+    train.load_eval_problems(c, process_index=0, process_count=1)
+    assert calls == [("held", "test", None)]

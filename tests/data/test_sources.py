@@ -4,6 +4,7 @@ math_sample.parquet holds rows 0..31 of the MATH train split in verl format (MIT
 tests/data/README.md), with its nested struct schema unchanged.
 """
 
+import itertools
 import json
 import os
 import subprocess
@@ -301,6 +302,60 @@ def test_tfds_missing_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
     with pytest.raises(ImportError, match=r"pip install 'masa_jax\[tfds\]'"):
         sources.load_problems("tfds:gsm8k")
+
+
+class _NotFound(ValueError):
+    """Stands in for tensorflow_datasets.core.registered.DatasetNotFoundError."""
+
+
+def _tfds_with_registry(names, prepared=()):
+    """A tfds whose data_source knows `names`; the ones not in `prepared` fail as an unprepared dataset does."""
+    listing = "\n\t- ".join(names)
+
+    def data_source(name, *, split=None, data_dir=None, download=True):
+        base = name.split(":")[0].split("/")[0]
+        if base not in names:  # the real message: every registered name, one a line
+            raise _NotFound(f"Dataset {base} not found.\nAvailable datasets:\n\t- {listing}\n")
+        if base not in prepared:
+            raise ValueError("Dataset info file format is not set! For random access, one of the\n following ...")
+        return [{"problem": b"q", "answer": b"1"}]
+
+    core = types.SimpleNamespace(registered=types.SimpleNamespace(DatasetNotFoundError=_NotFound))
+    return types.SimpleNamespace(data_source=data_source, core=core, list_builders=lambda: list(names))
+
+
+def test_unknown_tfds_name_is_one_short_line_naming_the_closest_three(monkeypatch):
+    # ~1,300 fillers sharing no character with the names asked for, as most of TFDS's registry does.
+    fillers = ["".join(t) for t in itertools.product("pqrvwxyz", repeat=4)][:1300]
+    names = fillers + ["gsm8k", "gsm8k_hard", "math", "math_dataset", "mnist"]
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", _tfds_with_registry(names))
+    with pytest.raises(ValueError) as info:
+        sources.load_problems("tfds:gsm8kk:test")
+    msg = str(info.value)
+    assert msg == ("TFDS has no dataset 'gsm8kk'; closest registered names: gsm8k, gsm8k_hard, math (a dataset "
+                   "prepared outside the registry is found through config.data.tfds_data_dir / $TFDS_DATA_DIR)")
+    # A config / version in the spec is not part of the name compared.
+    with pytest.raises(ValueError, match=r"^TFDS has no dataset 'mathh'; closest registered names: math, "
+                                         r"math_dataset, "):
+        sources.load_problems("tfds:mathh/algebra:1.0.0:test")
+    # Through the trainer's error wrapper it stays one line.
+    from masa_jax import errors
+    with pytest.raises(errors.UserError) as info:
+        with errors.data_file_errors("tfds:gsm8kk:test"):
+            sources.load_problems("tfds:gsm8kk:test")
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300 and "gsm8k, gsm8k_hard" in str(info.value)
+
+
+def test_unprepared_tfds_dataset_names_the_data_dir_to_set(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", _tfds_with_registry(["gsm8k", "math"], prepared=["math"]))
+    monkeypatch.setenv("TFDS_DATA_DIR", "/env/tfds")
+    with pytest.raises(ValueError, match=r"^TFDS dataset 'gsm8k' in /given: Dataset info file format is not set! "
+                                         r"For random access, one of the following \.\.\. \(is it prepared there\? "
+                                         r"`tfds build` it, or set config.data.tfds_data_dir / \$TFDS_DATA_DIR"):
+        sources.load_problems("tfds:gsm8k:test", data_dir="/given")
+    with pytest.raises(ValueError, match=r"^TFDS dataset 'gsm8k' in /env/tfds: "):
+        sources.load_problems("tfds:gsm8k:test")
+    assert sources.load_problems("tfds:math:test").problems[0].question == "q"
 
 
 # --------------------------------------------------------------------------- misc

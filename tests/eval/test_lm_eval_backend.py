@@ -56,6 +56,16 @@ def test_generate_until_batches_requests_with_their_own_budgets_and_stops(lm, mo
     assert sorted(c[2] for c in calls) == [0.0, 0.7]
 
 
+def test_generate_until_shows_progress(lm, capsys):
+    """A tqdm bar over the requests (the harness was silent while it generated); disable_tqdm hides it."""
+    reqs = [_gen("Q: Name a colour.\nA:", until=[], max_gen_toks=b) for b in (3, 5, 4)]
+    lm.generate_until(reqs)
+    err = capsys.readouterr().err
+    assert "masa_jax generate_until" in err and "3/3" in err
+    lm.generate_until(reqs, disable_tqdm=True)
+    assert "generate_until" not in capsys.readouterr().err
+
+
 def test_sampling_is_seeded_and_repeats_differ(lm):
     reqs = [_gen("Q: Say something.\nA:", do_sample=True, temperature=1.0, top_p=0.9, max_gen_toks=16) for _ in range(4)]
     a, b = lm.generate_until(reqs), lm.generate_until(reqs)

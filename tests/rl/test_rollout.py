@@ -168,3 +168,27 @@ def test_verifier_times_are_logged_under_time_not_with_the_counts():
     assert ro.metrics["verify/n"] == 2.0 and ro.metrics["verify/errors"] == 0.0
     assert ro.metrics["time/verify_worker_cpu_s"] == 0.25
     assert not any(k.startswith("verify/") and ("cpu" in k or "second" in k) for k in ro.metrics)
+
+
+def test_sample_records_show_one_rollout_per_problem_first_with_its_rewards():
+    """The logged samples (config.log.num_samples): meta rollout i // P of problem i % P with its reward and
+    parts, and solution rollouts of the rolled-out problems only (a gated one has no text), each with its
+    reward; select() keeps the solution texts aligned with the problems."""
+    metas = {"easy": [_meta(8, 10), _meta(8, 12)], "mixed": [_meta(4, 10), _meta(0, 10)]}
+    sols = {"easy": ["\\boxed{7}"], "mixed": ["\\boxed{7}", "\\boxed{3}"]}
+    ro = _run(_problems("easy", "mixed"), scripted(metas, sols), _cfg(), active=True)
+    assert ro.rolled_out.tolist() == [False, True]  # "easy" predicted 8/8: gated
+    recs = rollout.sample_records(ro, 3)
+    meta = [r for r in recs if r["path"] == "meta"]
+    sol = [r for r in recs if r["path"] == "solution"]
+    assert [(r["uid"], r["text"]) for r in meta] == [("easy", metas["easy"][0]), ("mixed", metas["mixed"][0]),
+                                                     ("easy", metas["easy"][1])]
+    assert meta[1]["reward"] == ro.meta_rewards["total"][1, 0] and meta[1]["pred_pass_rate"] == 0.5
+    assert meta[1]["reward_difficulty"] == ro.meta_rewards["difficulty"][1, 0] and meta[1]["pred_length"] == 10
+    assert np.isnan(meta[0]["reward"])  # a gated problem's meta rollouts are not scored
+    assert [(r["uid"], r["text"], r["reward"], r["length"]) for r in sol] == [
+        ("mixed", "\\boxed{7}", 1.0, 9), ("mixed", "\\boxed{3}", 0.0, 9)]  # only 2 solution rollouts exist
+    assert rollout.sample_records(ro, 0) == []
+    kept = rollout.select(ro, np.array([False, True]))
+    assert kept.solution_texts == [["\\boxed{7}", "\\boxed{3}"]]
+    assert [r["uid"] for r in rollout.sample_records(kept, 5)] == ["mixed"] * 4

@@ -69,6 +69,16 @@ def test_greedy_budgets_truncate_transformers_output(qwen3_tiny):
     assert [len(lp) for lp in out.logprobs] == [len(t) for t in out.tokens]
 
 
+def test_on_done_counts_every_prompt_as_it_finishes(qwen3_tiny):
+    """The progress hook: a prompt with no budget counts at once, the others as their slots finish; the
+    counts sum to the number of prompts and the outputs are those without the hook."""
+    budgets = [5, 0, 1, None, MAX_NEW]
+    counts = []
+    out = _gen(qwen3_tiny, budgets=budgets, on_done=counts.append)
+    assert counts[0] == 1 and sum(counts) == 5 and len(counts) >= 3  # 2 slots: several harvests
+    assert out.tokens == _gen(qwen3_tiny, budgets=budgets).tokens
+
+
 def test_many_requests_through_two_slots_with_refill(qwen3_tiny):
     """40 requests with random budgets (0..12) through 2 slots: refill bookkeeping, cache buckets that
     grow (16 -> 64) and shrink back, and static batches give the same outputs."""

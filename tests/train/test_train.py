@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -268,3 +269,57 @@ def test_unknown_config_field_is_a_clear_error(tmp_path):
                           "--config.rl.lrr=2e-6"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "lrr" in out.stderr
+
+
+def test_logs_reach_tensorboard_wandb_and_samples(tiny_model_dir, small_config, tmp_path, monkeypatch):
+    """Issue 24.3: the step-0 held-out accuracy is on TensorBoard / W&B too (not only eval.jsonl), the W&B
+    run and TensorBoard's hparams carry the config, and each step logs log.num_samples meta and solution
+    generations with their rewards (samples.jsonl, TensorBoard text, W&B tables)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from test_metrics import _read_tb_events, _read_tb_scalars
+
+    wandb_calls = {"init": [], "log": []}
+
+    class Table:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    def init(**kwargs):
+        wandb_calls["init"].append(kwargs)
+        return types.SimpleNamespace(log=lambda data, step: wandb_calls["log"].append((step, data)),
+                                     finish=lambda: None)
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Table=Table))
+    codec = load_codec(tiny_model_dir)
+    meta_text = '<meta>ok</meta>{"pass_rate": 4}'
+    config = small_config(tiny_model_dir, "masa", total_steps=2, **{
+        "eval.files": ("toy-heldout:4",), "eval.num_samples": 1, "log.num_samples": 3, "log.wandb": True,
+        "rl.lr": 3e-4, "rollout.max_response_length": 128, "rollout.meta_max_new_tokens": 64})
+    train.train(config, str(tmp_path), generate_fn=ScriptedPolicy(codec, lambda q: meta_text))
+    evals = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
+    scalars = _read_tb_scalars(tmp_path / "tb")
+    assert [s for s, _ in scalars["eval/accuracy"]] == [0, 2]
+    assert scalars["eval/accuracy"][0][1] == pytest.approx(evals[0]["eval/accuracy"])
+    assert wandb_calls["log"][0] == (0, {k: v for k, v in evals[0].items() if k not in ("step", "train_time_s")})
+    assert wandb_calls["init"][0]["config"]["rl"]["lr"] == 3e-4
+    assert wandb_calls["init"][0]["config"]["log"]["num_samples"] == 3
+    hp = [v for e in _read_tb_events(tmp_path / "tb") for v in e.summary.value
+          if v.tag == "_hparams_/session_start_info"]
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+    start = HParamsPluginData.FromString(hp[0].metadata.plugin_data.content).session_start_info.hparams
+    assert start["rl.lr"].number_value == pytest.approx(3e-4) and start["algorithm"].string_value == "masa"
+    samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    assert [(r["step"], r["path"]) for r in samples] == [(s, p) for s in (1, 2) for p in ["meta"] * 3 + ["solution"] * 3]
+    for r in samples:
+        assert r["question"].startswith("Compute")
+        if r["path"] == "meta":
+            assert r["text"] == meta_text and r["pred_pass_rate"] == 4 / config.meta.k and 0 <= r["reward"] <= 1
+        else:  # the scripted policy solves every problem: reward 1, the world's worked solution
+            assert r["text"] == world.solve(re.search(r"Compute [^.]*\.", r["question"]).group(0)).text
+            assert r["reward"] == 1.0 and r["length"] == len(codec.encode(r["text"]))
+    tables = [(step, key, data[key]) for step, data in wandb_calls["log"] for key in data if key.startswith("samples/")]
+    assert [(step, key, len(t.data)) for step, key, t in tables] == [
+        (1, "samples/meta", 3), (1, "samples/solution", 3), (2, "samples/meta", 3), (2, "samples/solution", 3)]
+    texts = {(e.step, v.tag) for e in _read_tb_events(tmp_path / "tb") for v in e.summary.value
+             if v.metadata.plugin_data.plugin_name == "text"}
+    assert texts == {(s, f"samples/{p}/text_summary") for s in (1, 2) for p in ("meta", "solution")}
