@@ -147,14 +147,13 @@ def test_evaluate_on_a_missing_data_file_is_one_line(tmp_path):
 
 
 def test_a_start_that_fails_after_the_checks_removes_the_dirs_it_created(tiny_model_dir, small_config, tmp_path):
-    """Truncated weights pass the (cheap) checks and fail in the model load, after the workdir was made."""
+    """Truncated weights are refused by the checks now (#19 item 4), before the workdir is made."""
     from masa_jax import train
-    from masa_jax.models.qwen.checkpoint import CheckpointError
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     with open(model / "model.safetensors", "r+b") as f:
         f.truncate(16)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(UserError, match="corrupt safetensors header"):
         train.train(small_config(str(model), "grpo", total_steps=1), str(tmp_path / "new" / "run"))
     assert not (tmp_path / "new").exists()
     (model / "model.safetensors").unlink()  # no weights at all: a user error before anything is made
