@@ -34,6 +34,9 @@ def get_config():
     c.rollout.num_solutions = 8
     c.rollout.num_meta = 8
     c.rollout.max_response_length = 1024
+    # The authors cap meta outputs at the response length (8192, the default here); a free Colab chip cannot
+    # afford 8 x 8 meta rollouts that long, so this cap trades fidelity for time: a meta answer cut off before
+    # its JSON parses as malformed and scores 0 (meta/truncated_rate in the logs says how often).
     c.rollout.meta_max_new_tokens = 256
     c.rollout.num_slots = 32
     c.prompts.min_solution_length = 32

@@ -135,7 +135,10 @@ def meta_path(problems: Sequence[Problem], generate: GenerateFn, codec: TextCode
     texts = [[codec.decode(_strip_stop(out.tokens[p * M + j], out.finish_reasons[p * M + j])) for j in range(M)]
              for p in range(P)]
     preds = [[meta_lib.parse(t, k=cfg.k) for t in row] for row in texts]
-    metrics = {"time/meta_rollout_s": time.perf_counter() - t0}
+    # Meta rollouts cut off by meta_max_new_tokens lose their JSON (score 0): what a cap below the authors'
+    # (the response length) costs.
+    metrics = {"time/meta_rollout_s": time.perf_counter() - t0,
+               "meta/truncated_rate": float(np.mean([r == "max_new_tokens" for r in out.finish_reasons]))}
     for field, name in (("pass_rate", "pass"), ("length", "length"), ("notions", "notion")):
         metrics[f"meta/parse_rate_{name}"] = float(np.mean([[getattr(q, field) is not None for q in r]
                                                             for r in preds]))

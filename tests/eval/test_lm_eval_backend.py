@@ -154,3 +154,22 @@ def test_sharded_meshes_give_the_one_device_results(lm_model_dir, lm):
         assert max(abs(a - b) for a, b in zip(r["ll"], (x for x, _ in ll))) < 1e-4, mesh
         assert r["greedy"] == [g for _, g in ll], mesh
         assert r["gen"] == gen, mesh
+
+
+@pytest.mark.slow  # the CLI in a subprocess
+@pytest.mark.parametrize("bad", ["missing", "not_hf"])
+def test_harness_cli_bad_pretrained_is_one_line(bad, local_tasks, tmp_path):
+    """A bad ``pretrained`` ends the harness with one line naming it and exit 2, not lm-eval's traceback."""
+    path = tmp_path / "no_such_model"
+    if bad == "not_hf":
+        path.mkdir()
+        (path / "notes.txt").write_text("not a model")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "masa_jax.evaluation.harness", "--model", "masa_jax",
+                          "--model_args", f"pretrained={path}", "--tasks", "masa_mc",
+                          "--include_path", local_tasks, "--output_path", str(tmp_path / "out")],
+                         cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(path) in last, last

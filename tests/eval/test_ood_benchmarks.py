@@ -151,3 +151,20 @@ def test_suite_setting():
     assert paper.resolve_settings(config_lib.resolve(config_lib.base_config())).suite == "math"
     with pytest.raises(errors.UserError, match="config.evaluate.suite must be one of"):
         paper.resolve_settings(c, {"suite": "logic"})
+
+
+def test_evaluate_cli_refuses_meta_with_the_ood_suite(tmp_path):
+    """The OOD suite has no meta path: --meta is refused in one line before any model is loaded."""
+    import subprocess
+    import sys
+
+    from masa_jax.toy import defaults
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run(
+        [sys.executable, "-m", "masa_jax.evaluate", "--config=configs/eval_paper_ood.py:tiny",
+         f"--checkpoint={defaults.BASE_MODEL_DIR}", "--data=" + ",".join(ENTRIES), "--meta",
+         f"--output={tmp_path / 'ood.json'}"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: --meta: the out-of-domain suite has no meta path")
+    assert not (tmp_path / "ood.json").exists()

@@ -192,3 +192,15 @@ def test_sample_records_show_one_rollout_per_problem_first_with_its_rewards():
     kept = rollout.select(ro, np.array([False, True]))
     assert kept.solution_texts == [["\\boxed{7}", "\\boxed{3}"]]
     assert [r["uid"] for r in rollout.sample_records(kept, 5)] == ["mixed"] * 4
+
+
+def test_meta_truncation_rate_counts_meta_rollouts_stopped_by_their_cap():
+    """meta/truncated_rate: the share of meta rollouts that meta_max_new_tokens cut off (their JSON is lost,
+    so they score 0) - what a lower cap than the authors' costs. Problem a's meta text fits in 80 tokens,
+    problem b's (90 characters + EOS) does not: 2 of 4 rollouts."""
+    metas = {"a": [_meta(4, 10)], "b": ["x" * 90]}
+    sols = {"a": ["\\boxed{7}"], "b": ["\\boxed{7}"]}
+    ro = _run(_problems("a", "b"), scripted(metas, sols), _cfg(), active=False)
+    assert ro.metrics["meta/truncated_rate"] == 0.5
+    ro = _run(_problems("a", "b"), scripted(metas, sols), _cfg(meta_max_new_tokens=200), active=False)
+    assert ro.metrics["meta/truncated_rate"] == 0.0
