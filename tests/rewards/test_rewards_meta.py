@@ -127,10 +127,14 @@ def test_notion_forms(value, expected):
     '{"math_notion": ' + "[" * 5000 + "]" * 5000 + "}",
     '{"pass_rate": ' + "9" * 5000 + "}",
 ])
-def test_parse_never_raises(text):
-    out = parse(text)
+def test_parse_never_raises(text, caplog):
+    """Hostile or broken texts give an empty prediction from the parser itself: `parse`'s last-resort
+    ``except`` (which logs "meta.parse failed") must not be what catches them, or this test could not fail."""
+    with caplog.at_level("ERROR", logger="masa_jax.rewards.meta"):
+        out = parse(text)
     assert isinstance(out, MetaPrediction)
     assert out == MetaPrediction(None, None, None)
+    assert not [r for r in caplog.records if "meta.parse failed" in r.getMessage()]
 
 
 # ---- notion normalisation and matching ------------------------------------------------------------
