@@ -110,22 +110,28 @@ class Pod:
     def __init__(self, root, n):
         self.root, self.n = root, n
         local, host = root / "local_bin", root / "host_bin"
-        _write(local / "gcloud", f"""#!/usr/bin/env bash
-root={shlex.quote(str(root))}
-{{ flock 9; printf '%q ' gcloud "$@" >&9; echo >&9; }} 9>> "$root/calls"  # parallel calls: one line each
-[[ "$1 $2 $3" == "compute tpus tpu-vm" ]] || exit 64
-verb=$4; shift 4
-if [[ $verb == describe ]]; then
-  for ((i = 0; i < {n}; i++)); do echo "10.0.0.$i"; done; exit 0
-fi
-[[ $verb == ssh ]] || exit 64
-for a; do case $a in --worker=*) worker=${{a#*=}} ;; --command=*) command=${{a#*=}} ;; esac; done
-if [[ $worker == all ]]; then workers=$(seq 0 {n - 1}); else workers=$worker; fi
-rc=0
-for w in $workers; do
-  (cd "$root/worker-$w" && HOME="$root/worker-$w" PATH="{host}:$PATH" exec bash -c "$command") || rc=$?
-done
-exit $rc
+        # A remote command gets stdin / stdout / stderr only (close_fds), as over ssh.
+        _write(local / "gcloud", f"""#!{sys.executable}
+import fcntl, os, shlex, subprocess, sys
+root = {str(root)!r}
+with open(os.path.join(root, "calls"), "a") as f:  # parallel calls: one line each
+    fcntl.flock(f, fcntl.LOCK_EX)
+    f.write(" ".join(shlex.quote(a) for a in ["gcloud", *sys.argv[1:]]) + "\\n")
+args = sys.argv[1:]
+if args[:3] != ["compute", "tpus", "tpu-vm"]:
+    sys.exit(64)
+if args[3] == "describe":
+    print("\\n".join(f"10.0.0.{{i}}" for i in range({n})))
+    sys.exit(0)
+assert args[3] == "ssh", args
+opts = dict(a[2:].split("=", 1) for a in args[5:] if a.startswith("--") and "=" in a)
+workers = range({n}) if opts["worker"] == "all" else [int(opts["worker"])]
+rc = 0
+for w in workers:
+    home = os.path.join(root, f"worker-{{w}}")
+    env = {{**os.environ, "HOME": home, "PATH": {str(host)!r} + ":" + os.environ["PATH"]}}
+    rc = subprocess.run(["bash", "-c", opts["command"]], cwd=home, env=env).returncode or rc
+sys.exit(rc)
 """)
         _write(host / "sudo", """#!/usr/bin/env bash
 echo "$*" >> "$HOME/sudo.log"
@@ -329,6 +335,39 @@ def test_a_failing_worker_stops_the_others(tmp_path):
     assert sorted(next(a for a in c if a.startswith("--worker=")) for c in stops) == [
         "--worker=0", "--worker=1", "--worker=2"]
     assert "RuntimeError: boom" in (logs / "worker-1.log").read_text()
+
+
+def test_log_runs_in_the_background_and_the_next_launch_stops_it(tmp_path):
+    pod = Pod(tmp_path / "pod", 2)
+    repo = _checkout(tmp_path)
+    script = str(repo / "scripts" / "launch_tpu_pod.sh")
+    for w in range(2):
+        (pod.host(w) / "behaviour").write_text("hang")
+    out = _run(*POD, "--sync", "--log=~/train.log", f"--log_dir={tmp_path / 'logs'}", env=pod.env, script=script)
+    assert out.returncode == 0, out.stderr
+    assert "started in the background on all 2 workers" in out.stderr and "kill -TERM" in out.stderr
+    pids = []
+    for w in range(2):
+        deadline = time.monotonic() + 10
+        while not (pod.host(w) / "train.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pids.append(int((pod.host(w) / "train.pid").read_text()))
+        assert _alive(pids[-1]) and "training in" in (pod.host(w) / "train.log").read_text()
+    try:
+        for w in range(2):
+            (pod.host(w) / "behaviour").write_text("ok")
+        out = _run(*POD, f"--log_dir={tmp_path / 'logs'}", env=pod.env, script=script)
+        assert out.returncode == 0, out.stderr
+        assert "stopping the previous launch" in (tmp_path / "logs" / "cleanup.log").read_text()
+        for pid in pids:
+            deadline = time.monotonic() + 5
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not _alive(pid)
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, 9)
 
 
 def test_without_a_venv_the_hosts_say_how_to_make_one(tmp_path):
