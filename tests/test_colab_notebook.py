@@ -146,3 +146,178 @@ def test_qwen3_0p6b_preset_has_the_released_parameter_count():
             cfg.vocab_size, cfg.tie_word_embeddings) == (1024, 28, 16, 8, 128, 3072, 151936, True)
     shapes = jax.eval_shape(lambda k: qwen.init_params(cfg, k), jax.random.key(0))
     assert sum(x.size for x in jax.tree.leaves(shapes)) == 596_049_920  # Qwen/Qwen3-0.6B-Base: 596.0 M
+
+
+# ---- the install cell (both notebooks), run against a fake Colab: git, pip, the devices, the versions ----
+
+QUICKSTART = os.path.join(REPO, "notebooks", "quickstart.ipynb")
+SETUP_PY = os.path.join(REPO, "setup.py")
+
+
+def _install_cell(path):
+    """The install cell's code, and the parameters it reads (the Colab notebook's parameters cell; the
+    quickstart's lines at the top of the cell itself)."""
+    nb = nbformat.read(path, as_version=4)
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and "def install_masa_jax" in c.source]
+    params = {}
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    if tagged:
+        exec(tagged[0].source, params)
+    return cell.source, params
+
+
+class FakeColab:
+    """google.colab imported; `git clone` copies a setup.py (the real one, or it without the gpu extra) into
+    a directory with a .git; pip fails as often as told, then replaces the preinstalled jax / numpy;
+    glob / shutil.which report the runtime's devices; sys.modules holds the loaded jax / numpy."""
+
+    def __init__(self, monkeypatch, tmp_path, runtime="tpu", pip_failures=0, gpu_extra=True):
+        import glob
+        import importlib.metadata
+        import shutil
+        import subprocess as sp
+        import types
+        self.calls, self.pip_failures, self.tmp_path = [], pip_failures, tmp_path
+        self.setup_text = open(SETUP_PY).read()
+        if not gpu_extra:
+            self.setup_text = re.sub(r'\n[ \t]*"gpu":[^\n]*', "", self.setup_text)
+            assert '"gpu"' not in self.setup_text
+        self.versions = {"jax": "0.4.33", "jaxlib": "0.4.33", "numpy": "2.0.2", "scipy": "1.13.1"}
+        monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+        self.modules = {}
+        self.monkeypatch = monkeypatch
+        monkeypatch.setattr(sp, "run", self.run)
+        devices = {"tpu": {"/dev/accel*": ["/dev/accel0"]}, "gpu": {}, "cpu": {}}[runtime]
+        monkeypatch.setattr(glob, "glob", lambda pattern: devices.get(pattern, []))
+        monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi" if runtime == "gpu" else None)
+
+        def version(dist):
+            if self.versions.get(dist) is None:
+                raise importlib.metadata.PackageNotFoundError(dist)
+            return self.versions[dist]
+        monkeypatch.setattr(importlib.metadata, "version", version)
+        self.monkeypatch.setattr(sys, "path", list(sys.path))
+
+    def load(self, binary):
+        """The session's loaded modules: each of the cell's compiled packages at its installed version."""
+        import types
+        for dist, module in binary.items():
+            if self.versions.get(dist):
+                self.monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(__version__=self.versions[dist]))
+            else:
+                self.monkeypatch.delitem(sys.modules, module, raising=False)
+
+    def run(self, cmd, **kwargs):
+        import subprocess as sp
+        self.calls.append(list(cmd))
+        if cmd[:2] == ["git", "clone"]:
+            dest = cmd[-1]
+            os.makedirs(os.path.join(dest, ".git"))
+            with open(os.path.join(dest, "setup.py"), "w") as f:
+                f.write(self.setup_text)
+            return sp.CompletedProcess(cmd, 0, "", "")
+        assert cmd[1:4] == ["-m", "pip", "install"], cmd
+        if self.pip_failures:
+            self.pip_failures -= 1
+            return sp.CompletedProcess(cmd, 1, "", "ERROR: Could not install packages due to an OSError\n")
+        self.versions.update({"jax": "0.10.2", "jaxlib": "0.10.2", "numpy": "2.4.6", "libtpu": "0.0.42"})
+        return sp.CompletedProcess(cmd, 0, "", "")
+
+    def pips(self):
+        return [c for c in self.calls if c[1:3] == ["-m", "pip"]]
+
+
+def _exec_cell(source, params, install_dir):
+    ns = {**params, "REPO_URL": "https://example.com/fork/masa_jax", "INSTALL_DIR": str(install_dir)}
+    # The quickstart sets them at the top of the cell: the test's values replace those lines.
+    source = re.sub(r'^(REPO_URL|INSTALL_DIR) = .*$', "", source, flags=re.M)
+    exec(compile(source, "install_cell", "exec"), ns)
+    return ns
+
+
+@pytest.mark.parametrize("notebook", [NOTEBOOK, QUICKSTART])
+def test_install_cell_does_nothing_outside_colab(notebook, tmp_path, monkeypatch):
+    source, params = _install_cell(notebook)
+    url = "https://github.com/masa-jax/masa_jax"  # the default clone URL, a parameter at the top
+    assert params.get("REPO_URL") == url or source.startswith("#") and f'\nREPO_URL = "{url}"' in source
+    import subprocess as sp
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    monkeypatch.setattr(sp, "run", lambda *a, **k: pytest.fail("ran a command outside Colab"))
+    _exec_cell(source, params, tmp_path / "masa_jax")
+    assert not (tmp_path / "masa_jax").exists()
+
+
+@pytest.mark.parametrize("notebook", [NOTEBOOK, QUICKSTART])
+def test_install_cell_retries_a_failed_pip_then_skips_and_says_when_to_restart(notebook, tmp_path, monkeypatch,
+                                                                             capsys):
+    source, params = _install_cell(notebook)
+    colab = FakeColab(monkeypatch, tmp_path, runtime="tpu", pip_failures=1)
+    install_dir = tmp_path / "masa_jax"
+    # Run 1: the clone works, pip fails: the cell raises, no marker.
+    with pytest.raises(RuntimeError, match="pip install failed .*run this cell again to retry"):
+        _exec_cell(source, params, install_dir)
+    assert [c[:2] for c in colab.calls] == [["git", "clone"], [sys.executable, "-m"]]
+    assert colab.calls[0][-2:] == ["https://example.com/fork/masa_jax", str(install_dir)]
+    assert not (install_dir / ".colab_install_done").exists()
+    # Run 2: the clone exists (not cloned again), pip is retried and succeeds: the marker, and the restart
+    # instruction since the preinstalled jax / numpy were replaced.
+    capsys.readouterr()
+    ns = _exec_cell(source, params, install_dir)
+    out = capsys.readouterr().out
+    assert len(colab.pips()) == 2 and sum(c[0] == "git" for c in colab.calls) == 1
+    assert colab.pips()[-1][4:7] == ["-q", "-e", f"{install_dir}[tpu]"]
+    assert json.loads((install_dir / ".colab_install_done").read_text())["extra"] == "[tpu]"
+    assert "Runtime > Restart session" in out and "jax 0.4.33 -> 0.10.2" in out and "numpy 2.0.2 -> 2.4.6" in out
+    assert str(install_dir) == sys.path[0]
+    # Run 3, before the restart (the old jax still loaded): no pip, the instruction again.
+    colab.versions.update({"jax": "0.4.33", "numpy": "2.0.2"})
+    colab.load(ns["BINARY"])
+    colab.versions.update({"jax": "0.10.2", "numpy": "2.4.6"})
+    _exec_cell(source, params, install_dir)
+    out = capsys.readouterr().out
+    assert len(colab.pips()) == 2
+    assert "is installed from" in out and "Runtime > Restart session" in out and "jax 0.4.33 -> 0.10.2" in out
+    # Run 4, after the restart (the new versions loaded): no pip, no instruction.
+    colab.load(ns["BINARY"])
+    _exec_cell(source, params, install_dir)
+    out = capsys.readouterr().out
+    assert len(colab.pips()) == 2 and "is installed from" in out and "Restart" not in out
+
+
+def test_install_cell_says_no_restart_when_nothing_compiled_was_replaced(tmp_path, monkeypatch, capsys):
+    source, params = _install_cell(NOTEBOOK)
+    colab = FakeColab(monkeypatch, tmp_path, runtime="cpu")
+    colab.versions = {"jax": "0.10.2", "jaxlib": "0.10.2", "numpy": "2.4.6"}  # already the pinned ones
+    _exec_cell(source, params, tmp_path / "masa_jax")
+    out = capsys.readouterr().out
+    assert "no restart needed" in out and "Restart" not in out
+    assert colab.pips()[0][4:] == ["-q", "-e", str(tmp_path / "masa_jax"), "datasets", "huggingface_hub"]
+
+
+@pytest.mark.parametrize("runtime, gpu_extra, extra", [
+    ("tpu", True, "[tpu]"), ("gpu", True, "[gpu]"), ("gpu", False, ""), ("cpu", True, "")])
+@pytest.mark.parametrize("notebook", [NOTEBOOK, QUICKSTART])
+def test_install_cell_picks_the_extra_of_the_runtime(notebook, runtime, gpu_extra, extra, tmp_path, monkeypatch):
+    source, params = _install_cell(notebook)
+    colab = FakeColab(monkeypatch, tmp_path, runtime=runtime, gpu_extra=gpu_extra)
+    _exec_cell(source, params, tmp_path / "masa_jax")
+    (pip,) = colab.pips()
+    assert pip[6] == f"{tmp_path / 'masa_jax'}{extra}"
+    assert json.loads((tmp_path / "masa_jax" / ".colab_install_done").read_text())["extra"] == extra
+
+
+def test_install_cell_reclones_after_a_failed_clone(tmp_path, monkeypatch):
+    source, params = _install_cell(QUICKSTART)
+    colab = FakeColab(monkeypatch, tmp_path, runtime="cpu")
+    (tmp_path / "masa_jax").mkdir()
+    (tmp_path / "masa_jax" / "half").write_text("")  # a clone interrupted before .git was complete
+    _exec_cell(source, params, tmp_path / "masa_jax")
+    assert colab.calls[0][:2] == ["git", "clone"] and not (tmp_path / "masa_jax" / "half").exists()
+
+
+def test_both_notebooks_share_the_install_code():
+    a, _ = _install_cell(NOTEBOOK)
+    b, _ = _install_cell(QUICKSTART)
+    start = "# Colab: clone REPO_URL"
+    assert a[a.index(start):] == b[b.index(start):]
+    assert "[tpu]" not in b.split(start)[0]  # the quickstart no longer installs [tpu] everywhere
