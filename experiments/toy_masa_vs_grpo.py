@@ -32,7 +32,6 @@ sys.path.insert(0, REPO)
 from masa_jax import components, config as config_lib, evaluate, metrics as metrics_lib, train  # noqa: E402
 from masa_jax.rewards import math as math_reward  # noqa: E402
 from masa_jax.rl import rollout as rollout_lib  # noqa: E402
-from masa_jax.sampling.generate import generate as sampling_generate  # noqa: E402
 from masa_jax.tokenization import load_codec  # noqa: E402
 from masa_jax.toy import defaults, world  # noqa: E402
 
@@ -68,14 +67,8 @@ def heldout_eval(config, checkpoint: str, problems, verifier, seed: int) -> dict
     model_cfg, params, mesh = evaluate.load_policy(config, checkpoint)
     codec = load_codec(config.model.tokenizer_path)
     rcfg = dataclasses.replace(components.rollout_config(config), use_meta=True)
-    r = config.rollout
-
-    def generate(prompt_ids, budgets, max_new_tokens, rng):
-        return sampling_generate(model_cfg, params, prompt_ids, rng=rng, max_new_tokens=max_new_tokens,
-                                 temperature=r.temperature, top_p=r.top_p, eos_ids=codec.eos_ids,
-                                 num_slots=r.num_slots, mesh=mesh)
-
-    ro = rollout_lib.run_rollouts(problems, generate=generate, codec=codec, verify=verifier.verify, cfg=rcfg,
+    engine = components.rollout_engine_for(config, model_cfg, codec.eos_ids, mesh, params)  # the run's sampler
+    ro = rollout_lib.run_rollouts(problems, generate=engine.generate, codec=codec, verify=verifier.verify, cfg=rcfg,
                                   efficient_active=False, rng=jax.random.key(10_000 + seed))
     pred, true = ro.controls.pred_pass_mean, ro.correct.mean(axis=1)
     ok = np.isfinite(pred)

@@ -9,6 +9,7 @@ from typing import Sequence
 from masa_jax import config as config_lib
 from masa_jax.rewards.math import VerifierConfig
 from masa_jax.rl.controls import ControlConfig
+from masa_jax.rl import rollout_engine
 from masa_jax.rl.rollout import RolloutConfig
 from masa_jax.rl.train_step import LossConfig, OptimConfig
 from masa_jax.sampling.generate import SamplerConfig
@@ -60,3 +61,14 @@ def sampler_config(config, eos_ids: Sequence[int], *, temperature: float | None 
     pick = lambda value, default: default if value is None else value  # noqa: E731
     return SamplerConfig(temperature=pick(temperature, r.temperature), top_p=pick(top_p, r.top_p),
                          top_k=pick(top_k, r.top_k), eos_ids=tuple(eos_ids), num_slots=r.num_slots)
+
+
+def rollout_engine_for(config, model_cfg, eos_ids: Sequence[int], mesh=None, params=None, *,
+                       temperature: float | None = None, top_p: float | None = None,
+                       top_k: int | None = None) -> rollout_engine.RolloutEngine:
+    """The run's rollout engine (`config.rollout.engine`) with its sampler (`sampler_config`), holding
+    `params` when given: what training, its held-out evaluation, `evaluate` and the lm-eval backend sample
+    with."""
+    spec = rollout_engine.EngineSpec(model_cfg, sampler_config(config, eos_ids, temperature=temperature,
+                                                               top_p=top_p, top_k=top_k), mesh)
+    return rollout_engine.make_engine(config.rollout.engine, spec, params)

@@ -12,6 +12,7 @@ import string
 import ml_collections as mlc
 
 from masa_jax.errors import UserError
+from masa_jax.rewards import meta as meta_lib
 from masa_jax.rl import prompts as prompts_lib
 from masa_jax.rewards.math import VerifierConfig
 from masa_jax.rl.controls import ControlConfig
@@ -71,6 +72,7 @@ def base_config() -> mlc.ConfigDict:
     c.rollout.top_p = _SAMPLER.top_p
     c.rollout.top_k = _SAMPLER.top_k
     c.rollout.num_slots = 256     # decode slots of the refill sampler
+    c.rollout.engine = "native"   # the sampler (rl/rollout_engine.py ENGINES): masa_jax's refill engine
 
     c.prompts = mlc.ConfigDict()
     c.prompts.meta_template = ""      # "" = the default templates of masa_jax.rl.prompts
@@ -80,7 +82,9 @@ def base_config() -> mlc.ConfigDict:
     c.meta = mlc.ConfigDict()
     c.meta.k = _ROLLOUT["k"]              # pass_rate is an integer 0..k
     c.meta.base = _ROLLOUT["base"]        # b of the difficulty reward b ** |d_pred - d_sol|
-    c.meta.weights = _ROLLOUT["weights"]  # (length, difficulty, notion): Figure-6 ablations
+    # One weight per reward component, in rewards/meta.py COMPONENTS order (length, difficulty, notion):
+    # the Figure-6 ablations.
+    c.meta.weights = meta_lib.default_weights()
 
     c.efficient = mlc.ConfigDict()
     c.efficient.switch_step = 120     # k: from this step on, meta first, then gating / cutoff / hints
@@ -175,10 +179,10 @@ def resolve(config: mlc.ConfigDict) -> mlc.ConfigDict:
         c.dapo.dynamic_sampling = True
     if not c.model.tokenizer_path:
         c.model.tokenizer_path = c.model.path
-    if abs(sum(c.meta.weights) - 1.0) > 1e-6 or len(c.meta.weights) != 3:
-        raise UserError(f"config.meta.weights must be 3 weights summing to 1, got {c.meta.weights}")
-    if c.rl.loss_agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
-        raise UserError(f"config.rl.loss_agg {c.rl.loss_agg!r} unknown")
+    names = meta_lib.component_names()
+    if len(c.meta.weights) != len(names) or abs(sum(c.meta.weights) - 1.0) > 1e-6:
+        raise UserError(f"config.meta.weights must be {len(names)} weights summing to 1, one per reward component "
+                        f"{names}, got {c.meta.weights}")
     if not c.rl.mini_batch_size >= 0:
         raise UserError(f"config.rl.mini_batch_size must be >= 0 (0: the whole step), got {c.rl.mini_batch_size!r}")
     c.lock()
@@ -229,7 +233,8 @@ def _check_ranges(c: mlc.ConfigDict) -> None:
 
     from masa_jax.models.qwen.config import ATTENTION_IMPLS, REMAT_POLICIES
     from masa_jax.rewards.answers import FALLBACK_MODES
-    from masa_jax.rl.grpo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
+    from masa_jax.rl.grpo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+    from masa_jax.rl.rollout_engine import ENGINES
 
     def number(name, ok, valid):
         v = c[name]
@@ -250,12 +255,16 @@ def _check_ranges(c: mlc.ConfigDict) -> None:
     number("rollout.max_response_length", lambda v: v == int(v) and v <= 1 << 20, "an integer <= 1048576")
     number("reward.batch_budget_s", lambda v: v > 0, "a finite number of seconds > 0")
     number("reward.per_item_timeout_s", lambda v: v > 0, "a finite number of seconds > 0")
-    if len(c.meta.weights) != 3 or not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0
-                                           for w in c.meta.weights):
-        raise UserError(f"config.meta.weights must be 3 weights >= 0 summing to 1, got {c.meta.weights}")
+    names = meta_lib.component_names()
+    if len(c.meta.weights) != len(names) or not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0
+                                                    for w in c.meta.weights):
+        raise UserError(f"config.meta.weights must be {len(names)} weights >= 0 summing to 1, one per reward "
+                        f"component {names}, got {c.meta.weights}")
     choices = {"model.param_dtype": _DTYPES, "model.dtype": _DTYPES, "model.remat": REMAT_POLICIES,
                "model.attention_impl": ATTENTION_IMPLS, "rl.kl_estimator": tuple(KL_ESTIMATORS),
-               "rl.advantage": tuple(ADVANTAGE_ESTIMATORS), "reward.answer_fallback": FALLBACK_MODES}
+               "rl.loss_agg": tuple(LOSS_AGGREGATIONS),
+               "rl.advantage": tuple(ADVANTAGE_ESTIMATORS), "reward.answer_fallback": FALLBACK_MODES,
+               "rollout.engine": tuple(sorted(ENGINES))}
     for name, valid in choices.items():
         if c[name] not in valid:
             raise UserError(f"config.{name} must be one of {valid}, got {c[name]!r}")

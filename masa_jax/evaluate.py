@@ -31,11 +31,12 @@ from masa_jax import errors
 from masa_jax import fs
 from masa_jax.data import sources
 from masa_jax.evaluation.scoring import sample_and_score
+from masa_jax.rl.rollout_engine import GenerateFn
 
 log = logging.getLogger("masa_jax.evaluate")
 
 
-def evaluate_problems(problems: Sequence[sources.Problem], generate: Callable, codec, verify: Callable, *,
+def evaluate_problems(problems: Sequence[sources.Problem], generate: GenerateFn, codec, verify: Callable, *,
                       n: int, ks: Sequence[int], max_new_tokens: int, rng: jax.Array,
                       solution_template: str = "") -> dict:
     """Samples n solutions per problem and scores them. Returns pass@1, pass@k for k <= n, the number
@@ -92,9 +93,7 @@ def run_evaluation(F) -> dict:
     from masa_jax import config as config_lib
     from masa_jax.evaluation import paper
     from masa_jax.rewards import math as math_reward
-    from masa_jax.components import sampler_config, verifier_config
-    from masa_jax.sampling import to_sampling_params
-    from masa_jax.sampling.generate import generate as sampling_generate
+    from masa_jax.components import rollout_engine_for, verifier_config
     from masa_jax.tokenization import load_codec
 
     # Every user error before the model is loaded (or anything is created).
@@ -126,15 +125,12 @@ def run_evaluation(F) -> dict:
         raise errors.UserError(f"--output {out}: its directory does not exist")
     model_cfg, params, mesh = load_policy(config, F.checkpoint)
     codec = load_codec(config.model.tokenizer_path)
-    sampling_params = to_sampling_params(model_cfg, params, mesh=mesh)  # once: every call samples the same model
+    # The trainer's engine and sampler at the protocol's settings; the weights resharded once: every call
+    # samples the same model.
+    engine = rollout_engine_for(config, model_cfg, codec.eos_ids, mesh, params, temperature=settings.temperature,
+                                top_p=settings.top_p, top_k=settings.top_k)
     del params
-
-    sampler = sampler_config(config, codec.eos_ids, temperature=settings.temperature, top_p=settings.top_p,
-                             top_k=settings.top_k)  # the trainer's sampler, at the protocol's settings
-
-    def generate(prompt_ids, budgets, max_new_tokens, rng):
-        return sampling_generate(model_cfg, sampling_params, prompt_ids, rng=rng, max_new_tokens=max_new_tokens,
-                                 budgets=budgets, mesh=mesh, sampler=sampler)
+    generate = engine.generate
 
     def rng_fn(i, kind):
         key = jax.random.key(settings.seed + i)

@@ -66,12 +66,17 @@ PROGRESS_KEYS: tuple[tuple[str, str, str], ...] = (
     ("perf/update_tokens_per_s", "update tok/s", "{:,.0f}"),
     ("perf/mfu", "mfu", "{:.1%}"),
 )
-META_REWARD_KEYS = ("reward/meta_total", "reward/meta_length", "reward/meta_difficulty",
-                    "reward/meta_notion")
+def meta_reward_keys() -> tuple[str, ...]:
+    """reward/meta_total and one key per reward component (rewards/meta.py COMPONENTS)."""
+    from masa_jax.rewards import meta as meta_lib
+    return ("reward/meta_total", *(f"reward/meta_{name}" for name in meta_lib.component_names()))
+
+
+
 # The metrics TensorBoard's HParams tab shows against the run's config.
 HPARAM_METRICS = ("eval/accuracy", "reward/solution_mean", "acc/solution", "reward/meta_total")
-SUMMARY_KEYS = ("reward/solution_mean", "acc/solution", *META_REWARD_KEYS, "gate/fraction",
-                "throughput/tokens_per_s")
+def summary_keys() -> tuple[str, ...]:
+    return ("reward/solution_mean", "acc/solution", *meta_reward_keys(), "gate/fraction", "throughput/tokens_per_s")
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,8 +589,8 @@ def meta_rewards_figure(history: Sequence[Mapping[str, Any]], title: str = "meta
                         switch: int | None = None) -> Figure | None:
     """Meta reward total and its length / difficulty / notion parts over steps, the switch-over step
     (``switch``, default ``switch_step(history)``) marked; None when the history has none of
-    ``META_REWARD_KEYS`` (e.g. a GRPO run)."""
-    return _history_figure(history, META_REWARD_KEYS, title, "reward",
+    ``meta_reward_keys()`` (e.g. a GRPO run)."""
+    return _history_figure(history, meta_reward_keys(), title, "reward",
                            switch_step(history) if switch is None else switch)
 
 
@@ -601,7 +606,7 @@ def plot_meta_rewards(history: Sequence[Mapping[str, Any]], path: str | os.PathL
                       title: str = "meta reward", *, switch: int | None = None) -> epath.Path | None:
     """`meta_rewards_figure` as a PNG at ``path``; None (with a WARNING, nothing written) without meta
     rewards, so an end-of-run report does not crash over a GRPO run."""
-    return _save_or_warn(meta_rewards_figure(history, title, switch=switch), path, META_REWARD_KEYS)
+    return _save_or_warn(meta_rewards_figure(history, title, switch=switch), path, meta_reward_keys())
 
 
 def plot_gating(history: Sequence[Mapping[str, Any]], path: str | os.PathLike,
@@ -679,14 +684,14 @@ def summary_table(history: Sequence[Mapping[str, Any]], keys: Sequence[str] | No
 
     With ``window`` > 1 the start / end values are the means of the first / last ``window`` logged
     values (single RL steps are noisy: one step of 8 problems says little). ``keys`` defaults to the
-    ``SUMMARY_KEYS`` present in the history, or every numeric key if none of those is. Values are the
+    ``summary_keys()`` present in the history, or every numeric key if none of those is. Values are the
     non-null ones; with ``window`` == 1 their steps are shown when they differ from the history's
     first / last step.
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if keys is None:
-        keys = [k for k in SUMMARY_KEYS if history_series(history, k)[0].size]
+        keys = [k for k in summary_keys() if history_series(history, k)[0].size]
         if not keys:
             keys = sorted({k for r in history for k, v in r.items()
                            if k != "step" and _number(v) is not None})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -43,8 +44,7 @@ from masa_jax.rl import bc as bc_lib
 from masa_jax.rl import expert_buffer as expert_lib
 from masa_jax.rl import rollout as rollout_lib
 from masa_jax.rl import update as update_lib
-from masa_jax.sampling.generate import generate as sampling_generate
-from masa_jax.sampling.reshard import to_sampling_params
+from masa_jax.rl import rollout_engine
 from masa_jax.tokenization import ChatCodec, load_codec
 
 log = logging.getLogger("masa_jax.train")
@@ -68,7 +68,7 @@ class Run:
     checkpointer: checkpointing.RunCheckpointer
     writer: metrics_lib.MetricsWriter
     eval_problems: list                  # this host's share of the held-out problems (config.eval.files)
-    generate_fn: Callable | None = None  # injected policy for tests; None = the sampler
+    engine: rollout_engine.RolloutEngine  # the sampler (config.rollout.engine), or a scripted policy
 
 
 SKIP_HINT = ", or skip malformed rows with --config.data.on_error=skip"
@@ -185,27 +185,19 @@ def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
     writer = metrics_lib.MetricsWriter(workdir, use_tensorboard=config.log.tensorboard, use_wandb=config.log.wandb,
                                        wandb_project=config.log.wandb_project, is_primary=jax.process_index() == 0,
                                        wandb_config=run_config, hparams=run_config)
+    engine = (rollout_engine.FunctionEngine(generate_fn) if generate_fn is not None
+              else components.rollout_engine_for(config, model_cfg, codec.eos_ids, mesh))
     return Run(config, workdir, mesh, model_cfg, codec, data, verifier, updater, rcfg, checkpointer, writer,
-               eval_problems, generate_fn)
+               eval_problems, engine)
 
 
 def make_generate(run: Run, params, temperature: float | None = None) -> Callable:
-    """The rollout policy for this step: the refill sampler over the sampling-layout weights, at the
-    rollout temperature unless `temperature` is given."""
-    if run.generate_fn is not None:
-        return run.generate_fn
-    sampler = components.sampler_config(run.config, run.codec.eos_ids, temperature=temperature)
-    sampling_params = to_sampling_params(run.model_cfg, params, mesh=run.mesh)  # the per-step reshard
-    mesh = run.mesh
-    if jax.process_count() > 1:  # each host samples its own problems on its own devices
-        mesh = multihost.local_sampling_mesh(run.mesh)
-        sampling_params = multihost.to_local(sampling_params, mesh)
-
-    def generate(prompt_ids, budgets, max_new_tokens, rng):
-        return sampling_generate(run.model_cfg, sampling_params, prompt_ids, rng=rng, max_new_tokens=max_new_tokens,
-                                 budgets=None if budgets is None else [int(b) for b in budgets], mesh=mesh,
-                                 sampler=sampler)
-    return generate
+    """The rollout policy for this step: the run's engine holding `params`, at the rollout temperature
+    unless `temperature` is given."""
+    run.engine.update_params(params)  # the per-step reshard into the sampling layout
+    if temperature is None:
+        return run.engine.generate
+    return functools.partial(run.engine.generate, temperature=temperature)
 
 
 @dataclasses.dataclass
@@ -281,6 +273,7 @@ def train_one_step(run: Run, state, loop: LoopState, rng: jax.Array):
     active = efficient_active(run.config, loop)
     generate = make_generate(run, state.params)
     ro = collect_rollouts(run, generate, active, sampling_key(rng, jax.process_index()))
+    run.engine.update_params(None)  # the sampling copy is not resident during the update
     metrics = dict(ro.metrics)
     metrics["efficient/active"] = float(active)
 
@@ -435,6 +428,7 @@ def heldout_eval(run: Run, params, step: int) -> dict[str, float]:
             run.eval_problems, generate, run.codec, run.verifier.verify, n=c.num_samples,
             max_new_tokens=run.config.rollout.max_response_length, rng=rng,
             solution_template=run.config.prompts.solution_template)
+    run.engine.update_params(None)
     mine = {"acc": correct.mean(axis=1).tolist(), "level": [p.difficulty for p in run.eval_problems]}
     parts = multihost.allgather_json(mine)
     acc = np.array(sum((p["acc"] for p in parts), []), np.float64)

@@ -361,7 +361,7 @@ class MasaJaxLM(TemplateLM):
         self.stop_ids = tuple(dict.fromkeys(
             ([int(tok_eos)] if tok_eos is not None else []) + list(model_eos_ids(loaded.model_dir, self.model_cfg))))
         self._scorer = make_scorer(self.model_cfg, self.mesh, chunk_size=int(chunk_size))
-        self._sampling_params = None
+        self._rollout_engine = None
         self._warned: set = set()
         log.info("masa_jax: loaded %s in %.1f s (mesh %s)", loaded.source, time.perf_counter() - t0,
                  dict(zip(self.mesh.axis_names, self.mesh.axis_sizes)))
@@ -532,14 +532,18 @@ class MasaJaxLM(TemplateLM):
             self._warned.add(message)
             log.warning(message)
 
-    def _sampler_params(self):
-        if self._sampling_params is None:
-            from masa_jax.sampling import to_sampling_params
-            self._sampling_params = to_sampling_params(self.model_cfg, self.params, mesh=self.mesh)
-        return self._sampling_params
+    def _engine(self):
+        """The run config's rollout engine (config.rollout.engine), built on first use: its own sampler
+        settings (lm-eval's stop ids, num_slots), the per-request sampling given per call."""
+        if self._rollout_engine is None:
+            from masa_jax.rl import rollout_engine
+            from masa_jax.sampling import SamplerConfig
+            spec = rollout_engine.EngineSpec(self.model_cfg, SamplerConfig(eos_ids=self.stop_ids,
+                                                                           num_slots=self.num_slots), self.mesh)
+            self._rollout_engine = rollout_engine.make_engine(self.loaded.config.rollout.engine, spec, self.params)
+        return self._rollout_engine
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from masa_jax.sampling import generate
         eos_text = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         groups: dict = collections.OrderedDict()
         prepared = []
@@ -557,16 +561,15 @@ class MasaJaxLM(TemplateLM):
             prepared.append((ids, until, max_gen))
             groups.setdefault(self._sampling(kwargs), []).append(i)
         out: list[str | None] = [None] * len(requests)
-        params = self._sampler_params() if requests else None
+        engine = self._engine() if requests else None
         from tqdm import tqdm
         bar = tqdm(total=len(requests), desc="masa_jax generate_until", disable=disable_tqdm)
         for g, ((temperature, top_p, top_k), members) in enumerate(groups.items()):
             budgets = [prepared[i][2] for i in members]
             t0 = time.perf_counter()
-            res = generate(self.model_cfg, params, [prepared[i][0] for i in members],
-                           rng=jax.random.fold_in(jax.random.key(self.seed), g), max_new_tokens=max(budgets),
-                           budgets=budgets, temperature=temperature, top_p=top_p, top_k=top_k,
-                           eos_ids=self.stop_ids, num_slots=self.num_slots, mesh=self.mesh, on_done=bar.update)
+            res = engine.generate([prepared[i][0] for i in members], budgets, max(budgets),
+                                  jax.random.fold_in(jax.random.key(self.seed), g), temperature=temperature,
+                                  top_p=top_p, top_k=top_k, on_done=bar.update)
             log.info("masa_jax: %d generations (temperature %g) in %.1f s, %d tokens", len(members), temperature,
                      time.perf_counter() - t0, res.stats.generated_tokens)
             for k, i in enumerate(members):

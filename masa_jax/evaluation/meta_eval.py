@@ -29,6 +29,7 @@ from masa_jax import metrics as metrics_lib
 from masa_jax.rewards import meta as meta_lib
 from masa_jax.rl import prompts
 from masa_jax.rl import controls as controls_lib
+from masa_jax.rl.rollout_engine import GenerateFn
 
 
 @dataclasses.dataclass
@@ -53,7 +54,7 @@ def control_config(config) -> controls_lib.ControlConfig:
                                       max_hint_notions=e.max_hint_notions)
 
 
-def sample_meta(problems: Sequence, generate: Callable, codec, *, num_meta: int, rng, k: int, max_length: int,
+def sample_meta(problems: Sequence, generate: GenerateFn, codec, *, num_meta: int, rng, k: int, max_length: int,
                 min_length: int, template: str | None, max_new_tokens: int
                 ) -> tuple[list[list[meta_lib.MetaPrediction]], list[list[str]]]:
     """num_meta answers to the meta prompt per problem, parsed: (predictions [P][M], texts [P][M])."""

@@ -9,9 +9,10 @@ import numpy as np
 
 from masa_jax.data.problem import Problem
 from masa_jax.rl import prompts
+from masa_jax.rl.rollout_engine import GenerateFn
 
 
-def sample_and_score(problems: Sequence[Problem], generate: Callable, codec, verify: Callable, *,
+def sample_and_score(problems: Sequence[Problem], generate: GenerateFn, codec, verify: Callable, *,
                      n: int, max_new_tokens: int, rng: jax.Array, solution_template: str = ""
                      ) -> tuple[np.ndarray, np.ndarray]:
     """n solutions per problem (solution prompt, no hint), scored: (correct bool [P, n], response

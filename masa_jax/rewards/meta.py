@@ -376,6 +376,86 @@ def _positive_notions(notions, problem_text, solution_texts, correct_row, cache)
 
 # -------- Self-alignment reward -------------------------------------------------------------------
 
+class MetaRewardInputs(NamedTuple):
+    """What a reward component scores: the parsed predictions and their [P, M] numeric fields, next to
+    the problems and the G solution rollouts that the predictions are checked against."""
+
+    preds: list[list[MetaPrediction]]   # [P][M]
+    pass_pred: np.ndarray               # float64 [P, M]: predicted pass rate, NaN where unparsed
+    len_pred: np.ndarray                # float64 [P, M]: predicted solution length, NaN where unparsed
+    problems: Sequence[str]             # [P]
+    solutions: Sequence[Sequence[str]]  # [P][G]
+    correct: np.ndarray                 # bool [P, G]
+    lengths: np.ndarray                 # int [P, G]
+    base: float                         # b of the difficulty reward
+
+
+class RewardComponent(NamedTuple):
+    """One part of the self-alignment reward: ``fn(inputs) -> float [P, M]`` in [0, 1] (NaN counts 0),
+    and its weight in the total by default (``config.meta.weights`` overrides, in registry order)."""
+
+    name: str
+    fn: object
+    weight: float
+
+
+def length_reward(x: MetaRewardInputs) -> np.ndarray:
+    """r_len: 1 when the predicted length lies in the inclusive [min, max] of the correct rollouts'
+    lengths; 0 for a missing prediction or a problem with no correct rollout."""
+    lens = x.lengths.astype(np.float64)
+    lo = np.where(x.correct, lens, np.inf).min(axis=1, initial=np.inf)[:, None]
+    hi = np.where(x.correct, lens, -np.inf).max(axis=1, initial=-np.inf)[:, None]
+    return ((x.len_pred >= lo) & (x.len_pred <= hi)).astype(np.float64)
+
+
+def difficulty_reward(x: MetaRewardInputs) -> np.ndarray:
+    """r_diff = b ** |d_pred - d_sol| (d_sol: the problem's solution pass rate); 0 when missing."""
+    P = x.correct.shape[0]
+    d_sol = x.correct.mean(axis=1, keepdims=True) if x.correct.shape[1] else np.zeros((P, 1))
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isnan(x.pass_pred), 0.0, np.power(x.base, np.abs(x.pass_pred - d_sol)))
+
+
+def notion_reward(x: MetaRewardInputs) -> np.ndarray:
+    """r_notion: the share of predicted notions (those not named in the problem) that occur in more
+    correct than incorrect solutions; string matching once per (notion, solution) pair of a problem."""
+    P, M = x.len_pred.shape
+    r = np.zeros((P, M), dtype=np.float64)
+    for p in range(P):
+        if not any(pred.notions for pred in x.preds[p]):
+            continue
+        problem_text = (x.problems[p] or "").lower()
+        solution_texts = [(s or "").lower() for s in x.solutions[p]]
+        cache: dict[str, bool | None] = {}
+        for j, pred in enumerate(x.preds[p]):
+            r[p, j] = _positive_notions(pred.notions, problem_text, solution_texts, x.correct[p], cache)
+    return r
+
+
+# The components in order: the order of config.meta.weights, the metrics `reward/meta_<name>`, the
+# logged samples' `reward_<name>`. A new component is one `register_component` call and its function.
+COMPONENTS: dict[str, RewardComponent] = {
+    c.name: c for c in (RewardComponent("length", length_reward, 1 / 3),
+                        RewardComponent("difficulty", difficulty_reward, 1 / 3),
+                        RewardComponent("notion", notion_reward, 1 / 3))}
+
+
+def register_component(component: RewardComponent) -> None:
+    """Adds a reward component after the others (before the run config is built: its weight joins
+    `default_weights()`)."""
+    if component.name in COMPONENTS or component.name == "total":
+        raise ValueError(f"meta reward component {component.name!r} exists already")
+    COMPONENTS[component.name] = component
+
+
+def component_names() -> tuple[str, ...]:
+    return tuple(COMPONENTS)
+
+
+def default_weights() -> tuple[float, ...]:
+    return tuple(c.weight for c in COMPONENTS.values())
+
+
 def self_alignment(
     preds: Sequence[Sequence[MetaPrediction | str]],
     problems: Sequence[str],
@@ -396,10 +476,10 @@ def self_alignment(
       correct: bool [P, G] solution correctness.
       lengths: int [P, G] solution token lengths.
       base: b in r_diff = b ** |d_pred - d_sol|.
-      weights: (length, difficulty, notion) weights of the total, default 1/3 each (the mean); a
-        mapping with those keys (a missing key weighs 0) or a 3-sequence.
-    Returns: dict of float32 [P, M]: "length", "difficulty", "notion", "total" (all in [0, 1] for
-      weights that sum to 1).
+      weights: the components' weights in the total (default: theirs, 1/3 each for length, difficulty,
+        notion: the mean); a mapping by name (a missing name weighs 0) or a sequence in `COMPONENTS` order.
+    Returns: dict of float32 [P, M]: one entry per component ("length", "difficulty", "notion") and
+      "total" (all in [0, 1] for weights that sum to 1).
     """
     correct = np.asarray(correct, dtype=bool)
     lengths = np.asarray(lengths)
@@ -416,51 +496,30 @@ def self_alignment(
     w = _weights(weights)
     preds = [[parse(x, k=k) if isinstance(x, str) else EMPTY if x is None else x for x in row]
              for row in preds]
-
     nan = float("nan")
-    pass_pred = np.array([[nan if p.pass_rate is None else p.pass_rate for p in row] for row in preds],
-                         dtype=np.float64).reshape(P, M)
-    len_pred = np.array([[nan if p.length is None else p.length for p in row] for row in preds],
-                        dtype=np.float64).reshape(P, M)
-
-    # length: inclusive [min, max] of the correct rollouts' lengths; NaN and "no correct" compare False.
-    lens = lengths.astype(np.float64)
-    lo = np.where(correct, lens, np.inf).min(axis=1, initial=np.inf)[:, None]
-    hi = np.where(correct, lens, -np.inf).max(axis=1, initial=-np.inf)[:, None]
-    r_len = ((len_pred >= lo) & (len_pred <= hi)).astype(np.float64)
-
-    # difficulty: b ** |d_pred - d_sol|, 0 where the prediction is missing.
-    d_sol = correct.mean(axis=1, keepdims=True) if correct.shape[1] else np.zeros((P, 1))
-    with np.errstate(invalid="ignore"):
-        r_diff = np.where(np.isnan(pass_pred), 0.0, np.power(base, np.abs(pass_pred - d_sol)))
-
-    # notion: string matching once per (notion, solution) pair, per problem.
-    r_notion = np.zeros((P, M), dtype=np.float64)
-    for p in range(P):
-        if not any(pred.notions for pred in preds[p]):
-            continue
-        problem_text = (problems[p] or "").lower()
-        solution_texts = [(s or "").lower() for s in solutions[p]]
-        cache: dict[str, bool | None] = {}
-        for j, pred in enumerate(preds[p]):
-            r_notion[p, j] = _positive_notions(pred.notions, problem_text, solution_texts,
-                                               correct[p], cache)
-
-    total = w[0] * r_len + w[1] * r_diff + w[2] * r_notion
-    return {name: np.nan_to_num(arr, nan=0.0).astype(np.float32)
-            for name, arr in (("length", r_len), ("difficulty", r_diff), ("notion", r_notion),
-                              ("total", total))}
+    inputs = MetaRewardInputs(
+        preds=preds,
+        pass_pred=np.array([[nan if p.pass_rate is None else p.pass_rate for p in row] for row in preds],
+                           dtype=np.float64).reshape(P, M),
+        len_pred=np.array([[nan if p.length is None else p.length for p in row] for row in preds],
+                          dtype=np.float64).reshape(P, M),
+        problems=problems, solutions=solutions, correct=correct, lengths=lengths, base=base)
+    parts = {name: np.nan_to_num(np.asarray(c.fn(inputs), np.float64).reshape(P, M), nan=0.0)
+             for name, c in COMPONENTS.items()}
+    total = sum((w[i] * arr for i, arr in enumerate(parts.values())), np.zeros((P, M)))
+    return {name: arr.astype(np.float32) for name, arr in (*parts.items(), ("total", total))}
 
 
-def _weights(weights) -> tuple[float, float, float]:
+def _weights(weights) -> tuple[float, ...]:
+    names = component_names()
     if weights is None:
-        return (1 / 3, 1 / 3, 1 / 3)
+        return default_weights()
     if isinstance(weights, Mapping):
-        unknown = set(weights) - {"length", "difficulty", "notion"}
+        unknown = set(weights) - set(names)
         if unknown:
-            raise ValueError(f"unknown reward weights {sorted(unknown)}")
-        return tuple(float(weights.get(name, 0.0)) for name in ("length", "difficulty", "notion"))
+            raise ValueError(f"unknown reward weights {sorted(unknown)}: the components are {list(names)}")
+        return tuple(float(weights.get(name, 0.0)) for name in names)
     w = tuple(float(x) for x in weights)
-    if len(w) != 3:
-        raise ValueError("weights must be (length, difficulty, notion)")
+    if len(w) != len(names):
+        raise ValueError(f"weights must be {len(names)} numbers, one per component {names}, got {w}")
     return w

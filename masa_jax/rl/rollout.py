@@ -1,8 +1,8 @@
 """One step's rollouts: meta path, MASA-efficient controls, solution path, rewards and advantages.
 
-Host-side orchestration only: generation is an injected `generate(prompts, budgets, max_new_tokens, rng)`
-callable (the jitted refill sampler in training, a scripted policy in tests), answers are checked by the
-verifier's worker pool, and every reward is computed over whole `[P, G]` / `[P, M]` arrays.
+Host-side orchestration only: generation is a rollout engine's `generate(prompts, budgets, max_new_tokens,
+rng)` (`rl/rollout_engine.py`: its contract; the jitted refill sampler in training, a scripted policy in
+tests), answers are checked by the verifier's worker pool, and every reward is computed over whole `[P, G]` / `[P, M]` arrays.
 """
 from __future__ import annotations
 
@@ -19,13 +19,8 @@ from masa_jax.rewards import meta as meta_lib
 from masa_jax.rl import prompts
 from masa_jax.rl import controls as controls_lib
 from masa_jax.rl import grpo
+from masa_jax.rl.rollout_engine import GenerateFn
 from masa_jax.rl.sequences import TrainingSequences
-
-
-class GenerateFn(Protocol):
-    def __call__(self, prompts: list[list[int]], budgets: np.ndarray | None, max_new_tokens: int,
-                 rng: jax.Array):  # -> object with .tokens, .logprobs, .finish_reasons
-        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +32,7 @@ class RolloutConfig:
     use_meta: bool                  # masa / masa_efficient: run the meta path
     k: int = 8
     base: float = 0.01
-    weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+    weights: tuple[float, ...] = dataclasses.field(default_factory=meta_lib.default_weights)  # per component
     min_solution_length: int = prompts.MIN_SOLUTION_LENGTH
     meta_template: str = ""
     solution_template: str = ""
@@ -210,7 +205,7 @@ def score(problems: Sequence[Problem], meta: MetaPath, sol: SolutionPath, decisi
         correct[sol_idx] = ok & ~sol.finish_budget[sol_idx]  # a cut-off rollout has no final answer: 0
     meta_rewards = None
     if cfg.use_meta:
-        meta_rewards = {k: np.full((P, M), np.nan, np.float32) for k in ("length", "difficulty", "notion", "total")}
+        meta_rewards = {k: np.full((P, M), np.nan, np.float32) for k in (*meta_lib.component_names(), "total")}
         if len(sol_idx):
             r = meta_lib.self_alignment([meta.preds[p] for p in sol_idx], [problems[p].question for p in sol_idx],
                                         [sol.texts[p] for p in sol_idx], correct[sol_idx], sol.lengths[sol_idx],
@@ -381,7 +376,7 @@ def _rollout_metrics(problems, preds, meta_rewards, ctrl, applied, rolled_out, c
     m["tokens/meta"] = float(sum(len(t) for t in meta_out.tokens)) if meta_out is not None else 0.0
     m["problems"] = float(P)
     if preds is not None:
-        for name in ("total", "length", "difficulty", "notion"):
+        for name in ("total", *meta_lib.component_names()):
             vals = meta_rewards[name][rolled]
             if vals.size:
                 m[f"reward/meta_{name}"] = float(np.nanmean(vals))
@@ -423,7 +418,7 @@ def sample_records(ro: Rollouts, n: int) -> list[dict]:
             pred = ro.preds[p][j]
             out.append({"path": "meta", "uid": ro.problems[p].uid, "question": ro.problems[p].question,
                         "text": ro.meta_texts[p][j], "reward": float(ro.meta_rewards["total"][p, j]),
-                        **{f"reward_{k}": float(ro.meta_rewards[k][p, j]) for k in ("length", "difficulty", "notion")},
+                        **{f"reward_{k}": float(ro.meta_rewards[k][p, j]) for k in meta_lib.component_names()},
                         "pred_pass_rate": pred.pass_rate, "pred_length": pred.length,
                         "pred_notions": list(pred.notions) if pred.notions is not None else None})
     rolled = np.flatnonzero(ro.rolled_out)

@@ -10,6 +10,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 
 from masa_jax.data.problem import Problem
 from masa_jax.rl import rollout
@@ -204,3 +205,36 @@ def test_meta_truncation_rate_counts_meta_rollouts_stopped_by_their_cap():
     assert ro.metrics["meta/truncated_rate"] == 0.5
     ro = _run(_problems("a", "b"), scripted(metas, sols), _cfg(meta_max_new_tokens=200), active=False)
     assert ro.metrics["meta/truncated_rate"] == 0.0
+
+
+def test_a_fourth_meta_reward_component_is_a_registry_entry_and_its_function(monkeypatch):
+    """A new component (here: 1 when the meta answer predicts a length at all) registered in
+    rewards/meta.py reaches the config check, the total, the metrics and the logged samples."""
+    from masa_jax import config as config_lib
+    from masa_jax import metrics as metrics_lib
+    from masa_jax.errors import UserError
+    from masa_jax.rewards import meta as meta_lib
+
+    monkeypatch.setattr(meta_lib, "COMPONENTS", dict(meta_lib.COMPONENTS))
+    meta_lib.register_component(meta_lib.RewardComponent(
+        "has_length", lambda x: np.isfinite(x.len_pred).astype(np.float64), 0.0))
+
+    c = config_lib.base_config()
+    assert tuple(c.meta.weights) == (1 / 3, 1 / 3, 1 / 3, 0.0)
+    c.model.path = "/m"
+    c.meta.weights = (1 / 3, 1 / 3, 1 / 3)
+    with pytest.raises(UserError, match=r"4 weights .*'has_length'"):
+        config_lib.resolve(c)
+    assert metrics_lib.meta_reward_keys()[-1] == "reward/meta_has_length"
+
+    # The new part is 1 for "a" (its meta answers predict a length) and 0 for "b" (they do not).
+    metas = {"a": [_meta(8, 10)], "b": [_meta(8)]}
+    sols = {"a": ["\\boxed{7}"], "b": ["\\boxed{7}"]}
+    w = (0.25, 0.25, 0.25, 0.25)
+    ro = _run(_problems("a", "b"), scripted(metas, sols), _cfg(weights=w), active=False)
+    r = ro.meta_rewards
+    np.testing.assert_array_equal(r["has_length"], [[1, 1], [0, 0]])
+    np.testing.assert_allclose(r["total"], sum(wi * r[k] for wi, k in zip(w, meta_lib.component_names())))
+    assert ro.metrics["reward/meta_has_length"] == 0.5
+    meta_records = [rec for rec in rollout.sample_records(ro, 4) if rec["path"] == "meta"]
+    assert [rec["reward_has_length"] for rec in meta_records] == [1.0, 0.0, 1.0, 0.0]

@@ -17,6 +17,7 @@ from masa_jax import metrics as metrics_lib
 from masa_jax.evaluation import paper
 from masa_jax.evaluation.ood import benchmarks as bench_lib
 from masa_jax.evaluation.ood import graders, sandbox
+from masa_jax.rl.rollout_engine import GenerateFn
 
 DOMAIN_AVERAGE = "average/{}"
 
@@ -63,7 +64,7 @@ def grade(benchmark: bench_lib.Benchmark, texts: Sequence[str], n: int, *,
     return np.asarray(ok, bool).reshape(len(benchmark.items), n)
 
 
-def run(benchmarks: Mapping[str, bench_lib.Benchmark], generate: Callable, codec, settings: paper.EvalSettings, *,
+def run(benchmarks: Mapping[str, bench_lib.Benchmark], generate: GenerateFn, codec, settings: paper.EvalSettings, *,
         rng_fn: Callable[[int, str], Any], limits: sandbox.SandboxLimits = sandbox.SandboxLimits(),
         workers: int = 2) -> dict:
     """Samples settings.n responses per problem (the user message alone, through the chat template), grades
