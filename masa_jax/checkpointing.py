@@ -387,3 +387,61 @@ class PreemptionGuard:
 
         flags = multihost_utils.process_allgather(np.asarray(self.should_stop, dtype=np.int32))
         return bool(np.any(flags))
+
+
+# -------- The run's config.json: what a resumed run must match ------------------------------------
+
+# Where a run's processes meet, not what they train: may differ between invocations and between hosts.
+_PLACEMENT_FIELDS = ("mesh.coordinator_address", "mesh.process_id")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_changes(stored: dict, config) -> list[str]:
+    """'field: old -> new' for each field of `config` that differs from a stored config.json. A field the
+    file lacks (added to the code since) counts only when it is set away from its default."""
+    from masa_jax import config as config_lib  # the defaults of fields added since the file was written
+    as_json = lambda c: _flat(json.loads(json.dumps(c.to_dict(), default=str)))
+    old, default = _flat(stored), as_json(config_lib.base_config())
+    return [f"{k}: {old.get(k, default.get(k))!r} -> {v!r}" for k, v in as_json(config).items()
+            if k not in _PLACEMENT_FIELDS and v != old.get(k, default.get(k))]
+
+
+def _stored_config(path: str) -> dict | None:
+    """The config.json at `path`, None when it does not exist; an unreadable one is a UserError."""
+    if not fs.exists(path):
+        return None
+    try:
+        return json.loads(fs.read_text(path))
+    except (OSError, ValueError) as e:
+        raise errors.UserError(f"{path} cannot be read ({e}): delete it, or pass --allow_config_change") from e
+
+
+def check_config_change(config, workdir: str, allow: bool) -> None:
+    """A workdir resumes the run its config.json describes: another config is an error unless allowed."""
+    stored = None if allow else _stored_config(fs.join(workdir, "config.json"))
+    changes = config_changes(stored, config) if stored is not None else []
+    if changes:
+        raise errors.UserError(f"{workdir} holds a run with another config: {', '.join(changes)}; pass "
+                               "--allow_config_change to resume it with the new one, or use another --workdir")
+
+
+def write_config(config, workdir: str) -> None:
+    """Writes config.json; a differing one from an earlier invocation is kept as config.<n>.json."""
+    path = fs.join(workdir, "config.json")
+    try:
+        keep = (stored := _stored_config(path)) is not None and bool(config_changes(stored, config))
+    except errors.UserError:  # unreadable: keep it too
+        keep = True
+    if keep:
+        n = 1
+        while fs.exists(fs.join(workdir, f"config.{n}.json")):
+            n += 1
+        fs.replace(path, fs.join(workdir, f"config.{n}.json"))
+    # Atomic: other hosts may be reading it in check_config_change.
+    fs.write_text(path, json.dumps(config.to_dict(), indent=2, default=str))

@@ -26,7 +26,22 @@ _VERIFIER, _CONTROL, _LOSS, _OPTIM, _SAMPLER = (VerifierConfig(), ControlConfig(
                                                 SamplerConfig())
 _ROLLOUT = {f.name: f.default for f in dataclasses.fields(RolloutConfig)}
 
-ALGORITHMS = ("grpo", "dapo", "masa", "masa_efficient")
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """What an algorithm runs on top of GRPO's solution path (docs/method.md)."""
+    meta_path: bool = False         # M meta rollouts per problem, the self-alignment reward (and BC)
+    dynamic_sampling: bool = False  # DAPO: resample until the batch has groups with reward variance
+    efficient: bool = False         # MASA-efficient: gating / cutoff / hints after the switch-over
+
+
+# config.algorithm -> its features: the one place an algorithm's name is read.
+ALGORITHM_FEATURES = {
+    "grpo": Features(),
+    "dapo": Features(dynamic_sampling=True),
+    "masa": Features(meta_path=True),
+    "masa_efficient": Features(meta_path=True, efficient=True),
+}
+ALGORITHMS = tuple(ALGORITHM_FEATURES)
 
 
 def base_config() -> mlc.ConfigDict:
@@ -175,7 +190,7 @@ def resolve(config: mlc.ConfigDict) -> mlc.ConfigDict:
     if c.algorithm not in ALGORITHMS:
         raise UserError(f"config.algorithm must be one of {ALGORITHMS}, got {c.algorithm!r}")
     _check_values(c)
-    if c.algorithm == "dapo":
+    if ALGORITHM_FEATURES[c.algorithm].dynamic_sampling:
         c.dapo.dynamic_sampling = True
     if not c.model.tokenizer_path:
         c.model.tokenizer_path = c.model.path
@@ -302,5 +317,10 @@ def override(config: mlc.ConfigDict, overrides: dict) -> mlc.ConfigDict:
     return config
 
 
+def features(config) -> Features:
+    """The features of `config.algorithm` (see ALGORITHM_FEATURES)."""
+    return ALGORITHM_FEATURES[config.algorithm]
+
+
 def uses_meta(config) -> bool:
-    return config.algorithm in ("masa", "masa_efficient")
+    return features(config).meta_path

@@ -738,3 +738,34 @@ def eval_table(evals: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
                                enumerate(zip(row, widths))) for row in (header, *rows))
 
+
+def write_figures(workdir: str, history: list[dict], calibration_steps: int, *, meta: bool = True,
+                  gating: bool = True) -> None:
+    """End-of-run PNGs: predicted vs actual pass rate at the start and the end (the paper's Figure 2),
+    the meta reward and its parts over steps (`meta`: the algorithm trains a meta path), and the gated
+    fraction over steps (`gating`: MASA-efficient)."""
+    fig_dir = fs.join(workdir, "figures")
+    fs.makedirs(fig_dir)
+    path = fs.join(workdir, "calibration.jsonl")
+    if fs.exists(path):
+        records = read_jsonl(path)
+        if records:
+            n = max(1, min(calibration_steps, len(records) // 2 or 1))
+            pool = lambda rs: (sum((r["pred"] for r in rs), []), sum((r["true"] for r in rs), []))
+            (p0, t0), (p1, t1) = pool(records[:n]), pool(records[-n:])
+            plot_calibration(
+                [p0, p1], [t0, t1], fs.join(fig_dir, "calibration.png"), "predicted vs actual pass rate",
+                panel_titles=[f"steps {records[0]['step']}-{records[n - 1]['step']}",
+                              f"steps {records[-n]['step']}-{records[-1]['step']}"])
+    if meta:
+        plot_meta_rewards(history, fs.join(fig_dir, "meta_rewards.png"))
+    if gating:
+        plot_gating(history, fs.join(fig_dir, "gating.png"))
+
+
+def write_calibration(workdir: str, step: int, pred: list, true: list) -> None:
+    """Step `step`'s predicted and actual pass rates as a line of calibration.jsonl (the figures' input).
+    The file is rewritten, so a resumed run drops the interrupted run's later lines."""
+    path = fs.join(workdir, "calibration.jsonl")
+    kept = [r for r in read_jsonl(path) if r["step"] < step]
+    fs.write_text(path, "".join(json.dumps(r) + "\n" for r in kept + [{"step": step, "pred": pred, "true": true}]))

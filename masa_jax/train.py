@@ -12,7 +12,6 @@ Starting again in the same workdir resumes from the newest checkpoint; SIGTERM s
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import json
@@ -31,15 +30,13 @@ from masa_jax import errors
 from masa_jax import fs
 from masa_jax import metrics as metrics_lib
 from masa_jax import perf
-from masa_jax.data import pipeline, sources
-from masa_jax.data.problem import question_key
+from masa_jax.data import pipeline, run_problems
 from masa_jax.evaluation import scoring
 from masa_jax.models.qwen.presets import model_config_for
 from masa_jax.models import qwen
 from masa_jax.parallel import mesh as mesh_lib
 from masa_jax.parallel import multihost
 from masa_jax.rewards import math as math_reward
-from masa_jax.rl import prompts
 from masa_jax.rl import bc as bc_lib
 from masa_jax.rl import expert_buffer as expert_lib
 from masa_jax.rl import rollout as rollout_lib
@@ -71,80 +68,6 @@ class Run:
     engine: rollout_engine.RolloutEngine  # the sampler (config.rollout.engine), or a scripted policy
 
 
-SKIP_HINT = ", or skip malformed rows with --config.data.on_error=skip"
-
-
-def tfds_data_dir(config) -> str | None:
-    """config.data.tfds_data_dir for the tfds: specs (None: TFDS's own default, $TFDS_DATA_DIR)."""
-    return fs.absolute(config.data.tfds_data_dir) or None
-
-
-def load_eval_problems(config, process_index: int | None = None, process_count: int | None = None
-                       ) -> tuple[list, frozenset[str]]:
-    """This host's share of the held-out problems (config.eval.files) and the questions of all of them.
-
-    Every host reads the held-out files whole (they are small: MATH's test set is 5000 rows) because
-    every host must drop all held-out questions from its training share."""
-    h = jax.process_index() if process_index is None else process_index
-    p = jax.process_count() if process_count is None else process_count
-    share, questions = [], set()
-    for spec in config.eval.files:
-        with errors.data_file_errors(spec, field="config.eval.files"):
-            every = sources.load_problems(spec, data_dir=tfds_data_dir(config)).problems
-        if not every:
-            raise errors.no_problems(spec, "config.eval.files")
-        questions.update(question_key(q.question) for q in every)
-        block = sources.host_block(len(every), h, p)
-        share += every[block.start:block.stop]
-    return share, frozenset(questions)
-
-
-def load_training_problems(config, codec: ChatCodec, rcfg: rollout_lib.RolloutConfig, process_index: int | None = None,
-                           process_count: int | None = None, exclude_questions: frozenset[str] = frozenset()
-                           ) -> tuple[list, dict]:
-    """This host's share of the training problems, overlong prompts filtered (counted): each host parses
-    only its block of rows of every file (`pipeline.load_host_problems`; the whole set on one host).
-    Problems whose question is in `exclude_questions` (the held-out questions, `question_key`) are
-    dropped and counted, so held-out accuracy is measured on problems the run never trains on.
-    process_index / process_count default to jax's. An empty share is an error only on a single host
-    (build_run checks all hosts' shares together)."""
-    h = jax.process_index() if process_index is None else process_index
-    p = jax.process_count() if process_count is None else process_count
-    problems, stats = [], collections.Counter()
-    for spec in config.data.train_files:
-        with errors.data_file_errors(spec, skip_hint=SKIP_HINT):  # a malformed row: one line naming it
-            loaded = pipeline.load_host_problems(spec, process_index=h, process_count=p, on_error=config.data.on_error,
-                                                 data_dir=tfds_data_dir(config))
-        if p == 1 and not loaded.problems:  # on a pod a host's share of a small file may be empty
-            raise errors.no_problems(spec)
-        stats["skipped_malformed"] += loaded.num_skipped
-        for msg in loaded.skipped[:5]:
-            log.warning("skipped malformed row: %s", msg)
-        fresh = [q for q in loaded.problems if question_key(q.question) not in exclude_questions]
-        stats["dropped_held_out"] += len(loaded.problems) - len(fresh)
-        problems.extend(fresh)
-    if stats["dropped_held_out"]:
-        log.info("dropped %d training problems whose question is held out (config.eval.files)",
-                 stats["dropped_held_out"])
-
-    def prompt_len(p):
-        meta = codec.encode_chat(prompts.meta_prompt(
-            p.question, max_length=rcfg.max_response_length, k=rcfg.k, min_length=rcfg.min_solution_length,
-            template=rcfg.meta_template or None))
-        sol = codec.encode_chat(prompts.solution_prompt(p.question, template=rcfg.solution_template or None))
-        return max(len(meta), len(sol))
-
-    kept, dropped = sources.filter_overlong(problems, prompt_len, config.data.max_prompt_length)
-    stats["dropped_overlong"] = dropped
-    if dropped:
-        log.warning("dropped %d problems whose prompt exceeds %d tokens", dropped, config.data.max_prompt_length)
-    if not kept and p == 1:
-        raise errors.UserError(f"no training problems left from {list(config.data.train_files)}: every prompt is "
-                               f"held out (config.eval.files) or longer than data.max_prompt_length="
-                               f"{config.data.max_prompt_length}")
-    return kept, dict(stats)
-
-
 def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
     """Everything the loop needs: mesh, model, tokenizer, data, verifier, train step, checkpoints, logs."""
     m = config.mesh
@@ -152,12 +75,12 @@ def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
     mesh = mesh_lib.make_mesh(m.shape)
     fs.makedirs(workdir)
     if jax.process_index() == 0:
-        write_config(config, workdir)
+        checkpointing.write_config(config, workdir)
     codec = load_codec(config.model.tokenizer_path)
     rcfg = components.rollout_config(config)
     try:  # data before the model: a bad file stops the start in seconds, not after loading the weights
-        eval_problems, eval_questions = load_eval_problems(config)
-        problems, data_stats = load_training_problems(config, codec, rcfg, exclude_questions=eval_questions)
+        eval_problems, eval_questions = run_problems.load_eval_problems(config)
+        problems, data_stats = run_problems.load_training_problems(config, codec, rcfg, exclude_questions=eval_questions)
         failure = None
     except errors.UserError as e:  # a malformed row in one host's share: every host must stop, not hang
         problems, data_stats, failure = [], {}, str(e)
@@ -210,11 +133,21 @@ class LoopState:
     train_time_s: float = 0.0                  # wall-clock of the RL steps so far (evaluations excluded)
     evals: list = dataclasses.field(default_factory=list)  # held-out evaluations: {"step", "train_time_s", ...}
 
+    def to_json(self) -> dict:
+        """Every field but the expert buffer (one per host: the checkpoint stores those apart)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "buffer"}
+
+    @classmethod
+    def from_json(cls, fields: dict, buffer: expert_lib.ExpertBuffer) -> LoopState:
+        """`to_json`'s dict back; a field an older checkpoint lacks keeps its default."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"buffer"}
+        return cls(buffer=buffer, **{k: v for k, v in fields.items() if k in names})
+
 
 def efficient_active(config, loop: LoopState) -> bool:
     """MASA-efficient's switch-over: at step k, or earlier once the meta-reward moving average passes
     the configured threshold (when one is set)."""
-    if config.algorithm != "masa_efficient":
+    if not config_lib.features(config).efficient:
         return False
     if loop.switched_at >= 0:
         return True
@@ -229,33 +162,15 @@ def efficient_active(config, loop: LoopState) -> bool:
 
 
 def collect_rollouts(run: Run, generate: Callable, active: bool, rng: jax.Array) -> rollout_lib.Rollouts:
-    """One step's rollouts; with DAPO's dynamic sampling, more problems are rolled out (up to
-    `dapo.max_rounds` extra rounds) until the batch has `problems_per_step` solution groups with reward
-    variance. Sequences are kept per path (`rollout_lib.dapo_filter`); the problems after the one that
-    completes the batch are dropped, both paths."""
-    verify = run.verifier.verify
-    problems = next(run.data)
-    ro = rollout_lib.run_rollouts(problems, generate=generate, codec=run.codec, verify=verify, cfg=run.rollout_cfg,
-                                  efficient_active=active, rng=rng)
+    """One step's rollouts of the next batch; with DAPO's dynamic sampling, of further batches until it
+    has `problems_per_step` solution groups with reward variance (`rollout_lib.dynamic_sampling`)."""
+    def roll(problems, key):
+        return rollout_lib.run_rollouts(problems, generate=generate, codec=run.codec, verify=run.verifier.verify,
+                                        cfg=run.rollout_cfg, efficient_active=active, rng=key)
+
     if not run.config.dapo.dynamic_sampling:
-        return ro
-    target = len(problems)
-    first_signal = rollout_lib.solution_signal(ro)
-    kept = rollout_lib.dapo_filter(ro)
-    rounds = 0
-    while rollout_lib.solution_signal(kept).sum() < target and rounds < run.config.dapo.max_rounds:
-        rounds += 1
-        more = rollout_lib.run_rollouts(next(run.data), generate=generate, codec=run.codec, verify=verify,
-                                        cfg=run.rollout_cfg, efficient_active=active,
-                                        rng=jax.random.fold_in(rng, rounds))
-        kept = rollout_lib.concat(kept, rollout_lib.dapo_filter(more))
-    groups_before = np.cumsum(rollout_lib.solution_signal(kept)) - rollout_lib.solution_signal(kept)
-    kept = rollout_lib.select(kept, groups_before < target)
-    kept.metrics.update({"dapo/rounds": float(rounds),
-                         "dapo/kept_groups": float(rollout_lib.solution_signal(kept).sum()),
-                         "dapo/kept_meta_groups": float(rollout_lib.meta_signal(kept).sum()),
-                         "dapo/first_round_kept_fraction": float(first_signal.mean())})
-    return kept
+        return roll(next(run.data), rng)
+    return rollout_lib.dynamic_sampling(roll, lambda: next(run.data), run.config.dapo.max_rounds, rng)
 
 
 def sampling_key(step_key: jax.Array, process_index: int) -> jax.Array:
@@ -316,9 +231,7 @@ def _extras(run: Run, loop: LoopState, history: list) -> dict:
     """The host-side run state, with one data-iterator state and expert buffer per process."""
     return {"data": multihost.allgather_json(run.data.get_state()),
             "buffer": multihost.allgather_json(loop.buffer.to_json()),
-            "loop": {"step": loop.step, "switched_at": loop.switched_at,
-                     "meta_reward_history": loop.meta_reward_history, "train_time_s": loop.train_time_s,
-                     "evals": loop.evals},
+            "loop": loop.to_json(),
             "history": history}
 
 
@@ -358,11 +271,7 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
         state, extras, step = restored
         me = jax.process_index()
         run.data.set_state(extras["data"][me])
-        loop = LoopState(step=int(extras["loop"]["step"]), switched_at=int(extras["loop"]["switched_at"]),
-                         meta_reward_history=list(extras["loop"]["meta_reward_history"]),
-                         buffer=expert_lib.ExpertBuffer.from_json(extras["buffer"][me]),
-                         train_time_s=float(extras["loop"].get("train_time_s", 0.0)),
-                         evals=list(extras["loop"].get("evals", [])))
+        loop = LoopState.from_json(extras["loop"], expert_lib.ExpertBuffer.from_json(extras["buffer"][me]))
         history = list(extras["history"])
         log.info("resumed from step %d", loop.step)
     run.writer.truncate_after(loop.step)  # also on a fresh run: a reused workdir must not keep old lines
@@ -406,8 +315,8 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
             run.verifier.close()
     if jax.process_index() == 0:
         if config.log.figures:
-            write_figures(workdir, history, config.log.calibration_steps, meta=config_lib.uses_meta(config),
-                          gating=config.algorithm == "masa_efficient")
+            metrics_lib.write_figures(workdir, history, config.log.calibration_steps, meta=config_lib.uses_meta(config),
+                          gating=config_lib.features(config).efficient)
         print(metrics_lib.summary_table(history, window=max(1, min(config.log.calibration_steps, len(history) // 2))))
         if loop.evals:
             print(metrics_lib.eval_table(loop.evals))
@@ -431,11 +340,7 @@ def heldout_eval(run: Run, params, step: int) -> dict[str, float]:
     run.engine.update_params(None)
     mine = {"acc": correct.mean(axis=1).tolist(), "level": [p.difficulty for p in run.eval_problems]}
     parts = multihost.allgather_json(mine)
-    acc = np.array(sum((p["acc"] for p in parts), []), np.float64)
-    levels = sum((p["level"] for p in parts), [])
-    out = {"eval/accuracy": float(acc.mean())}
-    for level in sorted({lv for lv in levels if lv is not None}):
-        out[f"eval/accuracy_level_{level}"] = float(acc[[lv == level for lv in levels]].mean())
+    out = scoring.accuracy_by_level(sum((p["acc"] for p in parts), []), sum((p["level"] for p in parts), []))
     out["time/eval_s"] = time.perf_counter() - t0
     return out
 
@@ -453,7 +358,7 @@ def _record_eval(run: Run, loop: LoopState, result: dict[str, float]) -> dict[st
 def check_inputs(config, workdir: str, allow_config_change: bool = False) -> None:
     """UserErrors a run would otherwise meet only after building the model (or mid-way through its start)."""
     errors.check_workdir(workdir)
-    check_config_change(config, workdir, allow_config_change)
+    checkpointing.check_config_change(config, workdir, allow_config_change)
     errors.check_model_dir(config)
     errors.check_data_file_names(config.data.train_files)
     errors.check_data_file_names(config.eval.files, field="config.eval.files")
@@ -470,61 +375,6 @@ def _first_missing_dir(path: str) -> str | None:
     return missing
 
 
-# Where a run's processes meet, not what they train: may differ between invocations and between hosts.
-_PLACEMENT_FIELDS = ("mesh.coordinator_address", "mesh.process_id")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def config_changes(stored: dict, config) -> list[str]:
-    """'field: old -> new' for each field of `config` that differs from a stored config.json. A field the
-    file lacks (added to the code since) counts only when it is set away from its default."""
-    as_json = lambda c: _flat(json.loads(json.dumps(c.to_dict(), default=str)))
-    old, default = _flat(stored), as_json(config_lib.base_config())
-    return [f"{k}: {old.get(k, default.get(k))!r} -> {v!r}" for k, v in as_json(config).items()
-            if k not in _PLACEMENT_FIELDS and v != old.get(k, default.get(k))]
-
-
-def _stored_config(path: str) -> dict | None:
-    """The config.json at `path`, None when it does not exist; an unreadable one is a UserError."""
-    if not fs.exists(path):
-        return None
-    try:
-        return json.loads(fs.read_text(path))
-    except (OSError, ValueError) as e:
-        raise errors.UserError(f"{path} cannot be read ({e}): delete it, or pass --allow_config_change") from e
-
-
-def check_config_change(config, workdir: str, allow: bool) -> None:
-    """A workdir resumes the run its config.json describes: another config is an error unless allowed."""
-    stored = None if allow else _stored_config(fs.join(workdir, "config.json"))
-    changes = config_changes(stored, config) if stored is not None else []
-    if changes:
-        raise errors.UserError(f"{workdir} holds a run with another config: {', '.join(changes)}; pass "
-                               "--allow_config_change to resume it with the new one, or use another --workdir")
-
-
-def write_config(config, workdir: str) -> None:
-    """Writes config.json; a differing one from an earlier invocation is kept as config.<n>.json."""
-    path = fs.join(workdir, "config.json")
-    try:
-        keep = (stored := _stored_config(path)) is not None and bool(config_changes(stored, config))
-    except errors.UserError:  # unreadable: keep it too
-        keep = True
-    if keep:
-        n = 1
-        while fs.exists(fs.join(workdir, f"config.{n}.json")):
-            n += 1
-        fs.replace(path, fs.join(workdir, f"config.{n}.json"))
-    # Atomic: other hosts may be reading it in check_config_change.
-    fs.write_text(path, json.dumps(config.to_dict(), indent=2, default=str))
-
-
 def _append_calibration(run: Run, step: int, calibration: dict | None) -> None:
     """One JSON line per step in calibration.jsonl (all hosts' problems, written by process 0)."""
     if calibration is None:
@@ -537,30 +387,6 @@ def _append_calibration(run: Run, step: int, calibration: dict | None) -> None:
         kept = [r for r in metrics_lib.read_jsonl(path) if r["step"] < step]
         # Rewritten, so a resumed run drops the interrupted run's later lines.
         fs.write_text(path, "".join(json.dumps(r) + "\n" for r in kept + [record]))
-
-
-def write_figures(workdir: str, history: list[dict], calibration_steps: int, *, meta: bool = True,
-                  gating: bool = True) -> None:
-    """End-of-run PNGs: predicted vs actual pass rate at the start and the end (the paper's Figure 2),
-    the meta reward and its parts over steps (`meta`: the algorithm trains a meta path), and the gated
-    fraction over steps (`gating`: MASA-efficient)."""
-    fig_dir = fs.join(workdir, "figures")
-    fs.makedirs(fig_dir)
-    path = fs.join(workdir, "calibration.jsonl")
-    if fs.exists(path):
-        records = metrics_lib.read_jsonl(path)
-        if records:
-            n = max(1, min(calibration_steps, len(records) // 2 or 1))
-            pool = lambda rs: (sum((r["pred"] for r in rs), []), sum((r["true"] for r in rs), []))
-            (p0, t0), (p1, t1) = pool(records[:n]), pool(records[-n:])
-            metrics_lib.plot_calibration(
-                [p0, p1], [t0, t1], fs.join(fig_dir, "calibration.png"), "predicted vs actual pass rate",
-                panel_titles=[f"steps {records[0]['step']}-{records[n - 1]['step']}",
-                              f"steps {records[-n]['step']}-{records[-1]['step']}"])
-    if meta:
-        metrics_lib.plot_meta_rewards(history, fs.join(fig_dir, "meta_rewards.png"))
-    if gating:
-        metrics_lib.plot_gating(history, fs.join(fig_dir, "gating.png"))
 
 
 def default_workdir(config) -> str:

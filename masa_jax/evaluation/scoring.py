@@ -25,3 +25,13 @@ def sample_and_score(problems: Sequence[Problem], generate: GenerateFn, codec, v
     ok, _ = verify(texts, answers)
     lengths = np.array([len(t) for t in out.tokens], np.int64).reshape(len(problems), n)
     return np.asarray(ok, bool).reshape(len(problems), n), lengths
+
+
+def accuracy_by_level(accuracy: Sequence[float], levels: Sequence) -> dict[str, float]:
+    """Held-out accuracy (mean of the per-problem accuracies) and, for problems with a difficulty level
+    (toy world, MATH), per level: ``eval/accuracy``, ``eval/accuracy_level_<n>``."""
+    acc = np.asarray(accuracy, np.float64)
+    out = {"eval/accuracy": float(acc.mean())}
+    for level in sorted({lv for lv in levels if lv is not None}):
+        out[f"eval/accuracy_level_{level}"] = float(acc[[lv == level for lv in levels]].mean())
+    return out

@@ -248,6 +248,30 @@ def training_sequences(meta: MetaPath, sol: SolutionPath, scores: Scores, decisi
                              np.asarray(prob, np.int64))
 
 
+def dynamic_sampling(roll: Callable[[Sequence[Problem], jax.Array], Rollouts],
+                     next_problems: Callable[[], Sequence[Problem]], max_rounds: int, rng: jax.Array) -> Rollouts:
+    """DAPO's dynamic sampling: rolls out batches (``roll(problems, key)``, up to `max_rounds` after the
+    first) until as many solution groups with reward variance as the first batch had problems are kept.
+    Sequences are kept per path (`dapo_filter`); the problems after the one that completes the batch are
+    dropped, both paths."""
+    problems = next_problems()
+    ro = roll(problems, rng)
+    target = len(problems)
+    first_signal = solution_signal(ro)
+    kept = dapo_filter(ro)
+    rounds = 0
+    while solution_signal(kept).sum() < target and rounds < max_rounds:
+        rounds += 1
+        kept = concat(kept, dapo_filter(roll(next_problems(), jax.random.fold_in(rng, rounds))))
+    groups_before = np.cumsum(solution_signal(kept)) - solution_signal(kept)
+    kept = select(kept, groups_before < target)
+    kept.metrics.update({"dapo/rounds": float(rounds),
+                         "dapo/kept_groups": float(solution_signal(kept).sum()),
+                         "dapo/kept_meta_groups": float(meta_signal(kept).sum()),
+                         "dapo/first_round_kept_fraction": float(first_signal.mean())})
+    return kept
+
+
 def run_rollouts(problems: Sequence[Problem], *, generate: GenerateFn, codec: TextCodec, verify: Callable,
                  cfg: RolloutConfig, efficient_active: bool, rng: jax.Array) -> Rollouts:
     """One step's rollouts, as the paper's Algorithm 1: meta path -> controls -> solution path -> rewards ->
@@ -312,9 +336,10 @@ def dapo_filter(ro: Rollouts) -> Rollouts:
     return select(ro, keep, keep_seq)
 
 
-# Rollouts fields with a leading problem dimension: lists, arrays, dicts of arrays, Controls, or None.
-_PER_PROBLEM = ("problems", "meta_prompt_ids", "meta_texts", "preds", "meta_rewards", "controls", "rolled_out",
-                "correct", "lengths", "finish_budget", "solution_texts")
+# Every Rollouts field but these two has a leading problem dimension (lists, arrays, dicts of arrays,
+# Controls, or None): derived, so a new per-problem field cannot be dropped by select / concat.
+_NOT_PER_PROBLEM = ("sequences", "metrics")
+_PER_PROBLEM = tuple(f.name for f in dataclasses.fields(Rollouts) if f.name not in _NOT_PER_PROBLEM)
 
 
 def _take(x, idx: np.ndarray):

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from masa_jax import components, train
+from masa_jax import components
+from masa_jax.data import run_problems
 from masa_jax.errors import UserError
 from masa_jax.config import base_config
 from masa_jax.data import pipeline, sources
@@ -146,19 +147,19 @@ def _stub_codec():
 
 @pytest.mark.parametrize("max_prompt_length", [100_000, 230])
 def test_trainer_loads_each_hosts_share_only(tmp_path, parsed, max_prompt_length):
-    """Two simulated hosts of train.load_training_problems: the union is the single-host set (also after
+    """Two simulated hosts of run_problems.load_training_problems: the union is the single-host set (also after
     the overlong filter) and each host parsed only its half of the rows."""
     path = _multi_group_parquet(tmp_path)
     c = base_config()
     c.data.train_files = (path, "toy:8")
     c.data.max_prompt_length = max_prompt_length
     rcfg = components.rollout_config(c)
-    one, one_stats = train.load_training_problems(c, _stub_codec(), rcfg, process_index=0, process_count=1)
+    one, one_stats = run_problems.load_training_problems(c, _stub_codec(), rcfg, process_index=0, process_count=1)
     parsed.clear()
     hosts = []
     for h in range(2):
         before = parsed["verl_row_to_problem"]
-        hosts.append(train.load_training_problems(c, _stub_codec(), rcfg, process_index=h, process_count=2))
+        hosts.append(run_problems.load_training_problems(c, _stub_codec(), rcfg, process_index=h, process_count=2))
         assert parsed["verl_row_to_problem"] - before == 16
     # Host 0 holds the first half of each file, host 1 the second (before the overlong filter).
     assert {p.uid for p in hosts[0][0]} <= {f"math:{i}" for i in range(16)} | {f"toy-0:{i}" for i in range(4)}
@@ -247,9 +248,9 @@ def test_an_empty_share_is_an_error_on_one_host_and_left_to_build_run_on_several
     c.data.max_prompt_length = 1
     rcfg = components.rollout_config(c)
     with pytest.raises(UserError, match="no training problems left"):
-        train.load_training_problems(c, _stub_codec(), rcfg, process_index=0, process_count=1)
+        run_problems.load_training_problems(c, _stub_codec(), rcfg, process_index=0, process_count=1)
     # Several hosts: every host reports its (empty) share and build_run raises on all of them together.
-    kept, stats = train.load_training_problems(c, _stub_codec(), rcfg, process_index=1, process_count=2)
+    kept, stats = run_problems.load_training_problems(c, _stub_codec(), rcfg, process_index=1, process_count=2)
     assert kept == [] and stats["dropped_overlong"] == 2
 
 
@@ -269,11 +270,11 @@ def test_held_out_questions_are_dropped_from_every_hosts_training_share(tmp_path
     in_train = [p for p in all_toy if p.question in wanted]
     kept, dropped = [], 0
     for h in range(2):
-        share, questions = train.load_eval_problems(c, process_index=h, process_count=2)
+        share, questions = run_problems.load_eval_problems(c, process_index=h, process_count=2)
         block = pipeline.host_block(3, h, 2)
         assert [p.question for p in share] == [r["problem"] for r in rows[block.start:block.stop]]
         assert questions == set(wanted)
-        problems, stats = train.load_training_problems(c, _stub_codec(), rcfg, process_index=h, process_count=2,
+        problems, stats = run_problems.load_training_problems(c, _stub_codec(), rcfg, process_index=h, process_count=2,
                                                        exclude_questions=questions)
         kept += problems
         dropped += stats["dropped_held_out"]
@@ -288,7 +289,7 @@ def test_an_empty_held_out_file_is_a_one_line_error_naming_it(tmp_path):
     c.eval.files = (str(empty),)
     with pytest.raises(UserError, match=rf"^data file {empty} holds no problems: fill it or remove it from "
                                         r"config.eval.files$"):
-        train.load_eval_problems(c, process_index=0, process_count=1)
+        run_problems.load_eval_problems(c, process_index=0, process_count=1)
 
 
 def test_config_tfds_data_dir_reaches_tfds_for_training_and_held_out_specs(tmp_path, monkeypatch):
@@ -307,12 +308,12 @@ def test_config_tfds_data_dir_reaches_tfds_for_training_and_held_out_specs(tmp_p
     c.eval.files = ("tfds:held:test",)
     c.data.tfds_data_dir = "prepared"
     rcfg = components.rollout_config(c)
-    share, questions = train.load_eval_problems(c, process_index=0, process_count=1)
-    problems, _ = train.load_training_problems(c, _stub_codec(), rcfg, process_index=0, process_count=1,
+    share, questions = run_problems.load_eval_problems(c, process_index=0, process_count=1)
+    problems, _ = run_problems.load_training_problems(c, _stub_codec(), rcfg, process_index=0, process_count=1,
                                                exclude_questions=questions)
     assert calls == [("held", "test", str(tmp_path / "prepared")), ("train_set", "train", str(tmp_path / "prepared"))]
     assert [p.question for p in share] == [f"held {i}" for i in range(4)] and len(problems) == 4
     calls.clear()
     c.data.tfds_data_dir = ""
-    train.load_eval_problems(c, process_index=0, process_count=1)
+    run_problems.load_eval_problems(c, process_index=0, process_count=1)
     assert calls == [("held", "test", None)]

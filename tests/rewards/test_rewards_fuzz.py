@@ -125,6 +125,7 @@ def _hostile_json(rng):
     return out
 
 
+@pytest.mark.timing
 def test_fuzz_parse(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # "touch CANARY" above would land here
     rng = random.Random(99)
@@ -142,6 +143,7 @@ def test_fuzz_parse(tmp_path, monkeypatch):
     assert not (tmp_path / "canary").exists() and not (tmp_path / "CANARY").exists()
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("n", [100_000])
 def test_parse_is_fast_on_100k_hostile_texts(n):
     for text in ("{" * n, "}" * n, '{"pass_rate": 1}' * (n // 16), ('{"pass_rate": ' * n)[:n],

@@ -44,6 +44,7 @@ def test_last_boxed(text, expected):
     assert last_boxed(text) == expected
 
 
+@pytest.mark.timing
 def test_last_boxed_caps_length_and_stays_linear():
     assert last_boxed("\\boxed{" + "1" * 2000 + "}", max_chars=1000) is None
     assert last_boxed("\\boxed{" + "1" * 999 + "}", max_chars=1000) == "1" * 999
@@ -131,6 +132,7 @@ def test_math_verify_equivalences(pred, gold, expected):
     assert judge_answer(pred, gold) is expected
 
 
+@pytest.mark.timing
 def test_parent_side_decisions_stay_cheap_on_hostile_answers():
     canonical_text.cache_clear()
     for hostile in ("{" * 499 + "1" + "}" * 499, "\\text{" * 140, "\\" * 500, "\\pi " * 200,

@@ -13,6 +13,7 @@ HANG = "\\boxed{" + "\\frac{1}{" * 60 + "2" + "}" * 60 + "}"
 SYMPY_OK = ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}")
 
 
+@pytest.mark.timing
 def test_hung_item_is_killed_scored_zero_and_counted():
     with MathVerifier(num_workers=1, mv_timeout_s=60, per_item_timeout_s=2.0, batch_budget_s=60.0) as v:
         assert v.wait_ready(60)
@@ -28,6 +29,7 @@ def test_hung_item_is_killed_scored_zero_and_counted():
         assert ok.tolist() == [True] and m["restarts"] == 0
 
 
+@pytest.mark.timing
 def test_parent_never_blocks_past_the_batch_budget():
     budget = 3.0
     with MathVerifier(num_workers=1, mv_timeout_s=60, per_item_timeout_s=100.0,

@@ -238,3 +238,24 @@ def test_a_fourth_meta_reward_component_is_a_registry_entry_and_its_function(mon
     assert ro.metrics["reward/meta_has_length"] == 0.5
     meta_records = [rec for rec in rollout.sample_records(ro, 4) if rec["path"] == "meta"]
     assert [rec["reward_has_length"] for rec in meta_records] == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_select_and_concat_carry_every_per_problem_field():
+    """Every Rollouts field but sequences / metrics is per problem, and select / concat derive that list
+    from the dataclass: each one comes out with the selected problems, none is dropped."""
+    metas = {"a": [_meta(4, 10)], "b": [_meta(2, 10)], "c": [_meta(6, 10)]}
+    sols = {"a": ["\\boxed{7}", "\\boxed{1}"], "b": ["\\boxed{7}"], "c": ["\\boxed{2}"]}
+    ro = _run(_problems("a", "b", "c"), scripted(metas, sols), _cfg(), active=False)
+    fields = [f.name for f in dataclasses.fields(rollout.Rollouts)]
+    per_problem = [f for f in fields if f not in ("sequences", "metrics")]
+    assert set(rollout._PER_PROBLEM) == set(per_problem)
+    kept = rollout.select(ro, np.array([True, False, True]))
+    both = rollout.concat(kept, rollout.select(ro, np.array([False, True, False])))
+    for name in per_problem:
+        value = getattr(kept, name)
+        rows = len(value.pred_pass_mean) if name == "controls" else len(next(iter(value.values()))) \
+            if isinstance(value, dict) else len(value)
+        assert rows == 2, name
+    assert [p.uid for p in both.problems] == ["a", "c", "b"]
+    np.testing.assert_array_equal(both.correct, ro.correct[[0, 2, 1]])
+    assert both.solution_texts == [ro.solution_texts[i] for i in (0, 2, 1)]
