@@ -60,3 +60,19 @@ def test_default_relative_workdir_checkpoints_resumes_and_survives_sigterm(tmp_p
     assert p.returncode == 0, out4[-3000:]
     lines = open(tmp_path / "other" / "metrics.jsonl").read().splitlines()
     assert len(lines) == 6
+
+
+@pytest.mark.slow  # a real (1-step, tiny) training run
+def test_train_from_python_without_a_workdir_writes_only_its_own_run_directory(tiny_model_dir, small_config,
+                                                                               tmp_path, monkeypatch, capsys):
+    """`train.train(config, "")` (#19 item 6): everything lands in runs/<algorithm> under the cwd, whose
+    absolute path is printed; nothing else appears in the cwd."""
+    from masa_jax import train
+    monkeypatch.chdir(tmp_path)
+    config = small_config(tiny_model_dir, "grpo", total_steps=1)
+    history = train.train(config, "")
+    assert [h["step"] for h in history] == [1]
+    assert sorted(os.listdir(tmp_path)) == ["runs"]
+    run_dir = tmp_path / "runs" / "grpo"
+    assert {"config.json", "metrics.jsonl", "checkpoints"} <= set(os.listdir(run_dir))
+    assert f"run directory: {run_dir}" in capsys.readouterr().out
