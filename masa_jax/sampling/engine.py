@@ -99,20 +99,25 @@ def _sample(spec: EngineSpec, logits, knobs: Knobs, requests, steps):
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
 def prefill(spec: EngineSpec, params, state: SlotState, knobs: Knobs, tokens: jax.Array, prompt_lens: jax.Array,
-            slots: jax.Array, requests: jax.Array, limits: jax.Array, limit_reasons: jax.Array
+            source: jax.Array, slots: jax.Array, requests: jax.Array, limits: jax.Array, limit_reasons: jax.Array
             ) -> tuple[tuple, SlotState]:
-    """Runs n prompts through the model, samples their first tokens and initialises their slots.
+    """Runs u distinct prompts through the model once each, samples the first token of each of the n
+    requests that share them and initialises their slots (prefix sharing: GRPO's G rollouts of a problem,
+    MASA's M meta rollouts, have one prompt, so a refill runs its forward once, not G times).
 
-    params: sampling params (`reshard.to_sampling_params`); tokens int32 [n, P] right-padded;
-    prompt_lens, slots, requests, limits (>= 1), limit_reasons: int32 [n]. A row with slot index S is
-    padding (its state writes are dropped). Returns (kv, state) where kv is a tuple over layers of
-    (k, v) [n, P, KV, hd] for `kv_cache.insert`: keeping the cache out of this program makes its
-    executables depend on (n, P) only, not on the cache's current length bucket.
+    params: sampling params (`reshard.to_sampling_params`); tokens int32 [u, P] right-padded and
+    prompt_lens int32 [u]: the distinct prompts; source int32 [n]: the prompt row of each request;
+    slots, requests, limits (>= 1), limit_reasons: int32 [n]. A row with slot index S is padding (its
+    state writes are dropped). Each request draws its own first token (its own key), from the same
+    logits. Returns (kv, state) where kv is a tuple over layers of (k, v) [n, P, KV, hd] (each request's
+    copy of its prompt's) for `kv_cache.insert`: keeping the cache out of this program makes its
+    executables depend on (u, n, P) only, not on the cache's current length bucket.
     """
     cfg = spec.cfg
-    n, P = tokens.shape
+    u, P = tokens.shape
+    n = source.shape[0]
     valid = jnp.arange(P)[None, :] < prompt_lens[:, None]
-    rope = qm.rope_cos_sin(jnp.broadcast_to(jnp.arange(P), (n, P)), cfg.head_dim, cfg.rope_theta)
+    rope = qm.rope_cos_sin(jnp.broadcast_to(jnp.arange(P), (u, P)), cfg.head_dim, cfg.rope_theta)
     seq_attend = qm.sequence_attention(cfg, valid)
 
     def attend(q, k, v):  # the training forward's attention, handing back the prompt's keys / values
@@ -123,9 +128,11 @@ def prefill(spec: EngineSpec, params, state: SlotState, knobs: Knobs, tokens: ja
     for lp in params["layers"]:
         x, layer_kv = qm.decoder_layer(cfg, x, lp, rope, attend)
         kv.append(layer_kv)
-    last = jnp.take_along_axis(x, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]     # [n, D]
+    last = jnp.take_along_axis(x, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]     # [u, D]
     h = qm.rms_norm(last, params["final_norm"].astype(cfg.jnp_dtype), cfg.rms_norm_eps)
-    logits = qm.unembed(cfg, params, h)                                                  # [n, V] f32
+    logits = qm.unembed(cfg, params, h)[source]                                          # [n, V] f32
+    prompt_lens = prompt_lens[source]
+    kv = [(k[source], v[source]) for k, v in kv]
     tok, lp = _sample(spec, logits, knobs, requests, jnp.zeros_like(requests))
     finish = _finish_codes(tok, jnp.ones_like(limits), limits, limit_reasons, knobs.eos_ids)
 

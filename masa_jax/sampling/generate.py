@@ -21,17 +21,16 @@ Compiled shapes. For fixed (model config, num_slots, max_new_tokens, sampling mo
 rounded up to 4) a run compiles at most:
   * decode: one executable per cache-length bucket reached (`cache_buckets`, default 64, 96, ..., 256
     in steps of 32, then two per octave: 384, 512, 768, 1024, ..., capped at max_cache_len);
-  * prefill: one per (rows n, prompt bucket P) reached, P a power of two >= 16 (capped at
-    max_cache_len), n a power of four or nmax = min(num_slots, max_prefill_tokens / P) (rounded to
-    powers of two), so at most ceil(log4(nmax)) + 1 per P;
+  * prefill: one per (distinct prompts u, rows n, prompt bucket P) reached, P a power of two >= 16
+    (capped at max_cache_len), u <= n each a power of four or nmax = min(num_slots, max_prefill_tokens
+    / P) (rounded to powers of two). Requests with equal prompts (a GRPO group) share one forward row;
   * small scatter / pad programs (fast to compile): insert, one per (n, P, cache bucket) reached, and
     resize, one per (from, to) pair of cache buckets the run moves between;
 and jax's cache reuses them across calls with the same static values. Pass `max_cache_len` and
 `num_slots` explicitly to keep them fixed across calls. `GenerateOutput.stats.shapes` lists the
 executables a call used. Example: 256 slots, prompts <= 32 tokens, budgets <= 1024 (cache <= 1056)
-compile at most 12 decode + 5 prefill (n = 1, 4, 16, 64, 256) model executables; 256 slots with
-prompts <= 1024 and responses <= 8192 tokens at most 18 decode + 29 prefill (7 prompt buckets), fewer
-in practice: only the buckets that occur.
+compile at most 12 decode + 15 prefill (u <= n among 1, 4, 16, 64, 256) model executables; in a
+GRPO step u / n is about 1 / G, so few pairs occur (a refill of 256 slots with G = 16 is u = 16, n = 256).
 """
 from __future__ import annotations
 
@@ -61,12 +60,13 @@ class GenerateStats:
     decode_calls: int = 0
     decode_steps: int = 0       # while-loop iterations; each advances every slot by one token
     prefill_calls: int = 0
+    prefill_rows: int = 0       # prompt rows the prefill forwards ran (equal prompts share one row)
     resizes: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0        # whole call, compiles included
     prefill_seconds: float = 0.0   # host wall time of prefill + insert calls and their harvest (synced)
     decode_seconds: float = 0.0    # host wall time of decode calls and their harvest (synced)
-    # executables used: ("decode", C), ("prefill", n, P), ("insert", n, P, C), ("resize", C_from, C_to)
+    # executables used: ("decode", C), ("prefill", u, n, P), ("insert", n, P, C), ("resize", C_from, C_to)
     shapes: set = dataclasses.field(default_factory=set)
 
     @property
@@ -208,19 +208,26 @@ def _limits(n: int, budgets, max_new_tokens: int):
 
 
 def _prefill_batches(members, P: int, nmax: int, S: int, prompts, limits, reasons):
-    """Yields right-padded int32 token blocks [n, P] and their int32 [5, n] row metadata (prompt
-    length, slot, request, limit, limit reason) for (request, slot) pairs, n = `_prefill_rows`; padding
-    rows point at slot S, so every write they make is dropped."""
+    """Yields, per chunk of at most nmax (request, slot) pairs: the chunk's distinct prompts as right-padded
+    int32 tokens [u, P] with their lengths int32 [u], and int32 [5, n] row metadata (prompt row, slot,
+    request, limit, limit reason), u and n = `_prefill_rows` of the counts; padding rows point at slot S,
+    so every write they make is dropped."""
     for c0 in range(0, len(members), nmax):
         chunk = members[c0:c0 + nmax]
-        n = _prefill_rows(len(chunk), nmax)
-        toks = np.zeros((n, P), np.int32)
+        rows: dict[tuple, int] = {}  # prompt -> its row: requests with equal prompts share one forward
+        for r, _ in chunk:
+            rows.setdefault(tuple(prompts[r]), len(rows))
+        u, n = _prefill_rows(len(rows), nmax), _prefill_rows(len(chunk), nmax)
+        toks = np.zeros((u, P), np.int32)
+        lens = np.ones(u, np.int32)
+        for prompt, row in rows.items():
+            toks[row, :len(prompt)] = prompt
+            lens[row] = len(prompt)
         meta = np.zeros((5, n), np.int32)
-        meta[:, len(chunk):] = np.array([[1], [S], [0], [1], [MAX_NEW_TOKENS]])
+        meta[:, len(chunk):] = np.array([[0], [S], [0], [1], [MAX_NEW_TOKENS]])
         for j, (r, s) in enumerate(chunk):
-            toks[j, :len(prompts[r])] = prompts[r]
-            meta[:, j] = (len(prompts[r]), s, r, limits[r], reasons[r])
-        yield toks, meta
+            meta[:, j] = (rows[tuple(prompts[r])], s, r, limits[r], reasons[r])
+        yield toks, lens, meta
 
 
 def _fetch(*arrays):
@@ -336,13 +343,15 @@ class _Rollout:
         S = self.spec.num_slots
         # Rows per call: a power of two, at most the slots and max_prefill_tokens / P.
         nmax = max(1, min(_pow2_ceil(S), 1 << int(math.log2(max(1, self.sc.max_prefill_tokens // P)))))
-        for toks, meta in _prefill_batches(members, P, nmax, S, self.prompts, self.plan.limits, self.plan.reasons):
-            kv, self.state = engine.prefill(self.spec, self.sp, self.state, self.knobs, toks, *meta)
+        for toks, lens, meta in _prefill_batches(members, P, nmax, S, self.prompts, self.plan.limits,
+                                                 self.plan.reasons):
+            kv, self.state = engine.prefill(self.spec, self.sp, self.state, self.knobs, toks, lens, *meta)
             self.cache = kv_cache.insert(self.cache, kv, meta[1])
             del kv
             self.stats.prefill_calls += 1
-            self.stats.shapes.add(("prefill", len(toks), P))
-            self.stats.shapes.add(("insert", len(toks), P, self.cache.length))
+            self.stats.prefill_rows += len(toks)
+            self.stats.shapes.add(("prefill", len(toks), meta.shape[1], P))
+            self.stats.shapes.add(("insert", meta.shape[1], P, self.cache.length))
 
     def _decode_round(self) -> None:
         """One device-side decode loop, on a cache resized to the bucket the active slots need (shrunk

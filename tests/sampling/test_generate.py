@@ -214,3 +214,18 @@ def test_sampler_config_equals_keywords(qwen3_tiny):
                        (dict(schedule="lifo"), "schedule"), (dict(refill_fraction=0.0), "refill_fraction")]:
         with pytest.raises(ValueError, match=match):
             sampling.SamplerConfig(**bad)
+
+
+def test_requests_with_one_prompt_share_its_prefill_and_sample_as_if_alone(qwen3_tiny):
+    """Prefix sharing: a group of G requests with the same prompt (GRPO's rollouts of one problem) runs the
+    prompt's forward once per refill, and each request still draws its own tokens from its own key: the
+    rows equal those of a 1-slot run, where no two requests meet in a prefill."""
+    group = [qwen3_tiny.prompts[1]] * 4 + [qwen3_tiny.prompts[3]] * 4
+    kw = dict(rng=KEY, max_new_tokens=MAX_NEW, max_cache_len=64, **SAMPLED)
+    shared = sampling.generate(qwen3_tiny.cfg, qwen3_tiny.params, group, num_slots=8, **kw)
+    alone = sampling.generate(qwen3_tiny.cfg, qwen3_tiny.params, group, num_slots=1, **kw)
+    assert shared.tokens == alone.tokens
+    for a, b in zip(shared.logprobs, alone.logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert len({tuple(t) for t in shared.tokens[:4]}) > 1  # the group's rows differ: their own keys
+    assert shared.stats.prefill_rows == 4 and alone.stats.prefill_rows == 8  # 2 distinct prompts: one call of 4 rows (a power of four) instead of 8 calls of 1
