@@ -104,6 +104,7 @@ class SamplerConfig:
     max_prefill_tokens: int = 8192
     schedule: str = "longest_first"
     cache_dtype: object = None
+    share_prompts: bool = True                   # equal prompts in a refill share one prefill row
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: normalise in place)
@@ -207,7 +208,7 @@ def _limits(n: int, budgets, max_new_tokens: int):
     return limits, reasons
 
 
-def _prefill_batches(members, P: int, nmax: int, S: int, prompts, limits, reasons):
+def _prefill_batches(members, P: int, nmax: int, S: int, prompts, limits, reasons, share: bool = True):
     """Yields, per chunk of at most nmax (request, slot) pairs: the chunk's distinct prompts as right-padded
     int32 tokens [u, P] with their lengths int32 [u], and int32 [5, n] row metadata (prompt row, slot,
     request, limit, limit reason), u and n = `_prefill_rows` of the counts; padding rows point at slot S,
@@ -216,17 +217,18 @@ def _prefill_batches(members, P: int, nmax: int, S: int, prompts, limits, reason
         chunk = members[c0:c0 + nmax]
         rows: dict[tuple, int] = {}  # prompt -> its row: requests with equal prompts share one forward
         for r, _ in chunk:
-            rows.setdefault(tuple(prompts[r]), len(rows))
+            rows.setdefault(tuple(prompts[r]) if share else r, len(rows))
         u, n = _prefill_rows(len(rows), nmax), _prefill_rows(len(chunk), nmax)
         toks = np.zeros((u, P), np.int32)
         lens = np.ones(u, np.int32)
-        for prompt, row in rows.items():
+        for key, row in rows.items():
+            prompt = key if share else prompts[key]
             toks[row, :len(prompt)] = prompt
             lens[row] = len(prompt)
         meta = np.zeros((5, n), np.int32)
         meta[:, len(chunk):] = np.array([[0], [S], [0], [1], [MAX_NEW_TOKENS]])
         for j, (r, s) in enumerate(chunk):
-            meta[:, j] = (rows[tuple(prompts[r])], s, r, limits[r], reasons[r])
+            meta[:, j] = (rows[tuple(prompts[r]) if share else r], s, r, limits[r], reasons[r])
         yield toks, lens, meta
 
 
@@ -344,7 +346,7 @@ class _Rollout:
         # Rows per call: a power of two, at most the slots and max_prefill_tokens / P.
         nmax = max(1, min(_pow2_ceil(S), 1 << int(math.log2(max(1, self.sc.max_prefill_tokens // P)))))
         for toks, lens, meta in _prefill_batches(members, P, nmax, S, self.prompts, self.plan.limits,
-                                                 self.plan.reasons):
+                                                 self.plan.reasons, share=self.sc.share_prompts):
             kv, self.state = engine.prefill(self.spec, self.sp, self.state, self.knobs, toks, lens, *meta)
             self.cache = kv_cache.insert(self.cache, kv, meta[1])
             del kv

@@ -219,12 +219,15 @@ def test_sampler_config_equals_keywords(qwen3_tiny):
 def test_requests_with_one_prompt_share_its_prefill_and_sample_as_if_alone(qwen3_tiny):
     """Prefix sharing: a group of G requests with the same prompt (GRPO's rollouts of one problem) runs the
     prompt's forward once per refill, and each request still draws its own tokens from its own key: the
-    rows equal those of a 1-slot run, where no two requests meet in a prefill."""
+    rows equal those of a 1-slot run, where no two requests meet in a prefill, and of share_prompts=False."""
     group = [qwen3_tiny.prompts[1]] * 4 + [qwen3_tiny.prompts[3]] * 4
     kw = dict(rng=KEY, max_new_tokens=MAX_NEW, max_cache_len=64, **SAMPLED)
     shared = sampling.generate(qwen3_tiny.cfg, qwen3_tiny.params, group, num_slots=8, **kw)
     alone = sampling.generate(qwen3_tiny.cfg, qwen3_tiny.params, group, num_slots=1, **kw)
-    assert shared.tokens == alone.tokens
+    unshared = sampling.generate(qwen3_tiny.cfg, qwen3_tiny.params, group, sampler=sampling.SamplerConfig(
+        num_slots=8, max_cache_len=64, share_prompts=False, **SAMPLED), rng=KEY, max_new_tokens=MAX_NEW)
+    assert shared.tokens == alone.tokens == unshared.tokens
+    assert unshared.stats.prefill_rows == 8  # one row per request (8 slots: at most 8 rows a call)
     for a, b in zip(shared.logprobs, alone.logprobs):
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert len({tuple(t) for t in shared.tokens[:4]}) > 1  # the group's rows differ: their own keys
