@@ -51,14 +51,21 @@ def warn_once(msg: str) -> None:
         log.warning(msg)
 
 
+def target_platform(cfg: ModelConfig) -> str:
+    """The platform the programs are compiled for: `cfg.target_platform`, else the default backend."""
+    return cfg.target_platform or jax.default_backend()
+
+
 def use_pallas(cfg: ModelConfig) -> bool:
-    """Whether this config runs the Pallas kernels: attention_impl "pallas" on a TPU backend, or on any
-    backend in interpret mode. "pallas" elsewhere falls back to XLA (warned once)."""
+    """Whether this config runs the Pallas kernels: attention_impl "pallas" when compiling for TPU
+    (`target_platform`: a TPU backend, or a TPU topology compiled from a CPU host), or on any backend in
+    interpret mode. "pallas" elsewhere falls back to XLA (warned once)."""
     if cfg.attention_impl != "pallas":
         return False
-    if cfg.pallas_interpret or jax.default_backend() == "tpu":
+    platform = target_platform(cfg)
+    if cfg.pallas_interpret or platform == "tpu":
         return True
-    warn_once(f"attention_impl='pallas' needs a TPU (backend is {jax.default_backend()!r}): "
+    warn_once(f"attention_impl='pallas' needs a TPU (target platform is {platform!r}): "
                "using XLA attention instead")
     return False
 
