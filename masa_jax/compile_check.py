@@ -93,10 +93,18 @@ def libtpu_missing() -> str | None:
 @functools.lru_cache(maxsize=None)
 def topology_devices(name: str) -> tuple:
     """The compile-only devices of slice `name` (no TPU needed)."""
+    import os
+
     from jax.experimental import topologies
     s = slice_info(name)
     kw = {"chips_per_host_bounds": s.chips_per_host} if s.chips_per_host else {}
-    devices = tuple(topologies.get_topology_desc(topology_name=s.topology, platform="tpu", **kw).devices)
+    # The compile-only client touches no TPU, so it may share libtpu with another process (a training run
+    # on this TPU VM, a second dry run); without this libtpu refuses at its lockfile (/tmp/libtpu_lockfile).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        devices = tuple(topologies.get_topology_desc(topology_name=s.topology, platform="tpu", **kw).devices)
+    except jax.errors.JaxRuntimeError as e:
+        raise UserError(f"libtpu could not describe TPU {s.name} ({s.topology}): {str(e).splitlines()[0]}") from e
     if len(devices) != s.chips:
         raise RuntimeError(f"libtpu's topology {s.topology} has {len(devices)} devices, the table says {s.chips}")
     return devices
@@ -442,11 +450,15 @@ def format_result(r: CheckResult) -> list[str]:
     if r.refused:
         lines.append(f"verdict: does not fit: {', '.join(p.name for p in r.refused)} (XLA: RESOURCE_EXHAUSTED on "
                      f"{s.name})")
-    else:
+    elif r.fits:
         w = r.worst
-        verdict = "fits" if r.fits else "does not fit"
-        lines.append(f"verdict: {verdict}: largest {w.name} {w.device_peak / GiB:.2f} GiB of {s.hbm_gib:g} GiB per chip "
+        lines.append(f"verdict: fits: largest {w.name} {w.device_peak / GiB:.2f} GiB of {s.hbm_gib:g} GiB per chip "
                      f"(limit {lim:.2f} GiB: {HEADROOM:.0%} headroom); compiled in {r.seconds:.0f} s")
+    else:
+        over = ", ".join(f"{p.name} {p.device_peak / GiB:.2f} GiB" for p in r.programs
+                         if not p.error and p.device_peak > r.limit)
+        lines.append(f"verdict: does not fit: {over} of {s.hbm_gib:g} GiB per chip (limit {lim:.2f} GiB: "
+                     f"{HEADROOM:.0%} headroom); compiled in {r.seconds:.0f} s")
     return lines
 
 
