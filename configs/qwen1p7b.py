@@ -9,7 +9,7 @@ def get_config():
     c.model.preset = "qwen3-1.7b"               # for --dry_run without the checkpoint
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
-    c.mesh.device_memory_gib = 32.0
+    c.mesh.topology = "v6e-4"               # --dry_run compiles for it (HBM per chip: compile_check.SLICES)
     c.mesh.shape = (1, -1, 1)          # pure FSDP over the host's chips
     c.data.train_files = ("/path/to/deepscaler/train.parquet",)
     c.data.problems_per_step = 64

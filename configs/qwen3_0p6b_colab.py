@@ -27,7 +27,7 @@ def get_config():
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
     c.mesh.shape = (1, -1, 1)                # FSDP over whatever the host has (1 chip, 8 cores, a GPU)
-    c.mesh.device_memory_gib = 16.0          # v5e: 16 GiB HBM per chip (v2: 8 GiB per core)
+    c.mesh.topology = "v5e-1"               # --dry_run compiles for it (HBM per chip: compile_check.SLICES)
     c.data.train_files = ("",)               # set by the notebook or --config.data.train_files
     c.data.problems_per_step = 8
     c.data.max_prompt_length = 512           # the paper's meta prompt plus a GSM8K / MATH problem
@@ -35,7 +35,9 @@ def get_config():
     c.rollout.num_meta = 8
     c.rollout.max_response_length = 1024
     c.rollout.meta_max_new_tokens = 256
-    c.rollout.num_slots = 32
+    # 16 slots: with 32 the decode loop (KV cache 5.25 GiB + 3.9 GiB of XLA temporaries) next to the
+    # resident train state needs 16.9 GiB of a v5e chip's 16 (docs/benchmarks.md, "XLA compile check").
+    c.rollout.num_slots = 16
     c.prompts.min_solution_length = 32
     c.efficient.switch_step = 10
     c.bc.buffer_size = 32

@@ -73,7 +73,7 @@ def base_config() -> mlc.ConfigDict:
     c.rollout.temperature = _SAMPLER.temperature
     c.rollout.top_p = _SAMPLER.top_p
     c.rollout.top_k = _SAMPLER.top_k
-    c.rollout.num_slots = 256     # decode slots of the refill sampler
+    c.rollout.num_slots = 256     # decode slots of the refill sampler, per host (each host samples its own problems)
 
     c.prompts = mlc.ConfigDict()
     c.prompts.meta_template = ""      # "" = the default templates of masa_jax.rl.prompts
