@@ -1,18 +1,20 @@
 """Qwen3-0.6B-Base with MASA-efficient on one Colab TPU: a v5e-1 (1 chip, 16 GiB HBM) or a v2-8
 (8 cores of 8 GiB); also one 16 GiB GPU. Full fine-tuning (float32 master weights and AdamW moments,
-bfloat16 compute, full remat) fits, so no LoRA is needed:
+bfloat16 compute, full remat) fits a v5e chip by XLA's count, so no LoRA is needed:
 
-    python -m masa_jax.train --config=configs/qwen3_0p6b_colab.py --dry_run --dry_run_devices=1
+    python -m masa_jax.train --config=configs/qwen3_0p6b_colab.py --dry_run     # XLA, for mesh.topology
     python -m masa_jax.train --config=configs/qwen3_0p6b_colab.py --dry_run --dry_run_devices=8 \
-        --config.mesh.device_memory_gib=8
+        --config.mesh.device_memory_gib=8 --config.rl.micro_batch_size=8       # v2-8: the rough formula
 
-(README "Colab TPU" has the output.) notebooks/colab_tpu_qwen3.ipynb runs it: it downloads the checkpoint
-from the HF Hub, writes GSM8K as JSONL and sets model.path / data.train_files; from a shell, pass them:
+(README "Colab TPU" has the output; docs/benchmarks.md "XLA compile check" the numbers per program: the
+train step at micro-batch 2 needs 14.21 GiB of the chip, 4 would need 15.42, 8 XLA refuses.)
+notebooks/colab_tpu_qwen3.ipynb runs it: it downloads the checkpoint from the HF Hub, writes GSM8K as
+JSONL and sets model.path / data.train_files; from a shell, pass them:
 --config.model.path=DIR --config.data.train_files="('train.jsonl',)".
 
 Against configs/qwen1p7b.py: responses of at most 1024 tokens (meta 256), 8 problems x (8 + 8)
 rollouts per step, micro-batches of 2 sequences, 256-token log-prob chunks (a [2, 256, 151936] float32
-chunk is 0.3 GiB) and 32 decode slots (the KV cache of a slot at 1536 tokens is 0.17 GiB).
+chunk is 0.3 GiB) and 16 decode slots (the KV cache of a slot at 1536 tokens is 0.16 GiB).
 """
 from masa_jax.config import base_config
 
