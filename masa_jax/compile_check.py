@@ -292,8 +292,19 @@ def check(config, topology: str | None = None, programs: tuple[str, ...] | None 
     """Compiles the programs of one training step of `config` for TPU slice `topology` (default
     `config.mesh.topology`) and returns XLA's sizes. `programs` restricts the names compiled (tests,
     experiments); `on_program` is called as each finishes (progress)."""
-    import optax
+    # A compile-only executable must not reach the persistent compilation cache (when one is set): read
+    # back later it fails ("PjRtCompiler must be constructed with a Client"). Writes are skipped below a
+    # minimum compile time, so none is written while the check runs.
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
+    try:
+        return _check(config, topology, programs, on_program)
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
 
+
+def _check(config, topology, programs, on_program) -> CheckResult:
+    from masa_jax.models.qwen import attention
     from masa_jax.models.qwen.presets import model_config_for
     from masa_jax.parallel import mesh as mesh_lib
     from masa_jax.rl import bc, train_step as ts
@@ -315,6 +326,9 @@ def check(config, topology: str | None = None, programs: tuple[str, ...] | None 
         raise UserError(f"config.rl.micro_batch_size={mb} must be a multiple of the data-parallel size {dp} "
                         f"(mesh data x fsdp on {sl.name})")
     want = lambda name: programs is None or name in programs  # noqa: E731
+    if attention.use_pallas(cfg):  # splash kernels for every length and per-shard head count used below
+        heads = {cfg.num_heads // t for t in (1, mesh.shape["tensor"]) if cfg.num_heads % t == 0}
+        attention.prebuild_splash_kernels(cfg, (shp.prompt_bucket, shp.seq_len), sorted(heads))
     out: list[ProgramMemory] = []
 
     def record(p):
@@ -334,7 +348,6 @@ def check(config, topology: str | None = None, programs: tuple[str, ...] | None 
                                           ref_params=ref), sh)
     state_b, params_b = _per_device(state), _per_device(state.params)
     repl = NamedSharding(smesh, P())
-    del optax
 
     # ---- rollout: reshard, prefill, insert, resize, decode
     dtype = jnp.dtype(cfg.dtype)
@@ -342,7 +355,7 @@ def check(config, topology: str | None = None, programs: tuple[str, ...] | None 
     sp_b = _per_device(sp)
     if want("reshard"):
         p, _ = _compile("reshard", "train params -> sampling params",
-                        lambda: reshard._converter(cfg, dtype.name, smesh if smesh is mesh else mesh).lower(state.params),
+                        lambda: reshard._converter(cfg, dtype.name, mesh).lower(state.params),  # on the whole mesh
                         state_b - params_b, "optimizer state")
         record(p)
     S, C, Pb, n = shp.num_slots, shp.cache_len, shp.prompt_bucket, shp.prefill_rows

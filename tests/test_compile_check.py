@@ -17,6 +17,10 @@ from masa_jax.models.qwen import attention
 from masa_jax.models.qwen.presets import preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if compile_check.libtpu_missing() is None:
+    # Where libtpu is (CI's tpu venv runs this file alone), no persistent cache: an earlier session's
+    # compile-only entries would be read back (conftest sets a cache dir). check() itself writes none.
+    jax.config.update("jax_enable_compilation_cache", False)
 needs_libtpu = pytest.mark.skipif(compile_check.libtpu_missing() is not None,
                                   reason="libtpu is not installed: pip install -e '.[tpu]' (CI: .ci/run's tpu venv)")
 # The toy model at short lengths: every program compiles in seconds.
@@ -98,8 +102,8 @@ def test_tiny_config_compiles_for_v5e_2x2_with_xla_sizes():
     assert step.alias > 0 and step.temp > 0          # the state is donated; activations are temporaries
     decode = next(p for p in r.programs if p.name == "decode")
     reshard = next(p for p in r.programs if p.name == "reshard")
-    # During decode the whole train state is resident: the reshard's input (params) + what it leaves aside.
-    assert decode.resident == reshard.resident + reshard.argument > 0
+    # During decode the whole train state is resident, during the reshard all but its input (the params).
+    assert decode.resident > reshard.resident > 0
     assert r.fits
     text = "\n".join(compile_check.format_result(r))
     assert re.search(r"^  train_step +\d+\.\d\d +\d+\.\d\d", text, re.M)

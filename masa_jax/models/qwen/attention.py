@@ -173,6 +173,17 @@ def _splash_kernel(num_heads: int, T: int, block: int, interpret: bool):
         return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
+def prebuild_splash_kernels(cfg: ModelConfig, lengths, head_counts) -> None:
+    """Builds (and caches) the splash kernels for sequences of `lengths` tokens and `head_counts` query
+    heads per shard outside any trace. Needed when compiling for TPU devices of a compile-only topology
+    (masa_jax.compile_check): built inside the trace, the kernel's mask tables are computed eagerly on
+    those devices, which cannot run anything."""
+    for T in lengths:
+        Tp, block = splash_block(T)
+        for heads in head_counts:
+            _splash_kernel(heads, Tp, block, cfg.pallas_interpret)
+
+
 def splash_attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array
                      ) -> jax.Array:
     """Causal GQA with Pallas splash attention. q [B, T, H, hd]; k, v [B, T, KV, hd]; segment_ids int32
