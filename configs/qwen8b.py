@@ -29,7 +29,7 @@ def get_config():
     c.rollout.top_p = 1.0                      # (paper)
     # Decode slots PER HOST: on a pod each host samples its own problems on its own 4 chips
     # (multihost.local_sampling_mesh), so a slot's KV cache (12288 positions) is split over 4 chips only.
-    # 64 slots: 16 problems x 32 rollouts per host in 8 refills; 512 would need ~230 GiB per chip.
+    # 64 slots: 16 problems x 32 rollouts per host in 8 refills; 512 would need 216 GiB per chip for the cache alone.
     c.rollout.num_slots = 64
     c.meta.k = 8                               # (paper) pass_rate in 0..8
     c.meta.base = 0.01                         # (paper) b
