@@ -10,7 +10,7 @@ def get_config():
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
     # 64 chips: FSDP over 8, tensor-parallel over 8 (40 q-heads / 8 kv-heads shard over 8).
-    c.mesh.device_memory_gib = 95.0
+    c.mesh.topology = "v5p-128"               # --dry_run compiles for it (HBM per chip: compile_check.SLICES)
     c.mesh.shape = (1, 8, 8)
     c.mesh.tpu_pod = True
     c.data.train_files = ("/path/to/deepscaler/train.parquet",)

@@ -1,4 +1,8 @@
-"""Qwen3-1.7B-Base on a single host: one TPU v4-8 (4 chips of 32 GiB) or one 80 GB GPU."""
+"""Qwen3-1.7B-Base on a single host: 4 chips of 32 GiB (TPU v6e-4, or a v4-8) or one 80 GB GPU.
+
+`--dry_run` compiles for the v6e-4 (config.mesh.topology): libtpu's compile-only client does not model
+v4's megacore chips (compile_check.SLICES); a v4-8 has the same 4 x 32 GiB.
+"""
 from masa_jax.config import base_config
 
 
@@ -9,7 +13,7 @@ def get_config():
     c.model.preset = "qwen3-1.7b"               # for --dry_run without the checkpoint
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
-    c.mesh.device_memory_gib = 32.0
+    c.mesh.topology = "v6e-4"               # --dry_run compiles for it (HBM per chip: compile_check.SLICES)
     c.mesh.shape = (1, -1, 1)          # pure FSDP over the host's chips
     c.data.train_files = ("/path/to/deepscaler/train.parquet",)
     c.data.problems_per_step = 64

@@ -14,7 +14,7 @@ def get_config():
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
     # 32 chips: FSDP over 8, tensor-parallel over 4 (8 kv-heads shard evenly over 4).
-    c.mesh.device_memory_gib = 95.0
+    c.mesh.topology = "v5p-64"               # --dry_run compiles for it (HBM per chip: compile_check.SLICES)
     c.mesh.shape = (1, 8, 4)
     c.mesh.tpu_pod = True
     c.data.train_files = ("/path/to/deepscaler/train.parquet",)
@@ -27,7 +27,10 @@ def get_config():
     c.rollout.meta_max_new_tokens = c.rollout.max_response_length
     c.rollout.temperature = 1.0                # (paper)
     c.rollout.top_p = 1.0                      # (paper)
-    c.rollout.num_slots = 512
+    # Decode slots PER HOST: on a pod each host samples its own problems on its own 4 chips
+    # (multihost.local_sampling_mesh), so a slot's KV cache (12288 positions) is split over 4 chips only.
+    # 64 slots: 16 problems x 32 rollouts per host in 8 refills; 512 would need 216 GiB per chip for the cache alone.
+    c.rollout.num_slots = 64
     c.meta.k = 8                               # (paper) pass_rate in 0..8
     c.meta.base = 0.01                         # (paper) b
     c.efficient.switch_step = 120              # (paper) k

@@ -65,7 +65,10 @@ def base_config() -> mlc.ConfigDict:
     c.mesh.num_processes = 1
     c.mesh.process_id = 0
     c.mesh.tpu_pod = False        # jax.distributed.initialize() with auto-discovery
-    c.mesh.device_memory_gib = 0.0  # for --dry_run's fit verdict (e.g. 95 for TPU v5p)
+    c.mesh.device_memory_gib = 0.0  # for the formula's fit verdict (0: the topology's HBM per chip)
+    # The TPU slice the run is sized for ("v5e-1", "v5p-64", ...: masa_jax.compile_check.SLICES): --dry_run
+    # compiles every program of a step for it (with the [tpu] extra, on any host) and reads XLA's sizes.
+    c.mesh.topology = ""
 
     c.data = mlc.ConfigDict()
     c.data.train_files = ("",)    # verl parquet / JSONL files, or "tfds:name:split"
@@ -86,7 +89,7 @@ def base_config() -> mlc.ConfigDict:
     c.rollout.temperature = _SAMPLER.temperature
     c.rollout.top_p = _SAMPLER.top_p
     c.rollout.top_k = _SAMPLER.top_k
-    c.rollout.num_slots = 256     # decode slots of the refill sampler
+    c.rollout.num_slots = 256     # decode slots of the refill sampler, per host (each host samples its own problems)
     c.rollout.engine = "native"   # the sampler (rl/rollout_engine.py ENGINES): masa_jax's refill engine
 
     c.prompts = mlc.ConfigDict()
@@ -286,6 +289,9 @@ def _check_ranges(c: mlc.ConfigDict) -> None:
     for name, fields in (("prompts.meta_template", prompts_lib.META_FIELDS),
                          ("prompts.solution_template", prompts_lib.SOLUTION_FIELDS)):
         _check_template(name, c[name], fields)
+    if c.mesh.topology:
+        from masa_jax.compile_check import slice_info
+        slice_info(c.mesh.topology)  # a UserError naming the known slices
     shape = tuple(c.mesh.shape)
     if len(shape) != 3 or any(not isinstance(d, int) or (d < 1 and d != -1) for d in shape) or shape.count(-1) > 1:
         raise UserError(f"config.mesh.shape must be 3 sizes (data, fsdp, tensor), each >= 1 or one -1, got {shape}")

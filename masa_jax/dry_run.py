@@ -1,8 +1,12 @@
-"""`--dry_run`: does the configured model fit the configured mesh? Nothing is allocated.
+"""The rough formula of `--dry_run`: per-device memory of a config on its mesh, from shapes alone.
 
 Params are built abstractly (`jax.eval_shape`), sharded by the rules table onto an AbstractMesh of the
 configured shape (so an 8B pod config can be checked on a laptop), and the per-device bytes of params,
-optimizer state, the sampler's KV cache and the train step's activations are estimated.
+optimizer state, the sampler's KV cache and the train step's activations are estimated at the
+trainer's largest length buckets. It is ROUGH: it counts arguments well but not XLA's temporaries
+(measured 3-6x more than its activation term: docs/benchmarks.md), and it assumes the sampler runs on
+the whole mesh. `masa_jax.compile_check` asks XLA instead (`config.mesh.topology`, the [tpu] extra);
+`--dry_run` prints both when it can.
 """
 from __future__ import annotations
 
@@ -58,20 +62,30 @@ def estimate(config, num_devices: int | None = None) -> dict:
     compute = np.dtype(cfg.dtype).itemsize
     sampling_params_b = _per_device_bytes(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.dtype), shapes),
                                           axes, mesh, SAMPLING_RULES)
+    # The trainer's largest shapes: the sampler's largest cache bucket, the updater's largest length bucket.
+    from masa_jax.compile_check import step_shapes
+    shp = step_shapes(config)
     # KV cache: slots are spread over data x fsdp, kv-heads over tensor (when they divide).
-    T = config.data.max_prompt_length + config.rollout.max_response_length
+    T = shp.cache_len
     slots_per_dev = math.ceil(config.rollout.num_slots / (sizes["data"] * sizes["fsdp"]))
     kv_shards = sizes["tensor"] if cfg.num_kv_heads % sizes["tensor"] == 0 else 1
     kv_b = 2 * cfg.num_layers * slots_per_dev * T * (cfg.num_kv_heads // kv_shards) * cfg.head_dim * compute
     # Train step, per micro-batch and device: with full remat the scan saves one [mb, T, D] per layer,
     # one layer's working set is live at a time, and one logits chunk [mb, C, V] in float32.
     mb = max(1, math.ceil(config.rl.micro_batch_size / (sizes["data"] * sizes["fsdp"])))
+    T = shp.seq_len
     D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     saved = cfg.num_layers * mb * T * D * compute
     layer_ws = mb * T * (4 * D + 3 * F // sizes["tensor"] + 2 * cfg.num_heads * cfg.head_dim // sizes["tensor"]) * compute
     logits_chunk = mb * config.rl.chunk_size * V * 4 * 2 // sizes["tensor"]
-    act_b = saved + layer_ws + logits_chunk
+    # XLA attention materialises one layer's float32 scores [mb, H, T, T] and their bf16 probabilities;
+    # the Pallas (splash) kernel works in blocks.
+    scores = 0 if cfg.attention_impl == "pallas" else mb * max(1, cfg.num_heads // sizes["tensor"]) * T * T * 6
+    act_b = saved + layer_ws + logits_chunk + scores
+    # Gradients: float32; with more than one micro-batch the scan also holds a float32 accumulator.
     grads_b = params_b if cfg.param_dtype == "float32" else 2 * params_b
+    if shp.minibatch_rows > config.rl.micro_batch_size:
+        grads_b *= 2
     return dict(model=cfg, mesh=dict(zip(MESH_AXES, shape)), num_devices=int(np.prod(shape)), num_params=n_params,
                 params=params_b, grads=grads_b, optimizer=opt_b, sampling_params=sampling_params_b, kv_cache=kv_b,
                 activations=act_b, train_total=params_b + grads_b + opt_b + act_b,
@@ -84,12 +98,12 @@ def report(config, num_devices: int | None = None, device_memory_gib: float | No
     lines = [f"model: {cfg.family} {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}: "
              f"{e['num_params'] / 1e9:.2f} B params",
              f"mesh: {e['mesh']} ({e['num_devices']} devices)",
-             "per-device memory estimate:"]
+             "per-device memory, rough formula (XLA's temporaries not counted):"]
     for key in ("params", "grads", "optimizer", "activations", "train_total", "sampling_params", "kv_cache",
                 "rollout_total"):
         lines.append(f"  {key:<16} {e[key] / GiB:8.2f} GiB")
     if device_memory_gib:
         peak = max(e["train_total"], e["rollout_total"]) / GiB
         verdict = "fits" if peak <= 0.9 * device_memory_gib else "DOES NOT FIT"
-        lines.append(f"peak {peak:.2f} GiB of {device_memory_gib:.0f} GiB per device: {verdict}")
+        lines.append(f"formula peak {peak:.2f} GiB of {device_memory_gib:g} GiB per device: {verdict} (rough)")
     return "\n".join(lines)

@@ -401,8 +401,10 @@ def main(argv):
     FLAGS = flags.FLAGS
     config = config_lib.resolve(errors.config_from_flags(FLAGS))  # before --dry_run too: it skips the checks
     if FLAGS.dry_run:
-        from masa_jax import dry_run
-        print(dry_run.report(config, FLAGS.dry_run_devices or None, config.mesh.device_memory_gib or None))
+        import sys
+        from masa_jax import compile_check
+        print(compile_check.report(config, FLAGS.dry_run_devices or None, config.mesh.device_memory_gib or None,
+                                   progress=lambda line: print(line, file=sys.stderr, flush=True)))
         return
     train(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
 
@@ -412,7 +414,8 @@ def _define_flags():
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)", lock_config=True)
     flags.DEFINE_string("workdir", "", "run directory (checkpoints, metrics, figures); resumed when it exists")
-    flags.DEFINE_boolean("dry_run", False, "build the model abstractly and print the per-device memory estimate")
+    flags.DEFINE_boolean("dry_run", False, "compile every program of a step for config.mesh.topology (XLA's "
+                         "per-device memory, needs the [tpu] extra) next to the rough formula; nothing is allocated")
     flags.DEFINE_boolean("allow_config_change", False, "resume a workdir whose config.json differs from --config "
                          "(the old one is kept as config.<n>.json)")
     flags.DEFINE_integer("dry_run_devices", 0, "device count for a mesh with -1 in --dry_run (0: this host's)")

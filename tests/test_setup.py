@@ -10,7 +10,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 DISTRIBUTIONS = {"absl": "absl-py", "orbax": "orbax-checkpoint", "yaml": "PyYAML", "tensorflow_datasets":
                  "tensorflow-datasets", "PIL": "Pillow", "sklearn": "scikit-learn"}
 # Imported only on opt-in paths, with an install hint: declared as extras instead.
-OPTIONAL = {"tensorflow-datasets": "tfds", "wandb": "wandb", "lm-eval": "eval"}
+OPTIONAL = {"tensorflow-datasets": "tfds", "wandb": "wandb", "lm-eval": "eval", "libtpu": "tpu"}
 # Not imported by masa_jax, but needed at run time: transformers' apply_chat_template needs jinja2 and
 # transformers does not require it.
 INDIRECT = {"jinja2"}

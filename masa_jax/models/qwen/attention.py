@@ -51,14 +51,21 @@ def warn_once(msg: str) -> None:
         log.warning(msg)
 
 
+def target_platform(cfg: ModelConfig) -> str:
+    """The platform the programs are compiled for: `cfg.target_platform`, else the default backend."""
+    return cfg.target_platform or jax.default_backend()
+
+
 def use_pallas(cfg: ModelConfig) -> bool:
-    """Whether this config runs the Pallas kernels: attention_impl "pallas" on a TPU backend, or on any
-    backend in interpret mode. "pallas" elsewhere falls back to XLA (warned once)."""
+    """Whether this config runs the Pallas kernels: attention_impl "pallas" when compiling for TPU
+    (`target_platform`: a TPU backend, or a TPU topology compiled from a CPU host), or on any backend in
+    interpret mode. "pallas" elsewhere falls back to XLA (warned once)."""
     if cfg.attention_impl != "pallas":
         return False
-    if cfg.pallas_interpret or jax.default_backend() == "tpu":
+    platform = target_platform(cfg)
+    if cfg.pallas_interpret or platform == "tpu":
         return True
-    warn_once(f"attention_impl='pallas' needs a TPU (backend is {jax.default_backend()!r}): "
+    warn_once(f"attention_impl='pallas' needs a TPU (target platform is {platform!r}): "
                "using XLA attention instead")
     return False
 
@@ -164,6 +171,17 @@ def _splash_kernel(num_heads: int, T: int, block: int, interpret: bool):
     # trace that built them (the kernel is cached and reused by later traces).
     with jax.ensure_compile_time_eval():
         return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def prebuild_splash_kernels(cfg: ModelConfig, lengths, head_counts) -> None:
+    """Builds (and caches) the splash kernels for sequences of `lengths` tokens and `head_counts` query
+    heads per shard outside any trace. Needed when compiling for TPU devices of a compile-only topology
+    (masa_jax.compile_check): built inside the trace, the kernel's mask tables are computed eagerly on
+    those devices, which cannot run anything."""
+    for T in lengths:
+        Tp, block = splash_block(T)
+        for heads in head_counts:
+            _splash_kernel(heads, Tp, block, cfg.pallas_interpret)
 
 
 def splash_attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array

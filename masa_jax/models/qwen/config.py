@@ -53,6 +53,10 @@ class ModelConfig:
     # other backends it falls back to "xla" with a warning (see models/qwen/attention.py).
     attention_impl: str = "xla"
     pallas_interpret: bool = False  # run the Pallas kernels in interpret mode on any backend (tests)
+    # The platform the programs are compiled for: "" = jax.default_backend() (where they run). The
+    # compile check (masa_jax.compile_check) sets "tpu" to compile a TPU slice's programs on a CPU host,
+    # so attention_impl="pallas" compiles the TPU kernels there instead of falling back to XLA.
+    target_platform: str = ""
 
     def __post_init__(self):
         if self.family not in ("qwen3", "qwen2"):
