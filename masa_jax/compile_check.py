@@ -16,9 +16,9 @@ no weights are read. The programs of one step, at the largest shapes the trainer
   the largest expert batch; all at the largest length bucket (`batching.default_buckets`).
 
 Per program XLA reports argument / output / alias / temp / generated-code bytes per device and its
-peak; what else is resident on the device while it runs (the train state during rollout, the
-sampling params during the update: `train.train_one_step` keeps the step's sampler alive) is added
-from the inputs' shardings. The binding figure is docs/benchmarks.md's rule (`program_peak`).
+peak; what else is resident on the device while it runs (the train state during rollout; during the
+update only the step's batch: `train.train_one_step` releases the engine's sampling copy of the
+weights, `update_params(None)`, before it) is added from the inputs' shardings. The binding figure is docs/benchmarks.md's rule (`program_peak`).
 A program XLA refuses (RESOURCE_EXHAUSTED) is a "does not fit" verdict naming it.
 """
 from __future__ import annotations
@@ -376,8 +376,9 @@ def _check(config, topology, programs, on_program) -> CheckResult:
         if want("prefill") or want("insert"):
             toks = jax.ShapeDtypeStruct((n, Pb), jnp.int32, sharding=repl)
             p, res = _compile("prefill", f"{n} prompts x {Pb} tokens",
+                              # every prompt distinct (u = n rows): prefix sharing only shrinks this
                               lambda: engine.prefill.lower(spec, sp, slot_state, knobs, toks, rows(), rows(), rows(),
-                                                           rows(), rows()),
+                                                           rows(), rows(), rows()),
                               state_b + cache_b, "train state, KV cache")
             if want("prefill"):
                 record(p)
@@ -405,7 +406,7 @@ def _check(config, topology, programs, on_program) -> CheckResult:
                             "train state")
             record(p)
 
-    # ---- update: old log-probs, train step, BC step (the step's sampler stays alive: sampling params)
+    # ---- update: old log-probs, train step, BC step (the sampling copy of the weights is released first)
     bsh = ts.batch_sharding(mesh)
     T = shp.seq_len
     if want("old_logprobs"):
@@ -413,18 +414,17 @@ def _check(config, topology, programs, on_program) -> CheckResult:
                        bsh)
         fn = ts.make_compute_logprobs(cfg, mesh, mb, temperature=lcfg.temperature, chunk_size=lcfg.chunk_size)
         p, _ = _compile("old_logprobs", f"{shp.step_rows} x {T}, micro-batch {mb}",
-                        lambda: fn.jitted.lower(state.params, batch), state_b - params_b + sp_b,
-                        "optimizer state, sampling params")
+                        lambda: fn.jitted.lower(state.params, batch), state_b - params_b, "optimizer state")
         record(p)
     flag = jax.ShapeDtypeStruct((), jnp.bool_, sharding=NamedSharding(mesh, P()))
     if want("train_step"):
         batch = _batch(shp.minibatch_rows, T, ("tokens", "attention_mask", "loss_mask", "advantages", "old_logprobs"),
                        bsh)
-        resident, what = sp_b, "sampling params"
+        resident, what = 0, ""
         if shp.num_minibatches > 1:  # the step's whole batch and its old log-probs stay while mini-batches run
             resident += _per_device(_batch(shp.step_rows, T, ("tokens", "attention_mask", "loss_mask", "advantages",
                                                               "old_logprobs"), bsh))
-            what += ", the step's batch"
+            what = "the step's batch"
         fn = ts.make_train_step(cfg, lcfg, ocfg, mesh, mb)
         p, _ = _compile("train_step", f"{shp.minibatch_rows} x {T}, micro-batch {mb}",
                         lambda: fn.jitted.lower(state, batch, flag), resident, what)
@@ -433,7 +433,7 @@ def _check(config, topology, programs, on_program) -> CheckResult:
         batch = _batch(shp.bc_rows, T, ("tokens", "attention_mask", "loss_mask"), bsh)
         fn = bc.make_bc_step(cfg, ocfg, mesh, mb, keep_reference=lcfg.keep_reference, chunk_size=config.rl.chunk_size)
         p, _ = _compile("bc_step", f"{shp.bc_rows} x {T}, micro-batch {mb}",
-                        lambda: fn.jitted.lower(state, batch, flag), sp_b, "sampling params")
+                        lambda: fn.jitted.lower(state, batch, flag))
         record(p)
     return CheckResult(slice=sl, mesh=dict(mesh.shape), sampling_mesh=dict(smesh.shape), shapes=shp, programs=out,
                        seconds=time.perf_counter() - t_start)
