@@ -2,7 +2,7 @@
 
     pip install -e ".[dev,bench]"            # Tunix pins the same jax / flax as masa_jax
     python experiments/bench_peer.py         # the table (minutes on 2 CPU cores)
-    python experiments/bench_peer.py --quick # seconds-long smoke run of every code path
+    python experiments/bench_peer.py --quick # smoke run of every code path (tiny sizes; its time is compilation)
 
 Both sides run in this one process on the same JAX stack and the same weights: a Qwen3 checkpoint
 (hidden 256, ffn 768, 4 layers, 4 / 2 heads, head_dim 64, vocab 1024, tied, float32) is built offline
@@ -24,7 +24,8 @@ Cases (each timed in rounds A B B A after --warmup untimed calls per side; media
              loss `tunix.rl.algo_core.grpo_loss_fn` under `nnx.value_and_grad` + `nnx.Optimizer`
              inside `nnx.jit(donate optimizer)` + `nnx.cached_partial`, exactly as
              `tunix.sft.peft_trainer.PeftTrainer._train_step` / `jit_train_and_eval_step` run it.
-  compile    the first call of each side's sampler (batch 1, greedy): tracing + compilation + one run.
+  compile    the first call of each side's sampler (batch 1, greedy): tracing + compilation + one run
+             (masa_jax's comes first; JAX's backend is started before either).
 
 Cross-check (real numbers from both sides, printed and asserted by tests/test_bench_peer.py): greedy
 tokens equal between masa_jax, Tunix and transformers `generate` (every prompt of every batch size);
