@@ -52,6 +52,9 @@ setup(
         "wandb": ["wandb>=0.16"],  # config.log.wandb
         # masa_jax as an lm-evaluation-harness model (masa_jax.evaluation.lm_eval_backend)
         "eval": ["lm-eval>=0.4.13,<0.5"],
+        # the JAX peer of experiments/bench_peer.py (issue 23); pins the same jax / flax as above. Its own
+        # venv: it moves transformers to the version it wants.
+        "bench": ["google-tunix==0.1.7"],
         "dev": [
             "pytest>=8",
             "pytest-xdist>=3.5",
