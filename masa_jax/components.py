@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from masa_jax import config as config_lib
+from masa_jax.models.qwen.lora import LoraConfig
 from masa_jax.rewards.math import VerifierConfig
 from masa_jax.rl.controls import ControlConfig
 from masa_jax.rl.rollout import RolloutConfig
@@ -60,3 +61,11 @@ def sampler_config(config, eos_ids: Sequence[int], *, temperature: float | None 
     pick = lambda value, default: default if value is None else value  # noqa: E731
     return SamplerConfig(temperature=pick(temperature, r.temperature), top_p=pick(top_p, r.top_p),
                          top_k=pick(top_k, r.top_k), eos_ids=tuple(eos_ids), num_slots=r.num_slots)
+
+
+def lora_config(config) -> LoraConfig | None:
+    """The run's LoRA adapters (config.lora), None for full fine-tuning (rank 0)."""
+    c = config.lora
+    if c.rank == 0:
+        return None
+    return LoraConfig(rank=int(c.rank), alpha=float(c.alpha), targets=tuple(c.targets))
