@@ -19,10 +19,10 @@ def _comparable(record):
     return {k: v for k, v in record.items() if not k.startswith(train.TIMING_PREFIXES)}
 
 
-def _lora_config(small_config, model_dir, **kw):
+def _lora_config(small_config, model_dir, algorithm="masa", total_steps=3):
     # masa: the RL step and the BC step both train the adapters
-    return small_config(model_dir, "masa", total_steps=3, **{"lora.rank": 4, "lora.alpha": 8.0, "rl.lr": 1e-2,
-                                                             **kw})
+    return small_config(model_dir, algorithm, total_steps=total_steps,
+                        **{"lora.rank": 4, "lora.alpha": 8.0, "rl.lr": 1e-2})
 
 
 def test_lora_run_checkpoints_adapters_only_and_resumes_bit_exactly(tiny_model_dir, small_config, tmp_path):
@@ -42,7 +42,9 @@ def test_lora_run_checkpoints_adapters_only_and_resumes_bit_exactly(tiny_model_d
     params_keys = {k[1:] for k in keys if k[0] == "params"}
     assert params_keys == {("layers", name, f) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                            "up_proj", "down_proj") for f in ("a", "b")}
-    assert not any(k[0] == "base_params" for k in keys)  # the frozen base is not written
+    # the frozen base is not written: its entry is orbax's None placeholder
+    assert tree["('base_params',)"]["value_metadata"]["value_type"] == "None"
+    assert {k[0] for k in keys} == {"step", "params", "opt_state", "num_skipped", "ref_params", "base_params"}
     extras = json.loads((step_dir / "extras" / "metadata").read_text())  # orbax's JsonSave file
     assert extras["lora"] == {"base_model": tiny_model_dir, "rank": 4, "alpha": 8.0,
                               "targets": list(config.lora.targets)}
@@ -56,7 +58,7 @@ def test_evaluate_and_the_lm_eval_backend_load_a_lora_run_merged(tiny_model_dir,
     from masa_jax.models import qwen
     from masa_jax.models.qwen import lora
 
-    config = _lora_config(small_config, tiny_model_dir, total_steps=2, algorithm="grpo")
+    config = _lora_config(small_config, tiny_model_dir, total_steps=2)  # masa: BC moves B
     workdir = str(tmp_path / "run")
     train.train(config, workdir)
     resolved = config_lib.resolve(config)
