@@ -52,6 +52,9 @@ setup(
         "wandb": ["wandb>=0.16"],  # config.log.wandb
         # masa_jax as an lm-evaluation-harness model (masa_jax.evaluation.lm_eval_backend)
         "eval": ["lm-eval>=0.4.13,<0.5"],
+        # loading a LoRA run's exported adapter (<export>/adapter/, PEFT's layout) with transformers + peft;
+        # masa_jax itself trains, merges and writes adapters without it
+        "lora": ["peft>=0.21,<0.22"],
         "dev": [
             "pytest>=8",
             "pytest-xdist>=3.5",
@@ -66,6 +69,8 @@ setup(
             # the lm-eval backend's tests, and lm-eval's own `hf` backend (needs accelerate) as their reference
             "lm-eval==0.4.13",
             "accelerate>=0.26",
+            # the PEFT-layout export test (tests/models/test_lora.py) loads it with peft
+            "peft==0.21.2",
         ],
     },
 )

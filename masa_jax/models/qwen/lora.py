@@ -214,13 +214,15 @@ ADAPTER_SUBDIR = "adapter"
 def save_pretrained(cfg: ModelConfig, lcfg: LoraConfig, params: Params, adapters: Params,
                     path: str | os.PathLike, *, base_model_path: str = "", peft_adapter: bool = True,
                     **save_kwargs) -> None:
-    """The HF export of a LoRA policy: merged weights (W + alpha/r A B) as `qwen.save_pretrained` writes
+    """The HF export of a LoRA policy (every process calls it, as `qwen.save_pretrained`): merged weights (W + alpha/r A B) as `qwen.save_pretrained` writes
     them into `path` (`save_kwargs`: dtype, max_shard_size, tokenizer_dir), and with `peft_adapter` the
     PEFT layout of the adapters alone in `path/adapter/`. A subfolder, because `transformers` sees an
     adapter_config.json next to the weights as "load base_model_name_or_path and apply this adapter",
     which would apply the adapter twice to merged weights."""
-    from masa_jax.models.qwen.checkpoint import save_pretrained as save_dense
+    from masa_jax.models.qwen.checkpoint import _to_host, save_pretrained as save_dense
 
     save_dense(cfg, jax.jit(merge, static_argnums=2)(params, adapters, lcfg), path, **save_kwargs)
-    if peft_adapter and jax.process_index() == 0:
-        save_peft_adapter(cfg, lcfg, adapters, Path(path) / ADAPTER_SUBDIR, base_model_path=base_model_path)
+    if peft_adapter:
+        host_adapters = jax.tree.map(_to_host, adapters)  # collective on multi-host meshes: every process
+        if jax.process_index() == 0:
+            save_peft_adapter(cfg, lcfg, host_adapters, Path(path) / ADAPTER_SUBDIR, base_model_path=base_model_path)
