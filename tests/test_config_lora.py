@@ -54,3 +54,30 @@ def test_a_bad_target_on_the_command_line_is_one_line(tmp_path):
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "config.lora.targets" in lines[0] and "'gate_proj'" in lines[0], out.stderr
     assert not (tmp_path / "w").exists()
+
+
+def _qwen8b(**overrides):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("qwen8b", os.path.join(REPO, "configs", "qwen8b.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return config_lib.resolve(config_lib.override(module.get_config(), overrides))
+
+
+def test_dry_run_counts_the_adapters_as_the_only_trainable_params():
+    from masa_jax import dry_run
+
+    full = dry_run.estimate(_qwen8b())
+    lo = dry_run.estimate(_qwen8b(**{"lora.rank": 16}))
+    # Qwen3-8B: 36 layers, hidden 4096, 32 x 128 q heads, 8 x 128 kv heads, ffn 12288; (in + out) x rank each
+    per_layer = 16 * ((4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096) + 3 * (4096 + 12288))
+    assert lo["num_adapter_params"] == 36 * per_layer == 43_646_976
+    mesh_shards = 8 * 4  # q / o / mlp adapters split over fsdp on one side and tensor on the other at most
+    assert 4 * lo["num_adapter_params"] / mesh_shards <= lo["lora_adapters"] <= 4 * lo["num_adapter_params"]
+    assert lo["grads"] == lo["lora_adapters"] and lo["optimizer"] == 2 * lo["lora_adapters"]
+    assert lo["params"] == full["params"] + lo["lora_adapters"]  # the frozen base stays
+    assert full["grads"] == full["params"] and full["optimizer"] == 2 * full["params"]
+    assert lo["train_total"] < full["train_total"] - 2.5 * 1024 ** 3
+    report = dry_run.report(_qwen8b(**{"lora.rank": 16}))
+    assert "LoRA rank 16, alpha 16 on q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj: 43.65 M" in report
+    assert "lora_adapters" in report
