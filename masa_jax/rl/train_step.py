@@ -202,14 +202,27 @@ def policy_params(state: TrainState, lora_cfg: lora.LoraConfig | None = None) ->
     return lora.attach(state.base_params, state.params, lora_cfg)
 
 
-def checkpoint_view(state: TrainState) -> TrainState:
-    """What a checkpoint holds: the state without the frozen LoRA base (reloaded from model.path)."""
-    return state.replace(base_params=None)
+@flax.struct.dataclass
+class CheckpointedState:
+    """What a checkpoint holds: a TrainState without the frozen LoRA base (reloaded from model.path).
+    The fields (names and order) of TrainState before LoRA, so checkpoints of earlier runs restore."""
+    step: jax.Array
+    params: Params
+    opt_state: optax.OptState
+    num_skipped: jax.Array
+    ref_params: Params | None = None
 
 
-def with_base(restored: TrainState, base_params: Params | None) -> TrainState:
-    """A state restored from `checkpoint_view` with the frozen base put back."""
-    return restored.replace(base_params=base_params)
+def checkpoint_view(state: TrainState) -> CheckpointedState:
+    """The part of `state` a checkpoint stores (everything but `base_params`)."""
+    return CheckpointedState(step=state.step, params=state.params, opt_state=state.opt_state,
+                             num_skipped=state.num_skipped, ref_params=state.ref_params)
+
+
+def with_base(restored: CheckpointedState, base_params: Params | None) -> TrainState:
+    """The TrainState of a restored `checkpoint_view`, with the frozen base put back."""
+    return TrainState(step=restored.step, params=restored.params, opt_state=restored.opt_state,
+                      num_skipped=restored.num_skipped, ref_params=restored.ref_params, base_params=base_params)
 
 
 def _init_opt_state(optim_cfg: OptimConfig, params: Params) -> optax.OptState:
