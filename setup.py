@@ -55,6 +55,9 @@ setup(
         # the JAX peer of experiments/bench_peer.py (issue 23); pins the same jax / flax as above. Its own
         # venv: it moves transformers to the version it wants.
         "bench": ["google-tunix==0.1.7"],
+        # loading a LoRA run's exported adapter (<export>/adapter/, PEFT's layout) with transformers + peft;
+        # masa_jax itself trains, merges and writes adapters without it
+        "lora": ["peft>=0.21,<0.22"],
         "dev": [
             "pytest>=8",
             "pytest-xdist>=3.5",
@@ -69,6 +72,8 @@ setup(
             # the lm-eval backend's tests, and lm-eval's own `hf` backend (needs accelerate) as their reference
             "lm-eval==0.4.13",
             "accelerate>=0.26",
+            # the PEFT-layout export test (tests/models/test_lora.py) loads it with peft
+            "peft==0.21.2",
         ],
     },
 )

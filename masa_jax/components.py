@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from masa_jax import config as config_lib
+from masa_jax.models.qwen.lora import LoraConfig
 from masa_jax.rewards.math import VerifierConfig
 from masa_jax.rl.controls import ControlConfig
 from masa_jax.rl import rollout_engine
@@ -72,3 +73,11 @@ def rollout_engine_for(config, model_cfg, eos_ids: Sequence[int], mesh=None, par
     spec = rollout_engine.EngineSpec(model_cfg, sampler_config(config, eos_ids, temperature=temperature,
                                                                top_p=top_p, top_k=top_k), mesh)
     return rollout_engine.make_engine(config.rollout.engine, spec, params)
+
+
+def lora_config(config) -> LoraConfig | None:
+    """The run's LoRA adapters (config.lora), None for full fine-tuning (rank 0)."""
+    c = config.lora
+    if c.rank == 0:
+        return None
+    return LoraConfig(rank=int(c.rank), alpha=float(c.alpha), targets=tuple(c.targets))

@@ -7,6 +7,7 @@ Unknown / mistyped fields are rejected by ml_collections (ConfigDicts are locked
 from __future__ import annotations
 
 import dataclasses
+import math
 import string
 
 import ml_collections as mlc
@@ -58,6 +59,14 @@ def base_config() -> mlc.ConfigDict:
     c.model.dtype = "bfloat16"    # compute dtype
     c.model.remat = "full"        # none | full | save_dots
     c.model.attention_impl = "xla"  # xla | cudnn | pallas (TPU kernels; falls back to xla elsewhere)
+
+    # LoRA (parameter-efficient RL, masa_jax/models/qwen/lora.py): rank 0 = off (full fine-tuning). With
+    # rank r >= 1 only the adapters A [in, r], B [r, out] of the target projections train (optimizer state
+    # for them alone), the base weights stay frozen at model.path and checkpoints hold the adapters only.
+    c.lora = mlc.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0           # scale alpha / rank (PEFT's lora_alpha)
+    c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     c.mesh = mlc.ConfigDict()
     c.mesh.shape = (1, -1, 1)     # (data, fsdp, tensor); -1 = the remaining devices
@@ -234,6 +243,7 @@ def _check_values(c: mlc.ConfigDict) -> None:
     if c.data.on_error not in ("raise", "skip"):
         raise UserError(f"config.data.on_error must be one of ('raise', 'skip'), got {c.data.on_error!r}")
     _check_ranges(c)
+    _check_lora(c)
     if isinstance(c.log.num_samples, bool) or not isinstance(c.log.num_samples, int) or c.log.num_samples < 0:
         raise UserError(f"config.log.num_samples must be an integer >= 0 (0: no samples), got {c.log.num_samples!r}")
     if not c.log.peak_flops_per_device >= 0:
@@ -295,6 +305,22 @@ def _check_ranges(c: mlc.ConfigDict) -> None:
     shape = tuple(c.mesh.shape)
     if len(shape) != 3 or any(not isinstance(d, int) or (d < 1 and d != -1) for d in shape) or shape.count(-1) > 1:
         raise UserError(f"config.mesh.shape must be 3 sizes (data, fsdp, tensor), each >= 1 or one -1, got {shape}")
+
+
+def _check_lora(c: mlc.ConfigDict) -> None:
+    from masa_jax.models.qwen.lora import TARGETS
+
+    rank, alpha, targets = c.lora.rank, c.lora.alpha, c.lora.targets
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise UserError(f"config.lora.rank must be an integer >= 0 (0: no LoRA, full fine-tuning), got {rank!r}")
+    if rank == 0:
+        return
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise UserError(f"config.lora.alpha must be a finite number > 0 (the scale is alpha / rank), got {alpha!r}")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets or len(set(targets)) != len(targets):
+        raise UserError(f"config.lora.targets must be distinct names from {list(TARGETS)}, got {list(targets)}"
+                        + (f" (unknown: {unknown})" if unknown else ""))
 
 
 def _check_template(name: str, template: str, fields: tuple[str, ...]) -> None:

@@ -3,7 +3,8 @@
 Params are built abstractly (`jax.eval_shape`), sharded by the rules table onto an AbstractMesh of the
 configured shape (so an 8B pod config can be checked on a laptop), and the per-device bytes of params,
 optimizer state, the sampler's KV cache and the train step's activations are estimated at the
-trainer's largest length buckets. It is ROUGH: it counts arguments well but not XLA's temporaries
+trainer's largest length buckets. With LoRA (config.lora.rank > 0) the base is frozen: gradients and
+AdamW moments cover only the adapters. It is ROUGH: it counts arguments well but not XLA's temporaries
 (measured 3-6x more than its activation term: docs/benchmarks.md), and it assumes the sampler runs on
 the whole mesh. `masa_jax.compile_check` asks XLA instead (`config.mesh.topology`, the [tpu] extra);
 `--dry_run` prints both when it can.
@@ -15,6 +16,8 @@ import math
 import jax
 import numpy as np
 
+from masa_jax.components import lora_config
+from masa_jax.models.qwen import lora as lora_lib
 from masa_jax.models.qwen import model as qwen_model
 from masa_jax.models.qwen.config import ModelConfig
 from masa_jax.models.qwen.presets import model_config_for
@@ -57,8 +60,16 @@ def estimate(config, num_devices: int | None = None) -> dict:
     axes = qwen_model.param_logical_axes(cfg)
     n_params = sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
     params_b = _per_device_bytes(shapes, axes, mesh, TRAIN_RULES)
-    opt_b = 2 * _per_device_bytes(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32), shapes),
-                                  axes, mesh, TRAIN_RULES)  # AdamW: two float32 moments
+    lcfg = lora_config(config)
+    if lcfg is None:
+        trainable_shapes, trainable_axes, adapters_b, n_adapter = shapes, axes, 0, 0
+    else:  # the adapters (float32) train; the base sits frozen in the param dtype
+        trainable_shapes = lora_lib.adapter_shapes(cfg, lcfg)
+        trainable_axes = lora_lib.adapter_logical_axes(cfg, lcfg)
+        adapters_b = _per_device_bytes(trainable_shapes, trainable_axes, mesh, TRAIN_RULES)
+        n_adapter = lora_lib.num_adapter_params(cfg, lcfg)
+    f32 = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32), trainable_shapes)
+    opt_b = 2 * _per_device_bytes(f32, trainable_axes, mesh, TRAIN_RULES)  # AdamW: two float32 moments
     compute = np.dtype(cfg.dtype).itemsize
     sampling_params_b = _per_device_bytes(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.dtype), shapes),
                                           axes, mesh, SAMPLING_RULES)
@@ -82,11 +93,16 @@ def estimate(config, num_devices: int | None = None) -> dict:
     # the Pallas (splash) kernel works in blocks.
     scores = 0 if cfg.attention_impl == "pallas" else mb * max(1, cfg.num_heads // sizes["tensor"]) * T * T * 6
     act_b = saved + layer_ws + logits_chunk + scores
-    # Gradients: float32; with more than one micro-batch the scan also holds a float32 accumulator.
-    grads_b = params_b if cfg.param_dtype == "float32" else 2 * params_b
+    if lcfg is None:
+        # Gradients: float32; with more than one micro-batch the scan also holds a float32 accumulator.
+        grads_b = params_b if cfg.param_dtype == "float32" else 2 * params_b
+    else:
+        grads_b = adapters_b
     if shp.minibatch_rows > config.rl.micro_batch_size:
         grads_b *= 2
+    params_b += adapters_b  # frozen base + trainable adapters (0 without LoRA)
     return dict(model=cfg, mesh=dict(zip(MESH_AXES, shape)), num_devices=int(np.prod(shape)), num_params=n_params,
+                lora=lcfg, num_adapter_params=n_adapter, lora_adapters=adapters_b,
                 params=params_b, grads=grads_b, optimizer=opt_b, sampling_params=sampling_params_b, kv_cache=kv_b,
                 activations=act_b, train_total=params_b + grads_b + opt_b + act_b,
                 rollout_total=params_b + opt_b + sampling_params_b + kv_b)
@@ -97,10 +113,19 @@ def report(config, num_devices: int | None = None, device_memory_gib: float | No
     cfg = e["model"]
     lines = [f"model: {cfg.family} {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}: "
              f"{e['num_params'] / 1e9:.2f} B params",
-             f"mesh: {e['mesh']} ({e['num_devices']} devices)",
-             "per-device memory, rough formula (XLA's temporaries not counted):"]
-    for key in ("params", "grads", "optimizer", "activations", "train_total", "sampling_params", "kv_cache",
-                "rollout_total"):
+             f"mesh: {e['mesh']} ({e['num_devices']} devices)"]
+    if e["lora"] is not None:
+        lc = e["lora"]
+        lines.append(f"LoRA rank {lc.rank}, alpha {lc.alpha:g} on {','.join(lc.targets)}: "
+                     f"{e['num_adapter_params'] / 1e6:.2f} M trainable adapter params "
+                     f"({100 * e['num_adapter_params'] / e['num_params']:.3f} % of the base, which is frozen); "
+                     "grads and optimizer below are the adapters'")
+    lines.append("per-device memory, rough formula (XLA's temporaries not counted):")
+    keys = ("params", "grads", "optimizer", "activations", "train_total", "sampling_params", "kv_cache",
+            "rollout_total")
+    if e["lora"] is not None:
+        keys = ("lora_adapters",) + keys
+    for key in keys:
         lines.append(f"  {key:<16} {e[key] / GiB:8.2f} GiB")
     if device_memory_gib:
         peak = max(e["train_total"], e["rollout_total"]) / GiB

@@ -48,9 +48,12 @@ def evaluate_problems(problems: Sequence[sources.Problem], generate: GenerateFn,
 
 
 def load_policy(config, checkpoint: str):
-    """(model_cfg, params) from an HF directory (has config.json) or from an Orbax run checkpoint."""
+    """(model_cfg, params, mesh) from an HF directory (has config.json) or from an Orbax run checkpoint;
+    a LoRA run's (config.lora.rank > 0) adapters come back merged into the base of config.model.path."""
     from masa_jax.models.qwen.presets import model_config_for
     from masa_jax.models import qwen
+    from masa_jax.models.qwen import lora
+    from masa_jax.rl import train_step
     from masa_jax.parallel import mesh as mesh_lib
     from masa_jax.rl import update as update_lib
 
@@ -66,10 +69,16 @@ def load_policy(config, checkpoint: str):
     updater = update_lib.Updater.create(config, model_cfg, params, mesh, pad_id=0)
     ckpt_dir = fs.join(checkpoint, "checkpoints") if fs.isdir(fs.join(checkpoint, "checkpoints")) \
         else checkpoint
-    restored = checkpointing.RunCheckpointer(ckpt_dir, max_to_keep=1000).restore_latest(updater.state)
+    restored = checkpointing.RunCheckpointer(ckpt_dir, max_to_keep=1000).restore_latest(
+        train_step.checkpoint_view(updater.state))
     if restored is None:
         raise errors.UserError(f"no checkpoint found in {checkpoint}: {_CHECKPOINT_HINT}")
-    return model_cfg, restored[0].params, mesh
+    if updater.lora_cfg is None:
+        return model_cfg, restored[0].params, mesh
+    # A LoRA run: its adapters on the base of model.path, merged (W + alpha/r B A) once for sampling.
+    policy = train_step.policy_params(train_step.with_base(restored[0], updater.state.base_params), updater.lora_cfg)
+    shardings = train_step.param_shardings(model_cfg, mesh)
+    return model_cfg, jax.jit(lora.merge_attached, out_shardings=shardings)(policy), mesh
 
 
 _CHECKPOINT_HINT = "pass a training workdir, its checkpoints/ folder or an HF model directory"

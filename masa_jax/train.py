@@ -40,6 +40,7 @@ from masa_jax.rewards import math as math_reward
 from masa_jax.rl import bc as bc_lib
 from masa_jax.rl import expert_buffer as expert_lib
 from masa_jax.rl import rollout as rollout_lib
+from masa_jax.rl import train_step as train_step_lib
 from masa_jax.rl import update as update_lib
 from masa_jax.rl import rollout_engine
 from masa_jax.tokenization import ChatCodec, load_codec
@@ -186,7 +187,7 @@ def train_one_step(run: Run, state, loop: LoopState, rng: jax.Array):
     path), samples this host's `config.log.num_samples` meta and solution generations for the logs."""
     t_step = time.perf_counter()
     active = efficient_active(run.config, loop)
-    generate = make_generate(run, state.params)
+    generate = make_generate(run, run.updater.policy_params(state))
     ro = collect_rollouts(run, generate, active, sampling_key(rng, jax.process_index()))
     run.engine.update_params(None)  # the sampling copy is not resident during the update
     metrics = dict(ro.metrics)
@@ -228,8 +229,12 @@ def calibration_record(ro: rollout_lib.Rollouts) -> dict | None:
 
 
 def _extras(run: Run, loop: LoopState, history: list) -> dict:
-    """The host-side run state, with one data-iterator state and expert buffer per process."""
-    return {"data": multihost.allgather_json(run.data.get_state()),
+    """The host-side run state, with one data-iterator state and expert buffer per process; for a LoRA
+    run the adapters' config and the base model they adapt (its weights are not in the checkpoint)."""
+    lora_cfg = run.updater.lora_cfg
+    lora = {} if lora_cfg is None else {"lora": {"base_model": run.config.model.path, "rank": lora_cfg.rank,
+                                                 "alpha": lora_cfg.alpha, "targets": list(lora_cfg.targets)}}
+    return {**lora,"data": multihost.allgather_json(run.data.get_state()),
             "buffer": multihost.allgather_json(loop.buffer.to_json()),
             "loop": loop.to_json(),
             "history": history}
@@ -260,8 +265,8 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
     state = run.updater.state
     loop = LoopState(buffer=expert_lib.ExpertBuffer(config.bc.buffer_size))
     history: list[dict] = []
-    try:
-        restored = run.checkpointer.restore_latest(state)
+    try:  # a LoRA run's checkpoints hold the adapters; the frozen base is the one loaded from model.path
+        restored = run.checkpointer.restore_latest(train_step_lib.checkpoint_view(state))
     except BaseException:  # e.g. every checkpoint unreadable: release the workers and threads first
         run.checkpointer.close()
         run.writer.close()
@@ -269,6 +274,7 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
         raise
     if restored is not None:
         state, extras, step = restored
+        state = train_step_lib.with_base(state, run.updater.state.base_params)
         me = jax.process_index()
         run.data.set_state(extras["data"][me])
         loop = LoopState.from_json(extras["loop"], expert_lib.ExpertBuffer.from_json(extras["buffer"][me]))
@@ -283,7 +289,7 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
     try:
         with guard:  # the jitted steps carry their own shardings; no global mesh context is needed
             if config.eval.files and not loop.evals:  # the starting point of the held-out accuracy curve
-                run.writer.write_scalars(loop.step, _record_eval(run, loop, heldout_eval(run, state.params, loop.step)))
+                run.writer.write_scalars(loop.step, _record_eval(run, loop, heldout_eval(run, run.updater.policy_params(state), loop.step)))
             while loop.step < config.total_steps:
                 state, m, calibration, samples = train_one_step(run, state, loop,
                                                                 jax.random.fold_in(base_rng, loop.step))
@@ -294,7 +300,7 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
                 m["time/train_elapsed_s"] = loop.train_time_s
                 if config.eval.files and (loop.step == config.total_steps or (
                         config.eval.every and loop.step % config.eval.every == 0)):
-                    m.update(_record_eval(run, loop, heldout_eval(run, state.params, loop.step)))
+                    m.update(_record_eval(run, loop, heldout_eval(run, run.updater.policy_params(state), loop.step)))
                 history.append(m)
                 run.writer.write(loop.step, m)
                 run.writer.write_samples(loop.step, samples)
@@ -302,7 +308,8 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
                 bar.update(loop.step, m)
                 stop = guard.should_stop_all() or (stop_after is not None and steps_this_run >= stop_after)
                 if loop.step % config.checkpoint.every == 0 or loop.step == config.total_steps or stop:
-                    run.checkpointer.save(loop.step, state, _extras(run, loop, history), force=True)
+                    run.checkpointer.save(loop.step, train_step_lib.checkpoint_view(state), _extras(run, loop, history),
+                                          force=True)
                 if stop:
                     log.info("stopping at step %d (%s)", loop.step, "SIGTERM" if guard.should_stop_all() else "stop_after")
                     break

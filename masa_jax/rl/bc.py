@@ -46,15 +46,18 @@ def bc_microbatch_loss(model_cfg: ModelConfig, chunk_size: int, params, ref_para
 
 
 def make_bc_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.sharding.Mesh,
-                 micro_batch_size: int, *, keep_reference: bool = False, chunk_size: int = 512):
+                 micro_batch_size: int, *, keep_reference: bool = False, chunk_size: int = 512,
+                 lora_cfg=None):
     """Jitted `(state, batch) -> (state, metrics)`: one AdamW step on `bc_loss` at the constant
     `optim_cfg.bc_learning_rate`, micro-batched like the RL step. `keep_reference` must match the state
-    (`LossConfig.keep_reference`); the reference params pass through unchanged.
+    (`LossConfig.keep_reference`); the reference params pass through unchanged. `lora_cfg`: the state
+    trains LoRA adapters (`make_update_step`).
     """
     lr = jnp.float32(optim_cfg.bc_learning_rate)
     return make_update_step(model_cfg, optim_cfg, mesh, micro_batch_size,
                             functools.partial(bc_microbatch_loss, model_cfg, chunk_size),
-                            lr_fn=lambda step: lr, advance_step=False, keep_reference=keep_reference)
+                            lr_fn=lambda step: lr, advance_step=False, keep_reference=keep_reference,
+                            lora_cfg=lora_cfg)
 
 
 def clone_experts(state, ro, buffer: expert_lib.ExpertBuffer, bc_update: Callable, codec, *, k: int,

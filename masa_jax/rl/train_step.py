@@ -37,6 +37,13 @@ Design:
 - A non-finite loss or gradient norm keeps params, optimizer state and step; `num_skipped` counts it.
 - The reference policy (for kl_coef > 0) lives in `state.ref_params` in the compute dtype; with
   kl_coef = 0 it is None and no reference forward is traced.
+- LoRA (`lora_cfg`, masa_jax/models/qwen/lora.py): `state.params` are the adapters (the only trainable
+  params: gradients, AdamW moments and weight decay cover them alone) and `state.base_params` the frozen
+  base weights. The loss runs on `lora.attach(base, adapters)` (the low-rank path added to each target
+  projection, no merged weight), so autodiff gives dL/dA = scale dL/dW B^T, dL/dB = scale A^T dL/dW.
+  With kl_coef > 0 the base IS the reference policy: no reference copy is kept. `policy_params(state,
+  lora_cfg)` is what the old-log-prob pass and the sampler read; `checkpoint_view(state)` drops the
+  base (checkpoints hold the adapters; the base is reloaded from model.path).
 - The step and `make_compute_logprobs` return a `PlacedBatchFn`: it puts the batch on the mesh, then
   calls the jax.jit object (`.jitted`, for `.lower()` / cache inspection).
 """
@@ -53,6 +60,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from masa_jax.models.qwen import lora
 from masa_jax.models.qwen.config import ModelConfig
 from masa_jax.models.qwen.logprobs import token_logprobs
 from masa_jax.models.qwen.model import param_logical_axes, param_shapes
@@ -105,6 +113,7 @@ class TrainState:
     opt_state: optax.OptState    # AdamW moments, sharded like params
     num_skipped: jax.Array       # int32 []: updates (RL or BC) skipped for a non-finite loss / gradient
     ref_params: Params | None = None  # frozen reference policy in compute dtype; only when kl_coef > 0
+    base_params: Params | None = None  # LoRA: the frozen base weights (params are then the adapters)
 
 
 # ----------------------------------------------------------------------------------------- optimiser
@@ -147,18 +156,73 @@ def param_shardings(model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Params:
     return tree_shardings(param_logical_axes(model_cfg), param_shapes(model_cfg), mesh)
 
 
+def adapter_shardings(model_cfg: ModelConfig, lora_cfg: lora.LoraConfig, mesh: jax.sharding.Mesh) -> Params:
+    """NamedShardings of the LoRA adapters: A like its weight's input axes, B like its output axes."""
+    return tree_shardings(lora.adapter_logical_axes(model_cfg, lora_cfg), lora.adapter_shapes(model_cfg, lora_cfg),
+                          mesh)
+
+
+def policy_shardings(model_cfg: ModelConfig, mesh: jax.sharding.Mesh,
+                     lora_cfg: lora.LoraConfig | None = None) -> Params:
+    """Shardings of what `policy_params` returns: the params, with the attached adapters under LoRA."""
+    psh = param_shardings(model_cfg, mesh)
+    if lora_cfg is None:
+        return psh
+    return dict(psh, layers=dict(psh["layers"], **{lora.ATTACHED_KEY: adapter_shardings(model_cfg, lora_cfg,
+                                                                                         mesh)["layers"]}))
+
+
 def state_shardings(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.sharding.Mesh,
-                    keep_reference: bool = False) -> TrainState:
+                    keep_reference: bool = False, lora_cfg: lora.LoraConfig | None = None) -> TrainState:
     """A TrainState of NamedShardings: optimizer moments (and reference params) sharded like the params,
-    counters replicated."""
+    counters replicated. With LoRA the params (and moments) are the adapters and the base is frozen
+    (no reference copy: the base is the reference)."""
     psh = param_shardings(model_cfg, mesh)
     repl = NamedSharding(mesh, P())
     tx = make_optimizer(optim_cfg)
-    opt_shapes = jax.eval_shape(tx.init, param_shapes(model_cfg))
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, psh, transform_non_params=lambda _: repl,
+    if lora_cfg is None:
+        trainable_sh, trainable_shapes = psh, param_shapes(model_cfg)
+    else:
+        trainable_sh = adapter_shardings(model_cfg, lora_cfg, mesh)
+        trainable_shapes = lora.adapter_shapes(model_cfg, lora_cfg)
+    opt_shapes = jax.eval_shape(tx.init, trainable_shapes)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, trainable_sh,
+                                   transform_non_params=lambda _: repl,
                                    is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    return TrainState(step=repl, params=psh, opt_state=opt_sh, num_skipped=repl,
-                      ref_params=psh if keep_reference else None)
+    return TrainState(step=repl, params=trainable_sh, opt_state=opt_sh, num_skipped=repl,
+                      ref_params=psh if keep_reference and lora_cfg is None else None,
+                      base_params=psh if lora_cfg is not None else None)
+
+
+def policy_params(state: TrainState, lora_cfg: lora.LoraConfig | None = None) -> Params:
+    """The policy's params: `state.params`, or under LoRA the frozen base with the adapters attached
+    (`lora.attach`, unmerged; the sampler merges them)."""
+    if lora_cfg is None:
+        return state.params
+    return lora.attach(state.base_params, state.params, lora_cfg)
+
+
+@flax.struct.dataclass
+class CheckpointedState:
+    """What a checkpoint holds: a TrainState without the frozen LoRA base (reloaded from model.path).
+    The fields (names and order) of TrainState before LoRA, so checkpoints of earlier runs restore."""
+    step: jax.Array
+    params: Params
+    opt_state: optax.OptState
+    num_skipped: jax.Array
+    ref_params: Params | None = None
+
+
+def checkpoint_view(state: TrainState) -> CheckpointedState:
+    """The part of `state` a checkpoint stores (everything but `base_params`)."""
+    return CheckpointedState(step=state.step, params=state.params, opt_state=state.opt_state,
+                             num_skipped=state.num_skipped, ref_params=state.ref_params)
+
+
+def with_base(restored: CheckpointedState, base_params: Params | None) -> TrainState:
+    """The TrainState of a restored `checkpoint_view`, with the frozen base put back."""
+    return TrainState(step=restored.step, params=restored.params, opt_state=restored.opt_state,
+                      num_skipped=restored.num_skipped, ref_params=restored.ref_params, base_params=base_params)
 
 
 def _init_opt_state(optim_cfg: OptimConfig, params: Params) -> optax.OptState:
@@ -171,22 +235,33 @@ def _reference_copy(model_cfg: ModelConfig, params: Params) -> Params:
 
 
 def create_train_state(model_cfg: ModelConfig, params: Params, optim_cfg: OptimConfig,
-                       mesh: jax.sharding.Mesh, *, keep_reference: bool = False) -> TrainState:
+                       mesh: jax.sharding.Mesh, *, keep_reference: bool = False,
+                       lora_cfg: lora.LoraConfig | None = None, lora_rng: jax.Array | None = None) -> TrainState:
     """Places `params` (float32 master weights; host or device arrays) in the training layout and builds
     a fresh AdamW state sharded like them. With `keep_reference` (kl_coef > 0) a copy in the compute
     dtype becomes the frozen reference policy. The train step donates the state: device arrays passed
     in that already have the right sharding are taken over, not copied.
+
+    With `lora_cfg`, `params` become the frozen `base_params` and fresh adapters (`lora.init_adapters`
+    from `lora_rng`) the trainable params, with AdamW state for them alone.
     """
-    sh = state_shardings(model_cfg, optim_cfg, mesh, keep_reference)
+    sh = state_shardings(model_cfg, optim_cfg, mesh, keep_reference, lora_cfg)
+    base = None
+    if lora_cfg is not None:
+        base = jax.device_put(params, sh.base_params)
+        rng = jax.random.key(0) if lora_rng is None else lora_rng
+        params = jax.jit(lora.init_adapters, static_argnums=(0, 1), out_shardings=sh.params)(model_cfg, lora_cfg,
+                                                                                             rng)
     params = jax.device_put(params, sh.params)
     # Module-level functions with static configs, so repeated calls reuse one compilation.
     opt_state = jax.jit(_init_opt_state, static_argnums=0, out_shardings=sh.opt_state)(optim_cfg, params)
     ref = None
-    if keep_reference:
+    if keep_reference and lora_cfg is None:
         ref = jax.jit(_reference_copy, static_argnums=0, out_shardings=sh.ref_params)(model_cfg, params)
     # Two separate buffers: the step donates the state, and one buffer cannot be donated twice.
     zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), sh.step)
-    return TrainState(step=zero(), params=params, opt_state=opt_state, num_skipped=zero(), ref_params=ref)
+    return TrainState(step=zero(), params=params, opt_state=opt_state, num_skipped=zero(), ref_params=ref,
+                      base_params=base)
 
 
 # ------------------------------------------------------------------------------------ micro-batching
@@ -305,7 +380,8 @@ class UpdateStepFn(PlacedBatchFn):
 
 def make_update_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.sharding.Mesh,
                      micro_batch_size: int, loss_fn: LossFn, *, lr_fn: Callable[[jax.Array], jax.Array],
-                     advance_step: bool, keep_reference: bool = False):
+                     advance_step: bool, keep_reference: bool = False,
+                     lora_cfg: lora.LoraConfig | None = None):
     """The shared machinery of the RL and BC steps: a jitted `(state, batch, advance=True) -> (state,
     metrics)` (an `UpdateStepFn`) that accumulates `loss_fn`'s gradient over micro-batches, applies AdamW
     with learning rate `lr_fn(state.step)`, and skips non-finite updates. The state is donated; state,
@@ -318,15 +394,24 @@ def make_update_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.s
 
     Metrics: those of `loss_fn` plus loss, grad_norm (before clipping), lr, skipped (0/1),
     num_skipped, num_tokens, num_seqs.
+
+    With `lora_cfg` the state's params are the adapters: `loss_fn` sees the frozen base with them
+    attached (and the base as the reference policy when `keep_reference`); only the adapters move.
     """
     tx = make_optimizer(optim_cfg)
-    sh = state_shardings(model_cfg, optim_cfg, mesh, keep_reference)
+    sh = state_shardings(model_cfg, optim_cfg, mesh, keep_reference, lora_cfg)
     repl = NamedSharding(mesh, P())
 
     def step(state: TrainState, batch: Batch, advance: jax.Array):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            grads, metrics = accumulate_gradients(loss_fn, state.params, batch, micro_batch_size,
-                                                  ref_params=state.ref_params, grad_shardings=sh.params)
+            if lora_cfg is None:
+                loss, ref_params = loss_fn, state.ref_params
+            else:
+                base = jax.lax.stop_gradient(state.base_params)
+                loss = lambda adapters, *rest: loss_fn(lora.attach(base, adapters, lora_cfg), *rest)  # noqa: E731
+                ref_params = base if keep_reference else None
+            grads, metrics = accumulate_gradients(loss, state.params, batch, micro_batch_size,
+                                                  ref_params=ref_params, grad_shardings=sh.params)
             grad_norm = optax.tree.norm(grads)
             ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -373,7 +458,7 @@ def rl_loss(model_cfg: ModelConfig, loss_cfg: LossConfig, params: Params, ref_pa
 
 
 def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optim_cfg: OptimConfig,
-                    mesh: jax.sharding.Mesh, micro_batch_size: int):
+                    mesh: jax.sharding.Mesh, micro_batch_size: int, lora_cfg: lora.LoraConfig | None = None):
     """The jitted RL step `(state, batch, advance=True) -> (state, metrics)` (batch layout: module
     docstring; `advance`: `make_update_step`).
 
@@ -389,14 +474,15 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optim_cfg: Opt
     return make_update_step(model_cfg, optim_cfg, mesh, micro_batch_size,
                             functools.partial(rl_loss, model_cfg, loss_cfg),
                             lr_fn=functools.partial(learning_rate, optim_cfg), advance_step=True,
-                            keep_reference=loss_cfg.keep_reference)
+                            keep_reference=loss_cfg.keep_reference, lora_cfg=lora_cfg)
 
 
 # --------------------------------------------------------------------------------- old log-probs
 
 
 def make_compute_logprobs(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, micro_batch_size: int, *,
-                          temperature: float = 1.0, chunk_size: int = 512):
+                          temperature: float = 1.0, chunk_size: int = 512,
+                          lora_cfg: lora.LoraConfig | None = None):
     """Jitted `(params, batch) -> (logprobs f32 [N, T], metrics)`: the old log-probs for the update.
 
     Runs the chunked forward micro-batch by micro-batch (no gradient) with the same shardings as the
@@ -404,6 +490,7 @@ def make_compute_logprobs(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, micro
     `loss_mask`. Metrics: entropy (token mean over the loss mask), and when the batch has
     `sampler_logprobs`, logprob_gap_mean / logprob_gap_max = mean / max |logprobs - sampler_logprobs|
     over the loss mask (sampler vs trainer numerics; large values mean the update is off-policy).
+    With `lora_cfg`, `params` is `policy_params(state, lora_cfg)` (base with the adapters attached).
     """
     repl = NamedSharding(mesh, P())
     bsh = batch_sharding(mesh)
@@ -430,7 +517,7 @@ def make_compute_logprobs(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, micro
                 metrics["logprob_gap_max"] = jnp.max(gap)
         return logp, metrics
 
-    return PlacedBatchFn(jax.jit(fn, in_shardings=(param_shardings(model_cfg, mesh), bsh),
+    return PlacedBatchFn(jax.jit(fn, in_shardings=(policy_shardings(model_cfg, mesh, lora_cfg), bsh),
                                  out_shardings=(bsh, repl)), bsh)
 
 

@@ -48,6 +48,7 @@ class Updater:
     bc_step: object
     compute_logprobs: object
     state: train_step.TrainState | None
+    lora_cfg: object = None   # LoraConfig of a LoRA run (state.params are then the adapters), else None
 
     @classmethod
     def create(cls, config, model_cfg: ModelConfig, params, mesh: jax.sharding.Mesh, *, pad_id: int) -> "Updater":
@@ -56,7 +57,11 @@ class Updater:
         dp = mesh.shape["data"] * mesh.shape["fsdp"]
         if mb % dp:
             raise ValueError(f"rl.micro_batch_size={mb} must be a multiple of the data-parallel size {dp}")
-        state = train_step.create_train_state(model_cfg, params, ocfg, mesh, keep_reference=lcfg.keep_reference)
+        lora_cfg = components.lora_config(config)
+        # The adapters' initial A from the run seed (its own stream: fold_in 1).
+        state = train_step.create_train_state(model_cfg, params, ocfg, mesh, keep_reference=lcfg.keep_reference,
+                                              lora_cfg=lora_cfg,
+                                              lora_rng=jax.random.fold_in(jax.random.key(config.seed), 1))
         max_len = config.data.max_prompt_length + max(config.rollout.max_response_length,
                                                       config.rollout.meta_max_new_tokens)
         return cls(
@@ -64,13 +69,17 @@ class Updater:
             mini_batch_size=config.rl.mini_batch_size, ppo_epochs=config.rl.ppo_epochs, seed=config.seed,
             bc_steps=config.bc.steps,
             buckets=batching.default_buckets(max_len),
-            train_step=train_step.make_train_step(model_cfg, lcfg, ocfg, mesh, mb),
+            train_step=train_step.make_train_step(model_cfg, lcfg, ocfg, mesh, mb, lora_cfg=lora_cfg),
             bc_step=bc.make_bc_step(model_cfg, ocfg, mesh, mb, keep_reference=lcfg.keep_reference,
-                                    chunk_size=config.rl.chunk_size),
+                                    chunk_size=config.rl.chunk_size, lora_cfg=lora_cfg),
             compute_logprobs=train_step.make_compute_logprobs(model_cfg, mesh, mb,
                                                               temperature=lcfg.temperature,
-                                                              chunk_size=lcfg.chunk_size),
-            state=state)
+                                                              chunk_size=lcfg.chunk_size, lora_cfg=lora_cfg),
+            state=state, lora_cfg=lora_cfg)
+
+    def policy_params(self, state: train_step.TrainState):
+        """The policy of `state` (the base with the adapters attached under LoRA): what is sampled from."""
+        return train_step.policy_params(state, self.lora_cfg)
 
     # ------------------------------------------------------------------------------------ batches
     def pack(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], **kw) -> dict:
@@ -102,7 +111,7 @@ class Updater:
         local = self.pack(seqs.prompt_ids, seqs.response_ids, advantages=seqs.advantages,
                           sampler_logprobs=seqs.sampler_logprobs)
         batch = self.to_global(local)
-        old_logprobs, lp_metrics = self.compute_logprobs(state.params, batch)
+        old_logprobs, lp_metrics = self.compute_logprobs(self.policy_params(state), batch)
         batch = {k: v for k, v in batch.items() if k != "sampler_logprobs"}
         batch["old_logprobs"] = old_logprobs
         # Mini-batches with no problem on any process are dropped (possible when hosts are unbalanced).

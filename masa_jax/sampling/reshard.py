@@ -9,6 +9,11 @@ Training keeps params stacked over layers ([L, ...] leaves, scanned) in float32,
 * one dict per layer (`params["layers"]` a tuple) instead of stacked leaves, because the decode step
   is unrolled over layers and XLA copies a per-layer slice of a stacked weight at every step.
 
+A LoRA policy (`lora.attach`: the base with adapters under params["layers"]["lora"]) is merged
+(W + A @ scale B) in the same program, so the sampler reads plain weights and a decode step costs
+what the base model's does; `merge_lora=False` keeps the low-rank path per layer instead (measured
+against the merged one in docs/benchmarks.md).
+
 `to_sampling_params` does all three in one jitted program whose out_shardings drive the collectives;
 `measure_reshard` times it and reports the bytes involved.
 """
@@ -21,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from masa_jax.models.qwen import lora as lora_lib
 from masa_jax.models.qwen.config import ModelConfig
 from masa_jax.models.qwen.model import param_logical_axes, param_shapes
 from masa_jax.parallel.rules import SAMPLING_RULES, logical_to_spec
@@ -40,43 +46,71 @@ def sampling_shapes(cfg: ModelConfig, dtype) -> dict:
     return out
 
 
-def sampling_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, dtype=jnp.bfloat16) -> dict:
-    """NamedShardings of the sampling params under SAMPLING_RULES."""
+def sampling_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, dtype=jnp.bfloat16,
+                       unmerged_lora: lora_lib.LoraConfig | None = None) -> dict:
+    """NamedShardings of the sampling params under SAMPLING_RULES (with `unmerged_lora`: plus each
+    layer's attached adapters)."""
     axes = param_logical_axes(cfg)
     shapes = sampling_shapes(cfg, dtype)
     ns = lambda ax, s: jax.sharding.NamedSharding(mesh, logical_to_spec(ax, SAMPLING_RULES, mesh, s.shape))
     out = {k: ns(axes[k], shapes[k]) for k in shapes if k != "layers"}
     layer = {k: ns(axes["layers"][k][1:], shapes["layers"][0][k]) for k in shapes["layers"][0]}
+    if unmerged_lora is not None:
+        lora_axes = lora_lib.adapter_logical_axes(cfg, unmerged_lora)["layers"]
+        lora_shapes = lora_lib.adapter_shapes(cfg, unmerged_lora)["layers"]
+        layer[lora_lib.ATTACHED_KEY] = {
+            name: {f: ns(lora_axes[name][f][1:], jax.ShapeDtypeStruct(lora_shapes[name][f].shape[1:], dtype))
+                   for f in ("a", "b")} for name in lora_axes}
     out["layers"] = tuple(dict(layer) for _ in range(cfg.num_layers))
     return out
 
 
+def _attached_lora(params: dict) -> lora_lib.LoraConfig | None:
+    """The targets and rank of the adapters attached to stacked or per-layer params (alpha is already
+    in B), None without adapters."""
+    layer = params["layers"][0] if is_sampling_params(params) else params["layers"]
+    attached = layer.get(lora_lib.ATTACHED_KEY)
+    if not attached:
+        return None
+    rank = next(iter(attached.values()))["a"].shape[-1]
+    return lora_lib.LoraConfig(rank=rank, alpha=float(rank), targets=tuple(attached))
+
+
 @functools.lru_cache(maxsize=None)
-def _converter(cfg: ModelConfig, dtype_name: str, mesh: jax.sharding.Mesh | None):
+def _converter(cfg: ModelConfig, dtype_name: str, mesh: jax.sharding.Mesh | None,
+               unmerged_lora: lora_lib.LoraConfig | None):
     dtype = jnp.dtype(dtype_name)
 
     def convert(params):
+        if unmerged_lora is None:
+            params = lora_lib.merge_attached(params)  # W + A @ (scale B) in float32, before the cast
         cast = lambda x: x.astype(dtype)
         out = {k: cast(v) for k, v in params.items() if k != "layers"}
-        out["layers"] = tuple({k: cast(v[i]) for k, v in params["layers"].items()}
+        out["layers"] = tuple({k: jax.tree.map(lambda x: cast(x[i]), v) for k, v in params["layers"].items()}
                               for i in range(cfg.num_layers))
         return out
 
-    shardings = sampling_shardings(cfg, mesh, dtype) if mesh is not None else None
+    shardings = sampling_shardings(cfg, mesh, dtype, unmerged_lora) if mesh is not None else None
     return jax.jit(convert, out_shardings=shardings)
 
 
 def to_sampling_params(cfg: ModelConfig, params: dict, *, mesh: jax.sharding.Mesh | None = None,
-                       dtype=None) -> dict:
+                       dtype=None, merge_lora: bool = True) -> dict:
     """Stacked (training) params -> sampling params: per-layer dicts in `dtype` (default: the compute
     dtype `cfg.dtype`), laid out by SAMPLING_RULES on `mesh` when one is given. Params already in the
-    sampling layout are only cast / resharded. The result is a new copy; the input is untouched."""
+    sampling layout are only cast / resharded. The result is a new copy; the input is untouched.
+    Attached LoRA adapters are merged into their weights, or with `merge_lora=False` kept (cast) per
+    layer for the decoder's low-rank path."""
     dtype = jnp.dtype(dtype or cfg.dtype)
+    attached = _attached_lora(params)
     if is_sampling_params(params):
-        shardings = sampling_shardings(cfg, mesh, dtype) if mesh is not None else None
+        if attached is not None and merge_lora:
+            params = jax.jit(lora_lib.merge_attached)(params)
+        unmerged = attached if not merge_lora else None
+        shardings = sampling_shardings(cfg, mesh, dtype, unmerged) if mesh is not None else None
         cast = jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x, params)
         return jax.device_put(cast, shardings) if shardings is not None else cast
-    return _converter(cfg, dtype.name, mesh)(params)
+    return _converter(cfg, dtype.name, mesh, None if merge_lora else attached)(params)
 
 
 def measure_reshard(cfg: ModelConfig, params: dict, mesh: jax.sharding.Mesh | None, *, dtype=None,

@@ -11,6 +11,7 @@ Params layout (L = layers, D = hidden, H / KV = query / kv heads, hd = head_dim,
       o_proj         [L, H, hd, D]
       mlp_norm       [L, D]
       gate_proj, up_proj [L, D, F]    down_proj [L, F, D]
+      lora           {name: {"a", "b"}} only in a LoRA policy's params (`lora.attach`): added low-rank paths
     final_norm       [D]
     lm_head          [D, V]          (absent when embeddings are tied)
 
@@ -134,11 +135,24 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def project(lp: Params, name: str, equation: str, x: jax.Array) -> jax.Array:
+    """x through the layer's projection `name` (`equation`: the einsum of x and the weight), plus the
+    low-rank LoRA path x @ A @ B when the layer carries attached adapters (`lora.attach`: lp["lora"],
+    B already scaled by alpha / r), so no merged weight is formed."""
+    y = jnp.einsum(equation, x, lp[name])
+    adapter = lp.get("lora", {}).get(name)
+    if adapter is not None:
+        a, b = adapter["a"], adapter["b"]
+        low = jnp.tensordot(x, a, axes=a.ndim - 1)  # [B, T, r]: contracts x's input dims with A's
+        y = y + jnp.tensordot(low, b, axes=1).astype(y.dtype)
+    return y
+
+
 def project_qkv(cfg: ModelConfig, lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array):
     """Normed hidden h [B, T, D] -> q [B, T, H, hd], k / v [B, T, KV, hd], with bias / q-k norm and RoPE."""
-    q = jnp.einsum("btd,dnh->btnh", h, lp["q_proj"])
-    k = jnp.einsum("btd,dnh->btnh", h, lp["k_proj"])
-    v = jnp.einsum("btd,dnh->btnh", h, lp["v_proj"])
+    q = project(lp, "q_proj", "btd,dnh->btnh", h)
+    k = project(lp, "k_proj", "btd,dnh->btnh", h)
+    v = project(lp, "v_proj", "btd,dnh->btnh", h)
     if cfg.qkv_bias:
         q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
     if cfg.qk_norm:
@@ -152,14 +166,14 @@ def project_qkv(cfg: ModelConfig, lp: Params, h: jax.Array, cos: jax.Array, sin:
 
 
 def attention_output(lp: Params, attn: jax.Array) -> jax.Array:
-    return jnp.einsum("btnh,nhd->btd", attn, lp["o_proj"])
+    return project(lp, "o_proj", "btnh,nhd->btd", attn)
 
 
 def mlp(lp: Params, h: jax.Array) -> jax.Array:
-    gate = jnp.einsum("btd,df->btf", h, lp["gate_proj"])
-    up = jnp.einsum("btd,df->btf", h, lp["up_proj"])
+    gate = project(lp, "gate_proj", "btd,df->btf", h)
+    up = project(lp, "up_proj", "btd,df->btf", h)
     act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
-    return jnp.einsum("btf,fd->btd", act, lp["down_proj"])
+    return project(lp, "down_proj", "btf,fd->btd", act)
 
 
 def cast_layer(cfg: ModelConfig, lp: Params) -> Params:
