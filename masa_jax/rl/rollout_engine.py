@@ -97,13 +97,13 @@ class NativeEngine:
 
     def generate(self, prompts, budgets, max_new_tokens, rng, *, temperature=None, top_p=None, top_k=None,
                  stop_ids=None, on_done: Callable[[int], None] | None = None):
-        from masa_jax.sampling.generate import generate as sampling_generate
+        from masa_jax import sampling
         if self._params is None:
             raise RuntimeError("NativeEngine.generate before update_params: give the engine its weights first")
         overrides = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
                                        ("eos_ids", stop_ids)) if v is not None}
         sampler = dataclasses.replace(self.spec.sampler, **overrides) if overrides else self.spec.sampler
-        return sampling_generate(self.spec.model_cfg, self._params, prompts, rng=rng,
+        return sampling.generate(self.spec.model_cfg, self._params, prompts, rng=rng,
                                  max_new_tokens=int(max_new_tokens),
                                  budgets=None if budgets is None else [int(b) for b in budgets],
                                  mesh=self._mesh, sampler=sampler, on_done=on_done)

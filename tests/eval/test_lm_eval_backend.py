@@ -36,7 +36,7 @@ def test_generate_until_batches_requests_with_their_own_budgets_and_stops(lm, mo
     real = sampling.generate
 
     def counting(*args, **kwargs):
-        calls.append((len(args[2]), kwargs["budgets"], kwargs["temperature"]))
+        calls.append((len(args[2]), kwargs["budgets"], kwargs["sampler"].temperature))  # the rollout engine's call
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sampling, "generate", counting)
