@@ -29,7 +29,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from masa_jax import components, config as config_lib, evaluate, metrics as metrics_lib, train  # noqa: E402
+from masa_jax import components, config as config_lib, metrics as metrics_lib, train  # noqa: E402
+from masa_jax.evaluation import policy  # noqa: E402
 from masa_jax.rewards import math as math_reward  # noqa: E402
 from masa_jax.rl import rollout as rollout_lib  # noqa: E402
 from masa_jax.tokenization import load_codec  # noqa: E402
@@ -64,7 +65,7 @@ def read_evals(workdir: str) -> list[dict]:
 def heldout_eval(config, checkpoint: str, problems, verifier, seed: int) -> dict:
     """Accuracy and pass-rate calibration of the policy at `checkpoint` (a run dir or an HF dir)."""
     config = config_lib.resolve(config)  # fills model.tokenizer_path from model.path
-    model_cfg, params, mesh = evaluate.load_policy(config, checkpoint)
+    model_cfg, params, mesh = policy.load_policy(config, checkpoint)
     codec = load_codec(config.model.tokenizer_path)
     rcfg = dataclasses.replace(components.rollout_config(config), use_meta=True)
     engine = components.rollout_engine_for(config, model_cfg, codec.eos_ids, mesh, params)  # the run's sampler

@@ -19,17 +19,16 @@ paper's Figure 2 for any checkpoint) and what gating at config.efficient's thres
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Callable, Sequence
 
 import jax
 
-from masa_jax import checkpointing
 from masa_jax import errors
 from masa_jax import fs
 from masa_jax.data import sources
+from masa_jax.evaluation import policy
 from masa_jax.evaluation.scoring import sample_and_score
 from masa_jax.rl.rollout_engine import GenerateFn
 
@@ -45,49 +44,6 @@ def evaluate_problems(problems: Sequence[sources.Problem], generate: GenerateFn,
     correct, lengths = sample_and_score(problems, generate, codec, verify, n=n, max_new_tokens=max_new_tokens,
                                         rng=rng, solution_template=solution_template)
     return paper.score(correct, lengths, ks, max_new_tokens)
-
-
-def load_policy(config, checkpoint: str):
-    """(model_cfg, params, mesh) from an HF directory (has config.json) or from an Orbax run checkpoint;
-    a LoRA run's (config.lora.rank > 0) adapters come back merged into the base of config.model.path."""
-    from masa_jax.models.qwen.presets import model_config_for
-    from masa_jax.models import qwen
-    from masa_jax.models.qwen import lora
-    from masa_jax.rl import train_step
-    from masa_jax.parallel import mesh as mesh_lib
-    from masa_jax.rl import update as update_lib
-
-    _check_checkpoint(checkpoint)
-    mesh = mesh_lib.make_mesh(config.mesh.shape)
-    if errors.is_hf_dir(checkpoint):
-        cfg, params = qwen.from_pretrained(fs.local_copy(checkpoint), dtype=config.model.param_dtype, mesh=mesh,
-                                           compute_dtype=config.model.dtype)
-        return cfg, params, mesh
-    model_cfg = model_config_for(config)
-    model_cfg, params = qwen.from_pretrained(fs.local_copy(config.model.path), dtype=config.model.param_dtype,
-                                             mesh=mesh, compute_dtype=config.model.dtype)
-    updater = update_lib.Updater.create(config, model_cfg, params, mesh, pad_id=0)
-    ckpt_dir = fs.join(checkpoint, "checkpoints") if fs.isdir(fs.join(checkpoint, "checkpoints")) \
-        else checkpoint
-    restored = checkpointing.RunCheckpointer(ckpt_dir, max_to_keep=1000).restore_latest(
-        train_step.checkpoint_view(updater.state))
-    if restored is None:
-        raise errors.UserError(f"no checkpoint found in {checkpoint}: {_CHECKPOINT_HINT}")
-    if updater.lora_cfg is None:
-        return model_cfg, restored[0].params, mesh
-    # A LoRA run: its adapters on the base of model.path, merged (W + alpha/r B A) once for sampling.
-    policy = train_step.policy_params(train_step.with_base(restored[0], updater.state.base_params), updater.lora_cfg)
-    shardings = train_step.param_shardings(model_cfg, mesh)
-    return model_cfg, jax.jit(lora.merge_attached, out_shardings=shardings)(policy), mesh
-
-
-_CHECKPOINT_HINT = "pass a training workdir, its checkpoints/ folder or an HF model directory"
-
-
-def _check_checkpoint(checkpoint: str) -> None:
-    # Checked before Orbax opens it: its CheckpointManager would create a missing directory.
-    if not fs.isdir(checkpoint):
-        raise errors.UserError(f"--checkpoint {checkpoint} is not a directory: {_CHECKPOINT_HINT}")
 
 
 def main(argv):
@@ -111,7 +67,7 @@ def run_evaluation(F) -> dict:
         "n": F.n, "ks": F.k, "temperature": F.temperature, "top_p": F.top_p, "top_k": F.top_k,
         "max_new_tokens": F.max_new_tokens, "seed": F.seed, "limit": F.limit, "meta": F.meta,
         "num_meta": F.num_meta, "data": F.data})
-    _check_checkpoint(F.checkpoint)
+    policy.check_checkpoint(F.checkpoint)
     errors.check_model_dir(config, weights=not errors.is_hf_dir(F.checkpoint))
     ood = settings.suite == "ood"
     if ood:
@@ -132,7 +88,7 @@ def run_evaluation(F) -> dict:
     out = fs.absolute(F.output or default_output(F.checkpoint))
     if F.output and not fs.is_remote(out) and not os.path.isdir(os.path.dirname(out)):  # gs:// has no dirs
         raise errors.UserError(f"--output {out}: its directory does not exist")
-    model_cfg, params, mesh = load_policy(config, F.checkpoint)
+    model_cfg, params, mesh = policy.load_policy(config, F.checkpoint)
     codec = load_codec(config.model.tokenizer_path)
     # The trainer's engine and sampler at the protocol's settings; the weights resharded once: every call
     # samples the same model.

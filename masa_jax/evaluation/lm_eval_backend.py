@@ -158,9 +158,9 @@ def parse_mesh(mesh) -> tuple[int, ...] | None:
 def load_model(*, pretrained: str | None = None, checkpoint: str | None = None, config=None,
                tokenizer: str | None = None, dtype: str | None = None, compute_dtype: str | None = None,
                mesh=None, config_overrides: dict | None = None) -> LoadedModel:
-    """Loads an HF directory or a training run's checkpoint (through `masa_jax.evaluate.load_policy`)."""
+    """Loads an HF directory or a training run's checkpoint (through `evaluation.policy.load_policy`)."""
     from masa_jax import config as config_lib
-    from masa_jax import evaluate
+    from masa_jax.evaluation import policy
 
     if pretrained and checkpoint:
         raise errors.UserError("pass pretrained=DIR or checkpoint=DIR, not both")
@@ -210,7 +210,7 @@ def load_model(*, pretrained: str | None = None, checkpoint: str | None = None, 
     if not tok_path or not fs.isdir(tok_path):
         raise errors.UserError(f"no tokenizer directory ({tok_path!r}): pass tokenizer=DIR")
     tok_path = fs.local_copy(tok_path)  # transformers reads local files only
-    model_cfg, params, mesh_obj = evaluate.load_policy(c, path)
+    model_cfg, params, mesh_obj = policy.load_policy(c, path)
     model_dir = path if hf else c.model.path
     return LoadedModel(model_cfg, params, mesh_obj, tok_path, model_dir, c,
                        path if fs.is_remote(path) else os.path.abspath(path))

@@ -1,5 +1,5 @@
 """A LoRA training run end to end (config.lora.rank > 0): checkpoints hold the adapters only (plus the base
-path in the extras), an interrupted run resumes bit-exactly, and `evaluate.load_policy` / the lm-eval
+path in the extras), an interrupted run resumes bit-exactly, and `evaluation.policy.load_policy` / the lm-eval
 backend load the run as base + merged adapters."""
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def test_lora_run_checkpoints_adapters_only_and_resumes_bit_exactly(tiny_model_d
 def test_evaluate_and_the_lm_eval_backend_load_a_lora_run_merged(tiny_model_dir, small_config, tmp_path):
     import orbax.checkpoint as ocp
 
-    from masa_jax import config as config_lib, evaluate
+    from masa_jax import config as config_lib
+    from masa_jax.evaluation import policy
     from masa_jax.evaluation import lm_eval_backend
     from masa_jax.models import qwen
     from masa_jax.models.qwen import lora
@@ -61,7 +62,7 @@ def test_evaluate_and_the_lm_eval_backend_load_a_lora_run_merged(tiny_model_dir,
     workdir = str(tmp_path / "run")
     train.train(config, workdir)
     resolved = config_lib.resolve(config)
-    model_cfg, merged, _ = evaluate.load_policy(resolved, workdir)
+    model_cfg, merged, _ = policy.load_policy(resolved, workdir)
 
     # By hand: the adapters of the newest checkpoint, merged into the base weights read from model.path.
     _, base = qwen.from_pretrained(tiny_model_dir)
