@@ -19,7 +19,9 @@ def get_config():
     c.data.problems_per_step = 64
     c.rollout.max_response_length = 4096
     c.rollout.meta_max_new_tokens = c.rollout.max_response_length  # as the authors: one cap for both paths
-    c.rollout.num_slots = 128
+    # XLA's count on a v6e-4 (docs/benchmarks.md): 128 slots with a 6144-position cache do not fit (decode
+    # needs 45.67 GiB, resize 35.00 GiB of 31.25 per chip); 32 slots cut the cache and decode by 4x.
+    c.rollout.num_slots = 32
     c.rl.mini_batch_size = 32          # 64 problems / step in 2 updates (the 8B config: 1 update of 128)
     c.rl.micro_batch_size = 8
     return c
