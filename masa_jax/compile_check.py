@@ -355,7 +355,7 @@ def _check(config, topology, programs, on_program) -> CheckResult:
     sp_b = _per_device(sp)
     if want("reshard"):
         p, _ = _compile("reshard", "train params -> sampling params",
-                        lambda: reshard._converter(cfg, dtype.name, mesh).lower(state.params),  # on the whole mesh
+                        lambda: reshard._converter(cfg, dtype.name, mesh, None).lower(state.params),  # on the whole mesh
                         state_b - params_b, "optimizer state")
         record(p)
     S, C, Pb, n = shp.num_slots, shp.cache_len, shp.prompt_bucket, shp.prefill_rows
