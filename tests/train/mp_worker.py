@@ -34,7 +34,8 @@ def main(process_id: int, port: int, model_dir: str, workdir: str) -> None:
     config = resolve(c)
     mesh = make_mesh(config.mesh.shape)
     model_cfg, params = qwen.from_pretrained(model_dir, mesh=mesh)
-    template = update_lib.Updater.create(config, model_cfg, params, mesh, pad_id=0).state
+    from masa_jax.rl import train_step
+    template = train_step.checkpoint_view(update_lib.Updater.create(config, model_cfg, params, mesh, pad_id=0).state)
     state, _, step = RunCheckpointer(f"{workdir}/checkpoints").restore_latest(template)
     leaves = [np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in jax.tree.leaves(state.params)]
     initial = [np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in jax.tree.leaves(params)]

@@ -48,7 +48,10 @@ def test_default_relative_workdir_checkpoints_resumes_and_survives_sigterm(tmp_p
     # SIGTERM mid-run in a new relative workdir, then resume to the end.
     p = _train(tmp_path, "--workdir=other", "--config.total_steps=6")
     deadline = time.time() + 600
-    while time.time() < deadline and not (tmp_path / "other" / "metrics.jsonl").exists():
+    # Wait for a logged step: the writer creates metrics.jsonl during set-up, before the loop's SIGTERM
+    # guard is installed (CI sent the signal then and the default handler killed the run, rc -15).
+    metrics = tmp_path / "other" / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
         time.sleep(0.5)
     p.send_signal(signal.SIGTERM)
     out3, _ = p.communicate(timeout=600)
