@@ -10,6 +10,7 @@ INSTALL_REQUIRES = [
     "flax==0.12.8",
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
+    "qwix==0.1.8",  # a LoRA run's int8 / int4 / nf4 frozen base (masa_jax/models/qwen/quantize.py)
     "ml_collections>=1.1,<2",
     "grain>=0.2.18,<0.3",
     "numpy>=1.26",

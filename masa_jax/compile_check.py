@@ -225,7 +225,7 @@ def _per_device(tree) -> int:
     total = 0
     for s in jax.tree.leaves(tree):
         shape = s.sharding.shard_shape(s.shape) if getattr(s, "sharding", None) is not None else s.shape
-        total += math.prod(shape) * np.dtype(s.dtype).itemsize if not jnp.issubdtype(s.dtype, jax.dtypes.prng_key) \
+        total += math.prod(shape) * jax.dtypes.itemsize_bits(s.dtype) // 8 if not jnp.issubdtype(s.dtype, jax.dtypes.prng_key) \
             else math.prod(shape) * 8
     return total
 
@@ -304,7 +304,7 @@ def check(config, topology: str | None = None, programs: tuple[str, ...] | None 
 
 
 def _check(config, topology, programs, on_program) -> CheckResult:
-    from masa_jax.models.qwen import attention
+    from masa_jax.models.qwen import attention, lora, quantize
     from masa_jax.models.qwen.presets import model_config_for
     from masa_jax.parallel import mesh as mesh_lib
     from masa_jax.rl import bc, train_step as ts
@@ -336,27 +336,39 @@ def _check(config, topology, programs, on_program) -> CheckResult:
         if on_program is not None:
             on_program(p)
 
-    # The train state, as create_train_state lays it out.
-    sh = ts.state_shardings(cfg, ocfg, mesh, lcfg.keep_reference)
+    # The train state, as create_train_state lays it out (LoRA: adapters train, the base is frozen).
+    lora_cfg = components.lora_config(config)
+    sh = ts.state_shardings(cfg, ocfg, mesh, lcfg.keep_reference, lora_cfg)
     pshapes = ts.param_shapes(cfg)
     pshapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.jnp_param_dtype), pshapes)
+    quantized = lora_cfg.base_quantization if lora_cfg is not None else ""
+    base = None
+    if lora_cfg is not None:
+        base = quantize.quantized_shapes(cfg, quantized) if quantized else pshapes
+        pshapes = lora.adapter_shapes(cfg, lora_cfg)
     opt_shapes = jax.eval_shape(ts.make_optimizer(ocfg).init, pshapes)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     ref = (jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.jnp_dtype), pshapes)
-           if lcfg.keep_reference else None)
+           if lcfg.keep_reference and lora_cfg is None else None)
     state = _with_shardings(ts.TrainState(step=scalar, params=pshapes, opt_state=opt_shapes, num_skipped=scalar,
-                                          ref_params=ref), sh)
-    state_b, params_b = _per_device(state), _per_device(state.params)
+                                          ref_params=ref, base_params=base), sh)
+    # What the old-log-prob pass and the reshard read: the params, or the base with the adapters attached.
+    policy = _with_shardings(jax.eval_shape(lambda st: ts.policy_params(st, lora_cfg), state),
+                             ts.policy_shardings(cfg, mesh, lora_cfg))
+    state_b, policy_b = _per_device(state), _per_device(policy)
     repl = NamedSharding(smesh, P())
 
-    # ---- rollout: reshard, prefill, insert, resize, decode
+    # ---- rollout: reshard, prefill, insert, resize, decode (a quantized base: adapters unmerged)
     dtype = jnp.dtype(cfg.dtype)
-    sp = _with_shardings(reshard.sampling_shapes(cfg, dtype), reshard.sampling_shardings(cfg, smesh, dtype))
+    unmerged = reshard._attached_lora(policy) if quantized else None
+    converter = reshard._converter(cfg, dtype.name, mesh, unmerged, quantized)
+    sp = _with_shardings(jax.eval_shape(converter, policy),
+                         reshard.sampling_shardings(cfg, smesh, dtype, unmerged, quantized))
     sp_b = _per_device(sp)
     if want("reshard"):
         p, _ = _compile("reshard", "train params -> sampling params",
-                        lambda: reshard._converter(cfg, dtype.name, mesh, None).lower(state.params),  # on the whole mesh
-                        state_b - params_b, "optimizer state")
+                        lambda: converter.lower(policy),  # on the whole mesh
+                        state_b - policy_b, "optimizer state")
         record(p)
     S, C, Pb, n = shp.num_slots, shp.cache_len, shp.prompt_bucket, shp.prefill_rows
     sampler = components.sampler_config(config, (0,))
@@ -412,9 +424,10 @@ def _check(config, topology, programs, on_program) -> CheckResult:
     if want("old_logprobs"):
         batch = _batch(shp.step_rows, T, ("tokens", "attention_mask", "loss_mask", "advantages", "sampler_logprobs"),
                        bsh)
-        fn = ts.make_compute_logprobs(cfg, mesh, mb, temperature=lcfg.temperature, chunk_size=lcfg.chunk_size)
+        fn = ts.make_compute_logprobs(cfg, mesh, mb, temperature=lcfg.temperature, chunk_size=lcfg.chunk_size,
+                                      lora_cfg=lora_cfg)
         p, _ = _compile("old_logprobs", f"{shp.step_rows} x {T}, micro-batch {mb}",
-                        lambda: fn.jitted.lower(state.params, batch), state_b - params_b, "optimizer state")
+                        lambda: fn.jitted.lower(policy, batch), state_b - policy_b, "optimizer state")
         record(p)
     flag = jax.ShapeDtypeStruct((), jnp.bool_, sharding=NamedSharding(mesh, P()))
     if want("train_step"):
@@ -425,13 +438,14 @@ def _check(config, topology, programs, on_program) -> CheckResult:
             resident += _per_device(_batch(shp.step_rows, T, ("tokens", "attention_mask", "loss_mask", "advantages",
                                                               "old_logprobs"), bsh))
             what = "the step's batch"
-        fn = ts.make_train_step(cfg, lcfg, ocfg, mesh, mb)
+        fn = ts.make_train_step(cfg, lcfg, ocfg, mesh, mb, lora_cfg=lora_cfg)
         p, _ = _compile("train_step", f"{shp.minibatch_rows} x {T}, micro-batch {mb}",
                         lambda: fn.jitted.lower(state, batch, flag), resident, what)
         record(p)
     if want("bc_step") and shp.bc_rows:
         batch = _batch(shp.bc_rows, T, ("tokens", "attention_mask", "loss_mask"), bsh)
-        fn = bc.make_bc_step(cfg, ocfg, mesh, mb, keep_reference=lcfg.keep_reference, chunk_size=config.rl.chunk_size)
+        fn = bc.make_bc_step(cfg, ocfg, mesh, mb, keep_reference=lcfg.keep_reference, chunk_size=config.rl.chunk_size,
+                             lora_cfg=lora_cfg)
         p, _ = _compile("bc_step", f"{shp.bc_rows} x {T}, micro-batch {mb}",
                         lambda: fn.jitted.lower(state, batch, flag))
         record(p)

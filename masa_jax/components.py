@@ -80,4 +80,5 @@ def lora_config(config) -> LoraConfig | None:
     c = config.lora
     if c.rank == 0:
         return None
-    return LoraConfig(rank=int(c.rank), alpha=float(c.alpha), targets=tuple(c.targets))
+    return LoraConfig(rank=int(c.rank), alpha=float(c.alpha), targets=tuple(c.targets),
+                      base_quantization=str(c.base_quantization))

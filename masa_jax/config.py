@@ -67,6 +67,9 @@ def base_config() -> mlc.ConfigDict:
     c.lora.rank = 0
     c.lora.alpha = 16.0           # scale alpha / rank (PEFT's lora_alpha)
     c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # QLoRA: "" keeps the frozen base in model.param_dtype; "int8" / "int4" / "nf4" store its seven
+    # projection weights quantized through qwix (models/qwen/quantize.py), dequantized per layer.
+    c.lora.base_quantization = ""
 
     c.mesh = mlc.ConfigDict()
     c.mesh.shape = (1, -1, 1)     # (data, fsdp, tensor); -1 = the remaining devices
@@ -309,11 +312,18 @@ def _check_ranges(c: mlc.ConfigDict) -> None:
 
 def _check_lora(c: mlc.ConfigDict) -> None:
     from masa_jax.models.qwen.lora import TARGETS
+    from masa_jax.models.qwen.quantize import QTYPES
 
     rank, alpha, targets = c.lora.rank, c.lora.alpha, c.lora.targets
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise UserError(f"config.lora.rank must be an integer >= 0 (0: no LoRA, full fine-tuning), got {rank!r}")
+    quant = c.lora.base_quantization
+    if quant not in ("",) + tuple(QTYPES):
+        raise UserError(f"config.lora.base_quantization must be one of {['', *QTYPES]}, got {quant!r}")
     if rank == 0:
+        if quant:  # full fine-tuning trains the base: there is no frozen base to quantize
+            raise UserError(f"config.lora.base_quantization={quant!r} needs LoRA (config.lora.rank >= 1): it "
+                            "quantizes the frozen base, and full fine-tuning trains every weight")
         return
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise UserError(f"config.lora.alpha must be a finite number > 0 (the scale is alpha / rank), got {alpha!r}")

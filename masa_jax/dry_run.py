@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from masa_jax.components import lora_config
-from masa_jax.models.qwen import lora as lora_lib
+from masa_jax.models.qwen import lora as lora_lib, quantize
 from masa_jax.models.qwen import model as qwen_model
 from masa_jax.models.qwen.config import ModelConfig
 from masa_jax.models.qwen.presets import model_config_for
@@ -46,7 +46,7 @@ def _per_device_bytes(shapes, axes, mesh, rules) -> int:
         for entry in spec:
             for ax in ((entry,) if isinstance(entry, str) else (entry or ())):
                 shards *= sizes[ax]
-        total += math.prod(s.shape) * s.dtype.itemsize // shards
+        total += math.prod(s.shape) * jax.dtypes.itemsize_bits(s.dtype) // 8 // shards  # int4: half a byte
     return total
 
 
@@ -63,7 +63,11 @@ def estimate(config, num_devices: int | None = None) -> dict:
     lcfg = lora_config(config)
     if lcfg is None:
         trainable_shapes, trainable_axes, adapters_b, n_adapter = shapes, axes, 0, 0
-    else:  # the adapters (float32) train; the base sits frozen in the param dtype
+    else:  # the adapters (float32) train; the base sits frozen in the param dtype, or quantized (QLoRA)
+        if lcfg.base_quantization:
+            q = lcfg.base_quantization
+            params_b = _per_device_bytes(quantize.quantized_shapes(cfg, q), quantize.quantized_logical_axes(cfg, q),
+                                         mesh, TRAIN_RULES)
         trainable_shapes = lora_lib.adapter_shapes(cfg, lcfg)
         trainable_axes = lora_lib.adapter_logical_axes(cfg, lcfg)
         adapters_b = _per_device_bytes(trainable_shapes, trainable_axes, mesh, TRAIN_RULES)
@@ -71,8 +75,16 @@ def estimate(config, num_devices: int | None = None) -> dict:
     f32 = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32), trainable_shapes)
     opt_b = 2 * _per_device_bytes(f32, trainable_axes, mesh, TRAIN_RULES)  # AdamW: two float32 moments
     compute = np.dtype(cfg.dtype).itemsize
-    sampling_params_b = _per_device_bytes(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.dtype), shapes),
-                                          axes, mesh, SAMPLING_RULES)
+    if lcfg is not None and lcfg.base_quantization:  # the sampler keeps the base quantized, adapters unmerged
+        q = lcfg.base_quantization
+        qshapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.dtype) if s.dtype == cfg.jnp_param_dtype
+                               else s, quantize.quantized_shapes(cfg, q))
+        sampling_params_b = (_per_device_bytes(qshapes, quantize.quantized_logical_axes(cfg, q), mesh, SAMPLING_RULES)
+                             + _per_device_bytes(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.dtype),
+                                                              trainable_shapes), trainable_axes, mesh, SAMPLING_RULES))
+    else:
+        sampling_params_b = _per_device_bytes(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.dtype), shapes),
+                                              axes, mesh, SAMPLING_RULES)
     # The trainer's largest shapes: the sampler's largest cache bucket, the updater's largest length bucket.
     from masa_jax.compile_check import step_shapes
     shp = step_shapes(config)
@@ -120,6 +132,9 @@ def report(config, num_devices: int | None = None, device_memory_gib: float | No
                      f"{e['num_adapter_params'] / 1e6:.2f} M trainable adapter params "
                      f"({100 * e['num_adapter_params'] / e['num_params']:.3f} % of the base, which is frozen); "
                      "grads and optimizer below are the adapters'")
+        if lc.base_quantization:
+            lines.append(f"frozen base: {lc.base_quantization} projection weights (qwix; embeddings and norms in "
+                         f"{cfg.param_dtype}); the sampler reads it quantized, adapters unmerged")
     lines.append("per-device memory, rough formula (XLA's temporaries not counted):")
     keys = ("params", "grads", "optimizer", "activations", "train_total", "sampling_params", "kv_cache",
             "rollout_total")

@@ -233,8 +233,9 @@ def _extras(run: Run, loop: LoopState, history: list) -> dict:
     run the adapters' config and the base model they adapt (its weights are not in the checkpoint)."""
     lora_cfg = run.updater.lora_cfg
     lora = {} if lora_cfg is None else {"lora": {"base_model": run.config.model.path, "rank": lora_cfg.rank,
-                                                 "alpha": lora_cfg.alpha, "targets": list(lora_cfg.targets)}}
-    return {**lora,"data": multihost.allgather_json(run.data.get_state()),
+                                                 "alpha": lora_cfg.alpha, "targets": list(lora_cfg.targets),
+                                                 "base_quantization": lora_cfg.base_quantization}}
+    return {**lora, "data": multihost.allgather_json(run.data.get_state()),
             "buffer": multihost.allgather_json(loop.buffer.to_json()),
             "loop": loop.to_json(),
             "history": history}

@@ -111,6 +111,23 @@ def test_tiny_config_compiles_for_v5e_2x2_with_xla_sizes():
 
 
 @needs_libtpu
+def test_lora_and_qlora_runs_compile_with_the_adapters_state_and_a_smaller_base():
+    """LoRA: the train step's arguments hold the adapters' AdamW moments, not the model's; QLoRA (int8 base):
+    the sampler's weights and the frozen base shrink again; every program of the step compiles for v5e."""
+    progs = ("reshard", "decode", "old_logprobs", "train_step", "bc_step")
+    full = {p.name: p for p in compile_check.check(_tiny(), programs=progs).programs}
+    lo = {p.name: p for p in compile_check.check(_tiny(**{"lora.rank": 4}), programs=progs).programs}
+    q8 = {p.name: p for p in compile_check.check(_tiny(**{"lora.rank": 4, "lora.base_quantization": "int8"}),
+                                                 programs=progs).programs}
+    for r in (lo, q8):
+        assert list(r) == list(progs) and all(p.error is None and p.argument > 0 for p in r.values()), r
+    assert lo["train_step"].argument < full["train_step"].argument
+    assert q8["train_step"].argument < lo["train_step"].argument
+    assert q8["decode"].argument < lo["decode"].argument   # int8 projections instead of bfloat16
+    assert q8["old_logprobs"].argument < lo["old_logprobs"].argument
+
+
+@needs_libtpu
 def test_oversize_micro_batch_is_refused_naming_the_program():
     # 8192 sequences of 128 tokens per micro-batch, 2048 per chip (measured: 2048 per micro-batch needs
     # 4.45 GiB of a chip; four times that is over a v5e's 15.75 usable GiB).

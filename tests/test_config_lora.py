@@ -29,6 +29,8 @@ def _config(**overrides):
                                         r"'qkv'\] \(unknown: \['qkv'\]\)"),
     ("lora.targets", (), r"config\.lora\.targets must be distinct names"),
     ("lora.targets", ("q_proj", "q_proj"), r"config\.lora\.targets must be distinct names"),
+    ("lora.base_quantization", "int3", r"config\.lora\.base_quantization must be one of \['', 'int8', 'int4', "
+                                       r"'nf4'\], got 'int3'"),
 ])
 def test_bad_lora_values_are_one_line_errors_with_the_valid_values(field, value, message):
     with pytest.raises(UserError, match=message) as e:
@@ -44,6 +46,15 @@ def test_rank_zero_is_full_fine_tuning_and_a_valid_section_is_the_lora_config():
                                                               "lora.targets": ("q_proj", "v_proj")})))
     assert (lc.rank, lc.alpha, lc.targets, lc.scale) == (16, 32.0, ("q_proj", "v_proj"), 2.0)
     assert tuple(config_lib.base_config().lora.targets) == TARGETS
+
+
+def test_base_quantization_needs_lora_and_reaches_the_lora_config():
+    with pytest.raises(UserError, match=r"config\.lora\.base_quantization='int8' needs LoRA \(config\.lora\.rank "
+                                        r">= 1\)"):
+        config_lib.resolve(_config(**{"lora.base_quantization": "int8"}))
+    lc = components.lora_config(config_lib.resolve(_config(**{"lora.rank": 8, "lora.base_quantization": "nf4"})))
+    assert lc.base_quantization == "nf4"
+    assert components.lora_config(config_lib.resolve(_config(**{"lora.rank": 8}))).base_quantization == ""
 
 
 def test_a_bad_target_on_the_command_line_is_one_line(tmp_path):
@@ -83,3 +94,24 @@ def test_dry_run_counts_the_adapters_as_the_only_trainable_params():
     report = dry_run.report(_qwen8b(**{"lora.rank": 16}))
     assert "LoRA rank 16, alpha 16 on q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj: 43.65 M" in report
     assert "lora_adapters" in report
+
+
+def test_dry_run_counts_a_quantized_base_in_its_bits():
+    from masa_jax import dry_run
+
+    one = {"lora.rank": 16, "model.param_dtype": "bfloat16", "mesh.shape": (1, 1, 1)}  # one device: whole arrays
+    dense = dry_run.estimate(_qwen8b(**one))
+    q8 = dry_run.estimate(_qwen8b(**one, **{"lora.base_quantization": "int8"}))
+    q4 = dry_run.estimate(_qwen8b(**one, **{"lora.base_quantization": "int4"}))
+    # Qwen3-8B's projections: 36 layers x (4096 x (4096 + 2 x 1024) + 4096 x 4096 + 3 x 4096 x 12288) weights
+    proj = 36 * (4096 * (4096 + 2 * 1024) + 4096 * 4096 + 3 * 4096 * 12288)
+    assert proj == 6_945_767_424
+    # int8: 1 byte instead of 2 per weight, plus bfloat16 scales per (layer, output channel)
+    scales8 = 2 * 36 * (4096 + 2 * 1024 + 4096 + 2 * 12288 + 4096)
+    assert dense["params"] - q8["params"] == proj - scales8
+    # int4: half a byte, plus a scale per 64 input features (o_proj: per head, its head_dim 128 = 2 blocks)
+    scales4 = 2 * 36 * (4096 // 64 * (4096 + 2 * 1024) + 32 * 2 * 4096 + 4096 // 64 * 2 * 12288 + 12288 // 64 * 4096)
+    assert dense["params"] - q4["params"] == proj * 3 // 2 - scales4
+    assert q4["sampling_params"] < q8["sampling_params"] < dense["sampling_params"]
+    report = dry_run.report(_qwen8b(**one, **{"lora.base_quantization": "int4"}))
+    assert "frozen base: int4 projection weights (qwix" in report

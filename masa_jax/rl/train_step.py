@@ -60,7 +60,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from masa_jax.models.qwen import lora
+from masa_jax.models.qwen import lora, quantize
 from masa_jax.models.qwen.config import ModelConfig
 from masa_jax.models.qwen.logprobs import token_logprobs
 from masa_jax.models.qwen.model import param_logical_axes, param_shapes
@@ -162,12 +162,19 @@ def adapter_shardings(model_cfg: ModelConfig, lora_cfg: lora.LoraConfig, mesh: j
                           mesh)
 
 
+def base_shardings(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, lora_cfg: lora.LoraConfig) -> Params:
+    """NamedShardings of a LoRA run's frozen base: the params', or the quantized base's (QLoRA)."""
+    if lora_cfg.base_quantization:
+        return quantize.quantized_shardings(model_cfg, lora_cfg.base_quantization, mesh)
+    return param_shardings(model_cfg, mesh)
+
+
 def policy_shardings(model_cfg: ModelConfig, mesh: jax.sharding.Mesh,
                      lora_cfg: lora.LoraConfig | None = None) -> Params:
     """Shardings of what `policy_params` returns: the params, with the attached adapters under LoRA."""
-    psh = param_shardings(model_cfg, mesh)
     if lora_cfg is None:
-        return psh
+        return param_shardings(model_cfg, mesh)
+    psh = base_shardings(model_cfg, mesh, lora_cfg)
     return dict(psh, layers=dict(psh["layers"], **{lora.ATTACHED_KEY: adapter_shardings(model_cfg, lora_cfg,
                                                                                          mesh)["layers"]}))
 
@@ -191,7 +198,7 @@ def state_shardings(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.sh
                                    is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     return TrainState(step=repl, params=trainable_sh, opt_state=opt_sh, num_skipped=repl,
                       ref_params=psh if keep_reference and lora_cfg is None else None,
-                      base_params=psh if lora_cfg is not None else None)
+                      base_params=base_shardings(model_cfg, mesh, lora_cfg) if lora_cfg is not None else None)
 
 
 def policy_params(state: TrainState, lora_cfg: lora.LoraConfig | None = None) -> Params:
@@ -247,8 +254,11 @@ def create_train_state(model_cfg: ModelConfig, params: Params, optim_cfg: OptimC
     """
     sh = state_shardings(model_cfg, optim_cfg, mesh, keep_reference, lora_cfg)
     base = None
-    if lora_cfg is not None:
+    if lora_cfg is not None and lora_cfg.base_quantization:  # QLoRA: quantized once, weight by weight
+        base = quantize.place_quantized(model_cfg, params, lora_cfg.base_quantization, mesh)
+    elif lora_cfg is not None:
         base = jax.device_put(params, sh.base_params)
+    if lora_cfg is not None:
         rng = jax.random.key(0) if lora_rng is None else lora_rng
         params = jax.jit(lora.init_adapters, static_argnums=(0, 1), out_shardings=sh.params)(model_cfg, lora_cfg,
                                                                                              rng)

@@ -25,8 +25,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 
-from masa_jax.models.qwen import lora as lora_lib
+from masa_jax.models.qwen import lora as lora_lib, quantize
 from masa_jax.models.qwen.config import ModelConfig
 from masa_jax.models.qwen.model import param_logical_axes, param_shapes
 from masa_jax.parallel.rules import SAMPLING_RULES, logical_to_spec
@@ -37,24 +38,27 @@ def is_sampling_params(params) -> bool:
     return isinstance(params.get("layers"), (tuple, list))
 
 
-def sampling_shapes(cfg: ModelConfig, dtype) -> dict:
-    """ShapeDtypeStructs of the sampling params: stacked shapes with the layer axis split off."""
-    stacked = param_shapes(cfg)
-    one = {k: jax.ShapeDtypeStruct(s.shape[1:], dtype) for k, s in stacked["layers"].items()}
+def sampling_shapes(cfg: ModelConfig, dtype, quantized: str = "") -> dict:
+    """ShapeDtypeStructs of the sampling params: stacked shapes with the layer axis split off (with
+    `quantized`, a QLoRA base's type: its projection weights as the quantized base holds them)."""
+    stacked = quantize.quantized_shapes(cfg, quantized) if quantized else param_shapes(cfg)
+    one = {k: (jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), s) if _is_q(s)
+               else jax.ShapeDtypeStruct(s.shape[1:], dtype)) for k, s in stacked["layers"].items()}
     out = {k: jax.ShapeDtypeStruct(s.shape, dtype) for k, s in stacked.items() if k != "layers"}
     out["layers"] = tuple(dict(one) for _ in range(cfg.num_layers))
     return out
 
 
 def sampling_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, dtype=jnp.bfloat16,
-                       unmerged_lora: lora_lib.LoraConfig | None = None) -> dict:
+                       unmerged_lora: lora_lib.LoraConfig | None = None, quantized: str = "") -> dict:
     """NamedShardings of the sampling params under SAMPLING_RULES (with `unmerged_lora`: plus each
-    layer's attached adapters)."""
+    layer's attached adapters; with `quantized`: a QArray's qvalue and scales laid out like its weight)."""
     axes = param_logical_axes(cfg)
-    shapes = sampling_shapes(cfg, dtype)
+    shapes = sampling_shapes(cfg, dtype, quantized)
     ns = lambda ax, s: jax.sharding.NamedSharding(mesh, logical_to_spec(ax, SAMPLING_RULES, mesh, s.shape))
     out = {k: ns(axes[k], shapes[k]) for k in shapes if k != "layers"}
-    layer = {k: ns(axes["layers"][k][1:], shapes["layers"][0][k]) for k in shapes["layers"][0]}
+    layer = {k: jax.tree.map(functools.partial(ns, axes["layers"][k][1:]), s)
+             for k, s in shapes["layers"][0].items()}
     if unmerged_lora is not None:
         lora_axes = lora_lib.adapter_logical_axes(cfg, unmerged_lora)["layers"]
         lora_shapes = lora_lib.adapter_shapes(cfg, unmerged_lora)["layers"]
@@ -63,6 +67,24 @@ def sampling_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, dtype=jnp.bflo
                    for f in ("a", "b")} for name in lora_axes}
     out["layers"] = tuple(dict(layer) for _ in range(cfg.num_layers))
     return out
+
+
+def _is_q(x) -> bool:
+    return isinstance(x, qwix.QArray)
+
+
+def _quantization(params: dict) -> str:
+    """The QLoRA base type of stacked or per-layer params ("" for a dense base)."""
+    layer = params["layers"][0] if is_sampling_params(params) else params["layers"]
+    for w in layer.values():
+        if _is_q(w):
+            return next(name for name, t in quantize.QTYPES.items() if t == w.qtype)
+    return ""
+
+
+def _cast(x, dtype):
+    """Casts a dense weight; a quantized one stays as it is (the decoder dequantizes it per layer)."""
+    return x if _is_q(x) or x.dtype == dtype else x.astype(dtype)
 
 
 def _attached_lora(params: dict) -> lora_lib.LoraConfig | None:
@@ -78,39 +100,45 @@ def _attached_lora(params: dict) -> lora_lib.LoraConfig | None:
 
 @functools.lru_cache(maxsize=None)
 def _converter(cfg: ModelConfig, dtype_name: str, mesh: jax.sharding.Mesh | None,
-               unmerged_lora: lora_lib.LoraConfig | None):
+               unmerged_lora: lora_lib.LoraConfig | None, quantized: str = ""):
     dtype = jnp.dtype(dtype_name)
 
     def convert(params):
         if unmerged_lora is None:
             params = lora_lib.merge_attached(params)  # W + A @ (scale B) in float32, before the cast
-        cast = lambda x: x.astype(dtype)
-        out = {k: cast(v) for k, v in params.items() if k != "layers"}
-        out["layers"] = tuple({k: jax.tree.map(lambda x: cast(x[i]), v) for k, v in params["layers"].items()}
-                              for i in range(cfg.num_layers))
+        out = {k: _cast(v, dtype) for k, v in params.items() if k != "layers"}
+        out["layers"] = tuple({k: (jax.tree.map(lambda x: x[i], v) if _is_q(v) else
+                                   jax.tree.map(lambda x: _cast(x[i], dtype), v))
+                               for k, v in params["layers"].items()} for i in range(cfg.num_layers))
         return out
 
-    shardings = sampling_shardings(cfg, mesh, dtype, unmerged_lora) if mesh is not None else None
+    shardings = sampling_shardings(cfg, mesh, dtype, unmerged_lora, quantized) if mesh is not None else None
     return jax.jit(convert, out_shardings=shardings)
 
 
 def to_sampling_params(cfg: ModelConfig, params: dict, *, mesh: jax.sharding.Mesh | None = None,
-                       dtype=None, merge_lora: bool = True) -> dict:
+                       dtype=None, merge_lora: bool | None = None) -> dict:
     """Stacked (training) params -> sampling params: per-layer dicts in `dtype` (default: the compute
     dtype `cfg.dtype`), laid out by SAMPLING_RULES on `mesh` when one is given. Params already in the
     sampling layout are only cast / resharded. The result is a new copy; the input is untouched.
-    Attached LoRA adapters are merged into their weights, or with `merge_lora=False` kept (cast) per
-    layer for the decoder's low-rank path."""
+    Attached LoRA adapters are merged into their weights (the default), or with `merge_lora=False` kept
+    (cast) per layer for the decoder's low-rank path. A quantized (QLoRA) base is never merged: it stays
+    quantized and the adapters unmerged, since a merged weight would be dense again."""
     dtype = jnp.dtype(dtype or cfg.dtype)
     attached = _attached_lora(params)
+    quantized = _quantization(params)
+    if merge_lora and quantized and attached is not None:
+        raise ValueError(f"merge_lora=True on a {quantized} base: a merged weight is dense; the sampler keeps "
+                         "a quantized base with the adapters unmerged (merge_lora=None or False)")
+    merge_lora = not quantized if merge_lora is None else merge_lora
     if is_sampling_params(params):
         if attached is not None and merge_lora:
             params = jax.jit(lora_lib.merge_attached)(params)
         unmerged = attached if not merge_lora else None
-        shardings = sampling_shardings(cfg, mesh, dtype, unmerged) if mesh is not None else None
-        cast = jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x, params)
+        shardings = sampling_shardings(cfg, mesh, dtype, unmerged, quantized) if mesh is not None else None
+        cast = jax.tree.map(lambda x: _cast(x, dtype), params, is_leaf=_is_q)
         return jax.device_put(cast, shardings) if shardings is not None else cast
-    return _converter(cfg, dtype.name, mesh, None if merge_lora else attached)(params)
+    return _converter(cfg, dtype.name, mesh, None if merge_lora else attached, quantized)(params)
 
 
 def measure_reshard(cfg: ModelConfig, params: dict, mesh: jax.sharding.Mesh | None, *, dtype=None,

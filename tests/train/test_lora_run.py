@@ -46,7 +46,7 @@ def test_lora_run_checkpoints_adapters_only_and_resumes_bit_exactly(tiny_model_d
     assert {k[0] for k in keys} == {"step", "params", "opt_state", "num_skipped", "ref_params"}
     extras = json.loads((step_dir / "extras" / "metadata").read_text())  # orbax's JsonSave file
     assert extras["lora"] == {"base_model": tiny_model_dir, "rank": 4, "alpha": 8.0,
-                              "targets": list(config.lora.targets)}
+                              "targets": list(config.lora.targets), "base_quantization": ""}
 
 
 def test_evaluate_and_the_lm_eval_backend_load_a_lora_run_merged(tiny_model_dir, small_config, tmp_path):
@@ -79,3 +79,35 @@ def test_evaluate_and_the_lm_eval_backend_load_a_lora_run_merged(tiny_model_dir,
     for x, y in zip(jax.tree.leaves(jax.device_get(loaded.params)), jax.tree.leaves(want)):
         np.testing.assert_allclose(x, y, atol=1e-6)
     assert loaded.model_cfg == model_cfg
+
+
+def test_a_qlora_run_on_an_int8_base_resumes_bit_exactly_and_loads_as_the_dequantized_merge(
+        tiny_model_dir, small_config, tmp_path):
+    import orbax.checkpoint as ocp
+
+    from masa_jax import config as config_lib
+    from masa_jax.evaluation import policy
+    from masa_jax.models import qwen
+    from masa_jax.models.qwen import lora, quantize
+
+    config = small_config(tiny_model_dir, "masa", total_steps=2, **{"lora.rank": 4, "lora.alpha": 8.0, "rl.lr": 1e-2,
+                                                                  "lora.base_quantization": "int8"})
+    full = train.train(config, str(tmp_path / "full"))
+    assert len(train.train(config, str(tmp_path / "split"), stop_after=1)) == 1
+    resumed = train.train(config, str(tmp_path / "split"))  # rebuilds the same int8 base from model.path
+    assert [_comparable(a) for a in full] == [_comparable(b) for b in resumed]
+    step_dir = tmp_path / "split" / "checkpoints" / "2"
+    assert json.loads((step_dir / "extras" / "metadata").read_text())["lora"]["base_quantization"] == "int8"
+
+    # evaluate / lm-eval / the export read the policy trained: the int8 base dequantized, adapters merged
+    _, merged, _ = policy.load_policy(config_lib.resolve(config), str(tmp_path / "split"))
+    _, base = qwen.from_pretrained(tiny_model_dir)
+    raw = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+    adapters = jax.tree.map(np.asarray, raw["params"])
+    assert np.abs(adapters["layers"]["q_proj"]["b"]).max() > 0
+    want = jax.device_get(lora.merge(quantize.quantize_base(base, "int8"), adapters,
+                                     lora.LoraConfig(rank=4, alpha=8.0, base_quantization="int8")))
+    for (path, x), y in zip(jax.tree.flatten_with_path(jax.device_get(merged))[0], jax.tree.leaves(want)):
+        np.testing.assert_allclose(x, y, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    dense_merge = jax.device_get(lora.merge(jax.device_get(base), adapters, lora.LoraConfig(rank=4, alpha=8.0)))
+    assert np.abs(np.asarray(merged["layers"]["q_proj"]) - dense_merge["layers"]["q_proj"]).max() > 0  # int8 shows

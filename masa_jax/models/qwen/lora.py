@@ -31,16 +31,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 
 from masa_jax.models.qwen.config import ModelConfig
-from masa_jax.models.qwen.model import param_logical_axes, param_shapes
+from masa_jax.models.qwen.model import PROJECTION_IN_DIMS, dense, param_logical_axes, param_shapes
+from masa_jax.models.qwen.quantize import QTYPES
 
 Params = dict
 
 # Projections LoRA can adapt: our param names, which are also PEFT's / HF's module names.
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# How many leading (after the layer axis) dims of each weight are its input features.
-_NUM_IN_DIMS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
+_NUM_IN_DIMS = PROJECTION_IN_DIMS
 _HF_MODULE = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
               "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
               "down_proj": "mlp.down_proj"}
@@ -49,17 +50,23 @@ ATTACHED_KEY = "lora"  # where `attach` puts the scaled adapters inside params["
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """rank r >= 1, alpha (scale = alpha / r, PEFT's default scaling), and the adapted projections."""
+    """rank r >= 1, alpha (scale = alpha / r, PEFT's default scaling), the adapted projections, and
+    how the frozen base is stored: "" in `model.param_dtype`, or "int8" / "int4" / "nf4" (QLoRA,
+    `quantize.py`: every projection weight quantized through qwix)."""
 
     rank: int
     alpha: float
     targets: tuple[str, ...] = TARGETS
+    base_quantization: str = ""
 
     def __post_init__(self):
         bad = [t for t in self.targets if t not in TARGETS]
         if self.rank < 1 or not self.targets or bad:
             raise ValueError(f"LoraConfig needs rank >= 1 and targets from {TARGETS}, got rank={self.rank}, "
                              f"targets={self.targets}")
+        if self.base_quantization not in ("",) + tuple(QTYPES):
+            raise ValueError(f"LoraConfig.base_quantization must be one of {('',) + tuple(QTYPES)}, got "
+                             f"{self.base_quantization!r}")
 
     @property
     def scale(self) -> float:
@@ -141,9 +148,12 @@ def _merge_layer(lp: Params) -> Params:
     out = {k: v for k, v in lp.items() if k != ATTACHED_KEY}
     for name, ab in lp[ATTACHED_KEY].items():
         w = out[name]
+        # A quantized base weight (QLoRA) is dequantized: the merged weight is dense, in the scales' dtype.
+        dtype = w.scale.dtype if isinstance(w, qwix.QArray) else w.dtype
+        w = dense(w, jnp.float32)
         stacked = w.ndim == ab["a"].ndim + ab["b"].ndim - 3  # both factors carry the layer axis
         d = delta(ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32), stacked)
-        out[name] = (w.astype(jnp.float32) + d).astype(w.dtype)
+        out[name] = (w + d).astype(dtype)
     return out
 
 

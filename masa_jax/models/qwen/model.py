@@ -26,12 +26,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import qwix
 
 from masa_jax.models.qwen.attention import Attend, attention, causal_mask, sequence_attention  # noqa: F401
 from masa_jax.models.qwen.config import ModelConfig
 from masa_jax.parallel.rules import constrain
 
 Params = dict
+
+# The seven projection weights ([L, *in, *out]) and how many of their leading dims (after the layer
+# axis) are input features: what LoRA adapts and what a quantized base (`quantize.py`) stores in few bits.
+PROJECTION_IN_DIMS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
+                      "down_proj": 1}
 
 # ------------------------------------------------------------------------------------------- params
 
@@ -176,9 +182,17 @@ def mlp(lp: Params, h: jax.Array) -> jax.Array:
     return project(lp, "down_proj", "btf,fd->btd", act)
 
 
+def dense(w, dtype) -> jax.Array:
+    """A weight as a dense array in `dtype`; a quantized one (`qwix.QArray`, `quantize.py`) dequantized."""
+    if isinstance(w, qwix.QArray):
+        return qwix.dequantize(w).astype(dtype)
+    return w.astype(dtype)
+
+
 def cast_layer(cfg: ModelConfig, lp: Params) -> Params:
-    """Layer params in the compute dtype; norms and biases too (HF applies them in the input dtype)."""
-    return jax.tree.map(lambda w: w.astype(cfg.jnp_dtype), lp)
+    """Layer params in the compute dtype; norms and biases too (HF applies them in the input dtype).
+    Quantized weights are dequantized here, one layer at a time."""
+    return jax.tree.map(lambda w: dense(w, cfg.jnp_dtype), lp, is_leaf=lambda x: isinstance(x, qwix.QArray))
 
 
 def embed(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
