@@ -113,31 +113,6 @@ def load_config_file(spec: str):
     return module.get_config(arg) if arg else module.get_config()
 
 
-def run_config(checkpoint: str):
-    """The config.json a training run writes into its workdir (looked up in `checkpoint` and, for a
-    checkpoints/ folder, its parent), as a ConfigDict; None when there is none."""
-    from masa_jax import config as config_lib
-    for d in (checkpoint, fs.parent(checkpoint.rstrip("/")) if fs.is_remote(checkpoint)
-              else os.path.dirname(os.path.abspath(checkpoint))):
-        path = fs.join(d, "config.json")
-        if fs.isfile(path) and not errors.is_hf_dir(d):
-            stored = json.loads(fs.read_text(path))
-            if "model" in stored and "algorithm" in stored:
-                c = config_lib.base_config()
-                c.unlock()
-                _merge(c, stored)
-                return c
-    return None
-
-
-def _merge(c, d: dict) -> None:
-    for k, v in d.items():
-        if isinstance(v, dict) and k in c and hasattr(c[k], "keys"):
-            _merge(c[k], v)
-        else:
-            c[k] = tuple(v) if isinstance(v, list) else v
-
-
 def parse_mesh(mesh) -> tuple[int, ...] | None:
     """(data, fsdp, tensor) from "1x-1x1" / "1:-1:1" / a sequence; None stays None."""
     if mesh is None or mesh == "":
@@ -176,7 +151,7 @@ def load_model(*, pretrained: str | None = None, checkpoint: str | None = None, 
     elif config is not None and not isinstance(config, str):
         c = config
     else:
-        c = None if hf else run_config(path)
+        c = None if hf else policy.run_config(path)
         if c is None and not hf:
             raise errors.UserError(f"{path} is not an HF directory and holds no run config.json: pass "
                                    "config=configs/<name>.py (its model.path is the base model)")

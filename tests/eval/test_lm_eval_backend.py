@@ -15,7 +15,7 @@ pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from masa_jax.evaluation import lm_eval_backend  # noqa: E402
+from masa_jax.evaluation import lm_eval_backend, policy  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -105,7 +105,7 @@ def test_run_config_and_argument_errors(tmp_path, lm_model_dir):
     stored["model"]["path"] = lm_model_dir
     (run / "config.json").write_text(json.dumps(stored, default=list))
     for where in (run, run / "checkpoints"):
-        c = lm_eval_backend.run_config(str(where))
+        c = policy.run_config(str(where))
         assert c.model.path == lm_model_dir and tuple(c.mesh.shape) == (1, -1, 1)
     with pytest.raises(errors.UserError, match="pretrained=DIR"):
         lm_eval_backend.load_model()
