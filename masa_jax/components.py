@@ -1,5 +1,5 @@
 """Each component's frozen config, built from the run config in this one place: the rollout, the loss
-and the optimiser, the verifier pool and the sampler. The trainer, `evaluate` and the experiments call
+and the optimiser, the updates, the verifier pool and the sampler. The trainer, `evaluate` and the experiments call
 these, so a component runs the same way everywhere; its defaults live with the component.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from masa_jax.rl.controls import ControlConfig
 from masa_jax.rl import rollout_engine
 from masa_jax.rl.rollout import RolloutConfig
 from masa_jax.rl.train_step import LossConfig, OptimConfig
+from masa_jax.rl.update import UpdaterConfig
 from masa_jax.sampling.generate import SamplerConfig
 
 
@@ -73,6 +74,16 @@ def rollout_engine_for(config, model_cfg, eos_ids: Sequence[int], mesh=None, par
     spec = rollout_engine.EngineSpec(model_cfg, sampler_config(config, eos_ids, temperature=temperature,
                                                                top_p=top_p, top_k=top_k), mesh)
     return rollout_engine.make_engine(config.rollout.engine, spec, params)
+
+
+def updater_config(config) -> UpdaterConfig:
+    """The run's updates: the loss and optimiser, PPO mini-batching, BC, LoRA."""
+    return UpdaterConfig(
+        loss=loss_config(config), optim=optim_config(config), micro_batch_size=config.rl.micro_batch_size,
+        max_len=config.data.max_prompt_length + max(config.rollout.max_response_length,
+                                                    config.rollout.meta_max_new_tokens),
+        mini_batch_size=config.rl.mini_batch_size, ppo_epochs=config.rl.ppo_epochs, bc_steps=config.bc.steps,
+        bc_chunk_size=config.rl.chunk_size, seed=config.seed, lora=lora_config(config))
 
 
 def lora_config(config) -> LoraConfig | None:

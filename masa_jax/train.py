@@ -102,7 +102,8 @@ def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
                                              mesh=mesh, compute_dtype=model_cfg.dtype, remat=model_cfg.remat,
                                              attention_impl=model_cfg.attention_impl)
     verifier = math_reward.MathVerifier(components.verifier_config(config))
-    updater = update_lib.Updater.create(config, model_cfg, params, mesh, pad_id=codec.pad_id)
+    updater = update_lib.Updater.create(components.updater_config(config), model_cfg, params, mesh,
+                                        pad_id=codec.pad_id)
     checkpointer = checkpointing.RunCheckpointer(fs.join(workdir, "checkpoints"),
                                                  max_to_keep=config.checkpoint.max_to_keep)
     run_config = json.loads(json.dumps(config.to_dict(), default=str))  # as config.json holds it

@@ -7,7 +7,7 @@ import os
 
 import jax
 
-from masa_jax import checkpointing, errors, fs
+from masa_jax import checkpointing, components, errors, fs
 from masa_jax.models import qwen
 from masa_jax.models.qwen import lora
 from masa_jax.models.qwen.presets import model_config_for
@@ -41,7 +41,7 @@ def restore_run(config, checkpoint: str):
     mesh = mesh_lib.make_mesh(config.mesh.shape)
     model_cfg, params = qwen.from_pretrained(fs.local_copy(config.model.path), dtype=config.model.param_dtype,
                                              mesh=mesh, compute_dtype=config.model.dtype)
-    updater = update_lib.Updater.create(config, model_cfg, params, mesh, pad_id=0)
+    updater = update_lib.Updater.create(components.updater_config(config), model_cfg, params, mesh, pad_id=0)
     ckpt_dir = fs.join(checkpoint, "checkpoints") if fs.isdir(fs.join(checkpoint, "checkpoints")) \
         else checkpoint
     restored = checkpointing.RunCheckpointer(ckpt_dir, max_to_keep=1000).restore_latest(

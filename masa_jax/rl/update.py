@@ -21,8 +21,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from masa_jax import components
 from masa_jax.models.qwen.config import ModelConfig
+from masa_jax.models.qwen.lora import LoraConfig
 from masa_jax.rl import batching, bc, train_step
 from masa_jax.rl.expert_buffer import Expert
 from masa_jax.rl.sequences import TrainingSequences
@@ -30,6 +30,21 @@ from masa_jax.rl.sequences import TrainingSequences
 
 def _host_metrics(metrics: dict, prefix: str) -> dict[str, float]:
     return {f"{prefix}{k}": float(v) for k, v in jax.device_get(metrics).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdaterConfig:
+    """What the updates of a run need (built from the run config by `components.updater_config`)."""
+    loss: train_step.LossConfig
+    optim: train_step.OptimConfig
+    micro_batch_size: int
+    max_len: int              # the longest sequence (prompt + response): the largest length bucket
+    mini_batch_size: int = 0  # problems per PPO mini-batch (0 = the whole step)
+    ppo_epochs: int = 1
+    bc_steps: int = 0
+    bc_chunk_size: int = 512  # sequence chunk of the BC step's log-prob scan
+    seed: int = 0             # the adapters' initial A (fold_in 1) and, with state.step, the mini-batch shuffle
+    lora: LoraConfig | None = None
 
 
 @dataclasses.dataclass
@@ -51,27 +66,24 @@ class Updater:
     lora_cfg: object = None   # LoraConfig of a LoRA run (state.params are then the adapters), else None
 
     @classmethod
-    def create(cls, config, model_cfg: ModelConfig, params, mesh: jax.sharding.Mesh, *, pad_id: int) -> "Updater":
-        lcfg, ocfg = components.loss_config(config), components.optim_config(config)
-        mb = config.rl.micro_batch_size
+    def create(cls, ucfg: UpdaterConfig, model_cfg: ModelConfig, params, mesh: jax.sharding.Mesh, *,
+               pad_id: int) -> "Updater":
+        lcfg, ocfg, mb, lora_cfg = ucfg.loss, ucfg.optim, ucfg.micro_batch_size, ucfg.lora
         dp = mesh.shape["data"] * mesh.shape["fsdp"]
         if mb % dp:
             raise ValueError(f"rl.micro_batch_size={mb} must be a multiple of the data-parallel size {dp}")
-        lora_cfg = components.lora_config(config)
         # The adapters' initial A from the run seed (its own stream: fold_in 1).
         state = train_step.create_train_state(model_cfg, params, ocfg, mesh, keep_reference=lcfg.keep_reference,
                                               lora_cfg=lora_cfg,
-                                              lora_rng=jax.random.fold_in(jax.random.key(config.seed), 1))
-        max_len = config.data.max_prompt_length + max(config.rollout.max_response_length,
-                                                      config.rollout.meta_max_new_tokens)
+                                              lora_rng=jax.random.fold_in(jax.random.key(ucfg.seed), 1))
         return cls(
             model_cfg=model_cfg, mesh=mesh, pad_id=pad_id, micro_batch_size=mb,
-            mini_batch_size=config.rl.mini_batch_size, ppo_epochs=config.rl.ppo_epochs, seed=config.seed,
-            bc_steps=config.bc.steps,
-            buckets=batching.default_buckets(max_len),
+            mini_batch_size=ucfg.mini_batch_size, ppo_epochs=ucfg.ppo_epochs, seed=ucfg.seed,
+            bc_steps=ucfg.bc_steps,
+            buckets=batching.default_buckets(ucfg.max_len),
             train_step=train_step.make_train_step(model_cfg, lcfg, ocfg, mesh, mb, lora_cfg=lora_cfg),
             bc_step=bc.make_bc_step(model_cfg, ocfg, mesh, mb, keep_reference=lcfg.keep_reference,
-                                    chunk_size=config.rl.chunk_size, lora_cfg=lora_cfg),
+                                    chunk_size=ucfg.bc_chunk_size, lora_cfg=lora_cfg),
             compute_logprobs=train_step.make_compute_logprobs(model_cfg, mesh, mb,
                                                               temperature=lcfg.temperature,
                                                               chunk_size=lcfg.chunk_size, lora_cfg=lora_cfg),

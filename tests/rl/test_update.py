@@ -31,7 +31,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def updater(config, tiny, host_params, mesh1):
-    return update.Updater.create(config, tiny, host_params, mesh1, pad_id=0)
+    return update.Updater.create(components.updater_config(config), tiny, host_params, mesh1, pad_id=0)
 
 
 @pytest.fixture

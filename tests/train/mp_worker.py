@@ -13,7 +13,7 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from masa_jax import train  # noqa: E402
+from masa_jax import components, train  # noqa: E402
 from small_config import make_small_config  # noqa: E402
 
 
@@ -35,7 +35,8 @@ def main(process_id: int, port: int, model_dir: str, workdir: str) -> None:
     mesh = make_mesh(config.mesh.shape)
     model_cfg, params = qwen.from_pretrained(model_dir, mesh=mesh)
     from masa_jax.rl import train_step
-    template = train_step.checkpoint_view(update_lib.Updater.create(config, model_cfg, params, mesh, pad_id=0).state)
+    template = train_step.checkpoint_view(update_lib.Updater.create(components.updater_config(config), model_cfg, params, mesh,
+                                                                          pad_id=0).state)
     state, _, step = RunCheckpointer(f"{workdir}/checkpoints").restore_latest(template)
     leaves = [np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in jax.tree.leaves(state.params)]
     initial = [np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in jax.tree.leaves(params)]
