@@ -304,7 +304,7 @@ def check(config, topology: str | None = None, programs: tuple[str, ...] | None 
 
 
 def _check(config, topology, programs, on_program) -> CheckResult:
-    from masa_jax.models.qwen import attention, lora, quantize
+    from masa_jax.models.qwen import attention
     from masa_jax.models.qwen.presets import model_config_for
     from masa_jax.parallel import mesh as mesh_lib
     from masa_jax.rl import bc, train_step as ts
@@ -338,20 +338,8 @@ def _check(config, topology, programs, on_program) -> CheckResult:
 
     # The train state, as create_train_state lays it out (LoRA: adapters train, the base is frozen).
     lora_cfg = components.lora_config(config)
-    sh = ts.state_shardings(cfg, ocfg, mesh, lcfg.keep_reference, lora_cfg)
-    pshapes = ts.param_shapes(cfg)
-    pshapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.jnp_param_dtype), pshapes)
+    state = ts.abstract_train_state(cfg, ocfg, mesh, lcfg.keep_reference, lora_cfg)
     quantized = lora_cfg.base_quantization if lora_cfg is not None else ""
-    base = None
-    if lora_cfg is not None:
-        base = quantize.quantized_shapes(cfg, quantized) if quantized else pshapes
-        pshapes = lora.adapter_shapes(cfg, lora_cfg)
-    opt_shapes = jax.eval_shape(ts.make_optimizer(ocfg).init, pshapes)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    ref = (jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.jnp_dtype), pshapes)
-           if lcfg.keep_reference and lora_cfg is None else None)
-    state = _with_shardings(ts.TrainState(step=scalar, params=pshapes, opt_state=opt_shapes, num_skipped=scalar,
-                                          ref_params=ref, base_params=base), sh)
     # What the old-log-prob pass and the reshard read: the params, or the base with the adapters attached.
     policy = _with_shardings(jax.eval_shape(lambda st: ts.policy_params(st, lora_cfg), state),
                              ts.policy_shardings(cfg, mesh, lora_cfg))

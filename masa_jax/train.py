@@ -97,15 +97,19 @@ def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
     data = pipeline.batches(problems, batch_size=per_host, seed=config.seed, shuffle=config.data.shuffle,
                             sharded=True, shard_sizes=shard_sizes)
     log.info("training problems: %d on this host of %d (%s)", len(problems), sum(shard_sizes), data_stats)
-    model_cfg = model_config_for(config)
-    model_cfg, params = qwen.from_pretrained(fs.local_copy(config.model.path), dtype=model_cfg.param_dtype,
-                                             mesh=mesh, compute_dtype=model_cfg.dtype, remat=model_cfg.remat,
-                                             attention_impl=model_cfg.attention_impl)
-    verifier = math_reward.MathVerifier(components.verifier_config(config))
-    updater = update_lib.Updater.create(components.updater_config(config), model_cfg, params, mesh,
-                                        pad_id=codec.pad_id)
     checkpointer = checkpointing.RunCheckpointer(fs.join(workdir, "checkpoints"),
                                                  max_to_keep=config.checkpoint.max_to_keep)
+    ucfg = components.updater_config(config)
+    model_cfg = model_config_for(config)
+    params = None
+    # A resume restores the whole train state: the HF weights are read only for a fresh run, or for a
+    # LoRA run's frozen base (its checkpoints hold the adapters).
+    if checkpointer.latest_step() is None or ucfg.lora is not None:
+        model_cfg, params = qwen.from_pretrained(fs.local_copy(config.model.path), dtype=model_cfg.param_dtype,
+                                                 mesh=mesh, compute_dtype=model_cfg.dtype, remat=model_cfg.remat,
+                                                 attention_impl=model_cfg.attention_impl)
+    verifier = math_reward.MathVerifier(components.verifier_config(config))
+    updater = update_lib.Updater.create(ucfg, model_cfg, params, mesh, pad_id=codec.pad_id)
     run_config = json.loads(json.dumps(config.to_dict(), default=str))  # as config.json holds it
     writer = metrics_lib.MetricsWriter(workdir, use_tensorboard=config.log.tensorboard, use_wandb=config.log.wandb,
                                        wandb_project=config.log.wandb_project, is_primary=jax.process_index() == 0,
@@ -268,7 +272,10 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
     loop = LoopState(buffer=expert_lib.ExpertBuffer(config.bc.buffer_size))
     history: list[dict] = []
     try:  # a LoRA run's checkpoints hold the adapters; the frozen base is the one loaded from model.path
-        restored = run.checkpointer.restore_latest(train_step_lib.checkpoint_view(state))
+        restored = run.checkpointer.restore_latest(run.updater.restore_template())
+        if restored is None and state is None:
+            raise checkpointing.CheckpointError(f"the checkpoints in {run.checkpointer.directory} disappeared "
+                                                "while the run started")
     except BaseException:  # e.g. every checkpoint unreadable: release the workers and threads first
         run.checkpointer.close()
         run.writer.close()
@@ -276,7 +283,7 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
         raise
     if restored is not None:
         state, extras, step = restored
-        state = train_step_lib.with_base(state, run.updater.state.base_params)
+        state = run.updater.restored_state(state)
         me = jax.process_index()
         run.data.set_state(extras["data"][me])
         loop = LoopState.from_json(extras["loop"], expert_lib.ExpertBuffer.from_json(extras["buffer"][me]))

@@ -39,16 +39,18 @@ def restore_run(config, checkpoint: str):
     state has its frozen base (config.model.path, quantized as the run had it) put back."""
     check_checkpoint(checkpoint)
     mesh = mesh_lib.make_mesh(config.mesh.shape)
-    model_cfg, params = qwen.from_pretrained(fs.local_copy(config.model.path), dtype=config.model.param_dtype,
-                                             mesh=mesh, compute_dtype=config.model.dtype)
-    updater = update_lib.Updater.create(components.updater_config(config), model_cfg, params, mesh, pad_id=0)
+    ucfg = components.updater_config(config)
+    model_cfg, params = model_config_for(config), None
+    if ucfg.lora is not None:  # the frozen base is not in the checkpoint; full fine-tuning restores everything
+        _, params = qwen.from_pretrained(fs.local_copy(config.model.path), dtype=config.model.param_dtype, mesh=mesh,
+                                         compute_dtype=config.model.dtype)
+    updater = update_lib.Updater.create(ucfg, model_cfg, params, mesh, pad_id=0)
     ckpt_dir = fs.join(checkpoint, "checkpoints") if fs.isdir(fs.join(checkpoint, "checkpoints")) \
         else checkpoint
-    restored = checkpointing.RunCheckpointer(ckpt_dir, max_to_keep=1000).restore_latest(
-        train_step.checkpoint_view(updater.state))
+    restored = checkpointing.RunCheckpointer(ckpt_dir, max_to_keep=1000).restore_latest(updater.restore_template())
     if restored is None:
         raise errors.UserError(f"no checkpoint found in {checkpoint}: {CHECKPOINT_HINT}")
-    return model_cfg, train_step.with_base(restored[0], updater.state.base_params), updater.lora_cfg, mesh
+    return model_cfg, updater.restored_state(restored[0]), updater.lora_cfg, mesh
 
 
 CHECKPOINT_HINT = "pass a training workdir, its checkpoints/ folder or an HF model directory"

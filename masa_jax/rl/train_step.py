@@ -201,6 +201,27 @@ def state_shardings(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.sh
                       base_params=base_shardings(model_cfg, mesh, lora_cfg) if lora_cfg is not None else None)
 
 
+def abstract_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.sharding.Mesh,
+                         keep_reference: bool = False, lora_cfg: lora.LoraConfig | None = None) -> TrainState:
+    """The TrainState `create_train_state` builds, as ShapeDtypeStructs with its shardings (nothing is
+    allocated): the restore template of a resume, and what the XLA compile check lowers against."""
+    sh = state_shardings(model_cfg, optim_cfg, mesh, keep_reference, lora_cfg)
+    dense = param_shapes(model_cfg)  # in the param dtype
+    if lora_cfg is None:
+        trainable, base = dense, None
+    else:
+        trainable = lora.adapter_shapes(model_cfg, lora_cfg)
+        base = (quantize.quantized_shapes(model_cfg, lora_cfg.base_quantization) if lora_cfg.base_quantization
+                else dense)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    ref = (jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, model_cfg.jnp_dtype), dense)
+           if keep_reference and lora_cfg is None else None)
+    shapes = TrainState(step=scalar, params=trainable, opt_state=jax.eval_shape(make_optimizer(optim_cfg).init,
+                                                                                 trainable),
+                        num_skipped=scalar, ref_params=ref, base_params=base)
+    return jax.tree.map(lambda s, shd: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shd), shapes, sh)
+
+
 def policy_params(state: TrainState, lora_cfg: lora.LoraConfig | None = None) -> Params:
     """The policy's params: `state.params`, or under LoRA the frozen base with the adapters attached
     (`lora.attach`, unmerged; the sampler merges them)."""

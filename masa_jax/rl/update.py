@@ -64,18 +64,23 @@ class Updater:
     compute_logprobs: object
     state: train_step.TrainState | None
     lora_cfg: object = None   # LoraConfig of a LoRA run (state.params are then the adapters), else None
+    abstract_state: object = None  # the train state's ShapeDtypeStructs with shardings (restore template)
 
     @classmethod
     def create(cls, ucfg: UpdaterConfig, model_cfg: ModelConfig, params, mesh: jax.sharding.Mesh, *,
                pad_id: int) -> "Updater":
+        """`params`: the initial weights (a LoRA run's base), or None when the caller restores the whole
+        state from a checkpoint (`abstract_state` is its template): then no state is built."""
         lcfg, ocfg, mb, lora_cfg = ucfg.loss, ucfg.optim, ucfg.micro_batch_size, ucfg.lora
         dp = mesh.shape["data"] * mesh.shape["fsdp"]
         if mb % dp:
             raise ValueError(f"rl.micro_batch_size={mb} must be a multiple of the data-parallel size {dp}")
+        if params is None and lora_cfg is not None:
+            raise ValueError("a LoRA updater needs the base params: checkpoints hold the adapters only")
         # The adapters' initial A from the run seed (its own stream: fold_in 1).
-        state = train_step.create_train_state(model_cfg, params, ocfg, mesh, keep_reference=lcfg.keep_reference,
-                                              lora_cfg=lora_cfg,
-                                              lora_rng=jax.random.fold_in(jax.random.key(ucfg.seed), 1))
+        state = None if params is None else train_step.create_train_state(
+            model_cfg, params, ocfg, mesh, keep_reference=lcfg.keep_reference, lora_cfg=lora_cfg,
+            lora_rng=jax.random.fold_in(jax.random.key(ucfg.seed), 1))
         return cls(
             model_cfg=model_cfg, mesh=mesh, pad_id=pad_id, micro_batch_size=mb,
             mini_batch_size=ucfg.mini_batch_size, ppo_epochs=ucfg.ppo_epochs, seed=ucfg.seed,
@@ -87,7 +92,16 @@ class Updater:
             compute_logprobs=train_step.make_compute_logprobs(model_cfg, mesh, mb,
                                                               temperature=lcfg.temperature,
                                                               chunk_size=lcfg.chunk_size, lora_cfg=lora_cfg),
-            state=state, lora_cfg=lora_cfg)
+            state=state, lora_cfg=lora_cfg,
+            abstract_state=train_step.abstract_train_state(model_cfg, ocfg, mesh, lcfg.keep_reference, lora_cfg))
+
+    def restore_template(self):
+        """What a checkpoint restores into: the abstract `checkpoint_view` of the train state."""
+        return train_step.checkpoint_view(self.abstract_state)
+
+    def restored_state(self, restored: train_step.CheckpointedState) -> train_step.TrainState:
+        """The train state of a restored checkpoint view: a LoRA run's frozen base put back."""
+        return train_step.with_base(restored, self.state.base_params if self.lora_cfg is not None else None)
 
     def policy_params(self, state: train_step.TrainState):
         """The policy of `state` (the base with the adapters attached under LoRA): what is sampled from."""
