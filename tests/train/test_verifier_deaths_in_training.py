@@ -15,7 +15,7 @@ from masa_jax import train
 from masa_jax.tokenization import load_codec
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rewards"))
-from test_rewards_worker_deaths import WorkerKiller  # noqa: E402
+from test_rewards_worker_deaths import WorkerKiller, _worker_start_and_first_chunk_s  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a real (3-step) training run
 
@@ -48,15 +48,18 @@ def test_training_survives_workers_killed_again_and_again(tiny_model_dir, small_
     with open(data, "w") as f:
         for k in range(1, 33):
             f.write(json.dumps({"problem": f"Simplify {k}/sqrt(2).", "answer": f"\\frac{{{k}\\sqrt{{2}}}}{{2}}"}) + "\n")
-    config = small_config(tiny_model_dir, "grpo", total_steps=3, **{
+    config = small_config(tiny_model_dir, "grpo", total_steps=5, **{
         "data.train_files": (str(data),), "data.problems_per_step": 4, "rollout.num_solutions": 4,
         "rollout.max_response_length": 64, "rl.micro_batch_size": 4})
     policy = SqrtPolicy(load_codec(tiny_model_dir))
-    with WorkerKiller(period_s=1.0) as killer:  # from the pool's start-up on
+    # Each worker lives 1.5x what a start and its first 16-item chunk take on this host now (a step's
+    # batch is 16 answers), then dies: every worker of the run is killed, from the pool's start-up on.
+    life_s = 1.5 * _worker_start_and_first_chunk_s(chunk_size=16)
+    with WorkerKiller(life_s=life_s) as killer:
         history = train.train(config, str(tmp_path / "run"), generate_fn=policy)
-    assert [h["step"] for h in history] == [1, 2, 3]
-    assert killer.kills >= 2, killer.kills
-    assert len(policy.expected) == 3
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5]
+    assert killer.kills >= 2, (killer.kills, life_s)
+    assert len(policy.expected) == 5
     for record, expected in zip(history, policy.expected):
         assert record["acc/solution"] == pytest.approx(np.mean(expected)), record
         assert record["verify/unfinished"] == record["verify/errors"] == 0, record
