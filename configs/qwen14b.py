@@ -9,9 +9,11 @@ def get_config():
     c.model.preset = "qwen3-14b"               # for --dry_run without the checkpoint
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
-    # 64 chips: FSDP over 8, tensor-parallel over 8 (40 q-heads / 8 kv-heads shard over 8).
+    # 64 chips, a 4x4x4 torus: tensor-parallel over one physical axis of 4 (40 q-heads / 8 kv-heads shard
+    # over 4), FSDP over the other two (16). A tensor axis of 8 has no place on that torus (no product of
+    # physical axis sizes is 8 once fsdp takes its share): jax.make_mesh refuses (1, 8, 8) there.
     c.mesh.topology = "v5p-128"               # --dry_run compiles for it (HBM per chip: compile_check.SLICES)
-    c.mesh.shape = (1, 8, 8)
+    c.mesh.shape = (1, 16, 4)
     c.mesh.tpu_pod = True
     c.data.train_files = ("/path/to/deepscaler/train.parquet",)
     c.rollout.num_slots = 512

@@ -111,6 +111,27 @@ def test_tiny_config_compiles_for_v5e_2x2_with_xla_sizes():
 
 
 @needs_libtpu
+@pytest.mark.parametrize("name", ["qwen3_0p6b_colab", "qwen1p7b", "qwen8b", "qwen14b"])
+def test_every_shipped_configs_mesh_tiles_its_slices_torus(name):
+    """qwen14b shipped mesh (1, 8, 8) for v5p-128's 4x4x4 chips: no physical axis product is a tensor axis
+    of 8 there, so jax.make_mesh refused it and the run could not start on its own slice."""
+    from masa_jax.parallel import mesh as mesh_lib
+    config = _config(name, {})
+    sl = compile_check.slice_info(config.mesh.topology)
+    mesh = mesh_lib.make_mesh(config.mesh.shape, devices=compile_check.topology_devices(sl.name))
+    assert mesh.devices.size == sl.chips
+
+
+@needs_libtpu
+def test_a_mesh_that_does_not_tile_the_torus_is_a_one_line_error():
+    from masa_jax.parallel import mesh as mesh_lib
+    with pytest.raises(UserError, match=r"config\.mesh\.shape=\(1, 8, 8\) does not fit the 64 devices' physical "
+                                        r"mesh .*each axis must be a product of physical axis sizes") as e:
+        mesh_lib.make_mesh((1, 8, 8), devices=compile_check.topology_devices("v5p-128"))
+    assert "\n" not in str(e.value)
+
+
+@needs_libtpu
 def test_lora_and_qlora_runs_compile_with_the_adapters_state_and_a_smaller_base():
     """LoRA: the train step's arguments hold the adapters' AdamW moments, not the model's; QLoRA (int8 base):
     the sampler's weights and the frozen base shrink again; every program of the step compiles for v5e."""
