@@ -18,6 +18,6 @@ def get_config():
     c.data.train_files = ("/path/to/deepscaler/train.parquet",)
     c.rollout.num_slots = 512
     c.rl.mini_batch_size = 128                 # authors' train_masagrpo.sh line 47 (ppo_mini_batch_size=128), as qwen8b
-    c.rl.micro_batch_size = 8
+    c.rl.micro_batch_size = 16                 # a multiple of data x fsdp (16): one sequence per chip
     c.rl.chunk_size = 1024
     return c

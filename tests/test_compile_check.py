@@ -120,6 +120,8 @@ def test_every_shipped_configs_mesh_tiles_its_slices_torus(name):
     sl = compile_check.slice_info(config.mesh.topology)
     mesh = mesh_lib.make_mesh(config.mesh.shape, devices=compile_check.topology_devices(sl.name))
     assert mesh.devices.size == sl.chips
+    # and its micro-batch splits over the data-parallel chips (qwen14b had 8 for the 16 of its new mesh)
+    assert config.rl.micro_batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
 
 
 @needs_libtpu
