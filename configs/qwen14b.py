@@ -16,7 +16,9 @@ def get_config():
     c.mesh.shape = (1, 16, 4)
     c.mesh.tpu_pod = True
     c.data.train_files = ("/path/to/deepscaler/train.parquet",)
-    c.rollout.num_slots = 512
+    # Decode slots PER HOST (each host samples on its own 4 chips, as in qwen8b.py): 512 asked XLA for a
+    # 240 GB KV cache per chip (40 layers x 12288 positions); 64 as in qwen8b.
+    c.rollout.num_slots = 64
     c.rl.mini_batch_size = 128                 # authors' train_masagrpo.sh line 47 (ppo_mini_batch_size=128), as qwen8b
     c.rl.micro_batch_size = 16                 # a multiple of data x fsdp (16): one sequence per chip
     c.rl.chunk_size = 1024

@@ -368,12 +368,17 @@ def _check(config, topology, programs, on_program) -> CheckResult:
         slot_state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
                                   jax.eval_shape(lambda: engine.init_state.__wrapped__(S, shp.max_new_tokens)))
         slot_b = _per_device(slot_state)
-        cache_lowered = kv_cache.init_cache.lower(cfg, S, C, dtype)
-        cache = _outputs(cache_lowered.compile(), cache_lowered)
-        cache_b = _per_device(cache)
+        p_cache, res = _compile("kv_cache", f"{S} slots x cache {C}",
+                                lambda: kv_cache.init_cache.lower(cfg, S, C, dtype), state_b, "train state")
+        if res is None:  # the cache alone is refused: no sampler program can run (the verdict names it)
+            record(p_cache)
+            cache, cache_b = None, 0
+        else:
+            cache = _outputs(*res)
+            cache_b = _per_device(cache)
         rows = lambda dt=jnp.int32: jax.ShapeDtypeStruct((n,), dt, sharding=repl)  # noqa: E731
         kv = None
-        if want("prefill") or want("insert"):
+        if cache is not None and (want("prefill") or want("insert")):
             toks = jax.ShapeDtypeStruct((n, Pb), jnp.int32, sharding=repl)
             p, res = _compile("prefill", f"{n} prompts x {Pb} tokens",
                               # every prompt distinct (u = n rows): prefix sharing only shrinks this
@@ -389,7 +394,7 @@ def _check(config, topology, programs, on_program) -> CheckResult:
                             lambda: kv_cache.insert.lower(cache, kv, rows()), state_b + sp_b + slot_b,
                             "train state, sampling params, slot state")
             record(p)
-        if want("resize"):
+        if cache is not None and want("resize"):
             from masa_jax.sampling.generate import default_cache_buckets
             below = [b for b in default_cache_buckets(C) if b < C]
             if below:
@@ -399,7 +404,7 @@ def _check(config, topology, programs, on_program) -> CheckResult:
                                 lambda: kv_cache.resize.lower(small, length=C), state_b + sp_b + slot_b,
                                 "train state, sampling params, slot state")
                 record(p)
-        if want("decode"):
+        if cache is not None and want("decode"):
             free = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
             p, _ = _compile("decode", f"{S} slots, cache {C}, {shp.max_new_tokens} new tokens",
                             lambda: engine.decode.lower(spec, sp, cache, slot_state, knobs, free), state_b,

@@ -164,6 +164,16 @@ def test_oversize_micro_batch_is_refused_naming_the_program():
 
 
 @needs_libtpu
+def test_a_kv_cache_too_large_for_the_chip_is_a_verdict_not_a_traceback():
+    """qwen14b's 512 slots per host asked for a 240 GB cache per v5p chip: XLA refused the cache's own
+    init, outside any program the check judged, and the check died with a traceback."""
+    r = compile_check.check(_tiny(**{"rollout.num_slots": 1 << 20}), programs=("decode",))
+    assert [p.name for p in r.programs] == ["kv_cache"] and r.programs[0].error.startswith("RESOURCE_EXHAUSTED")
+    assert not r.fits
+    assert "verdict: does not fit: kv_cache" in "\n".join(compile_check.format_result(r))
+
+
+@needs_libtpu
 def test_pallas_attention_compiles_the_tpu_kernel_from_a_cpu_host(monkeypatch):
     """Before the fix use_pallas read jax.default_backend() ("cpu" here): the TPU compile measured XLA
     attention. Now the prefill compiled for v5e has splash attention's Mosaic custom call."""
