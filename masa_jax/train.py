@@ -12,11 +12,9 @@ Starting again in the same workdir resumes from the newest checkpoint; SIGTERM s
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
-import os
 import time
 from typing import Callable
 
@@ -24,100 +22,24 @@ import jax
 import numpy as np
 
 from masa_jax import checkpointing
-from masa_jax import components
 from masa_jax import config as config_lib
 from masa_jax import errors
 from masa_jax import fs
 from masa_jax import metrics as metrics_lib
 from masa_jax import perf
-from masa_jax.data import pipeline, run_problems
 from masa_jax.evaluation import scoring
-from masa_jax.models.qwen.presets import model_config_for
-from masa_jax.models import qwen
-from masa_jax.parallel import mesh as mesh_lib
+from masa_jax.loop_state import LoopState, efficient_active
 from masa_jax.parallel import multihost
-from masa_jax.rewards import math as math_reward
 from masa_jax.rl import bc as bc_lib
 from masa_jax.rl import expert_buffer as expert_lib
 from masa_jax.rl import rollout as rollout_lib
 from masa_jax.rl import train_step as train_step_lib
-from masa_jax.rl import update as update_lib
-from masa_jax.rl import rollout_engine
-from masa_jax.tokenization import ChatCodec, load_codec
+from masa_jax.run_setup import Run, build_run, check_inputs, default_workdir, first_missing_dir
 
 log = logging.getLogger("masa_jax.train")
 
 # Metrics that depend on wall-clock time; everything else is a deterministic function of (seed, step).
 TIMING_PREFIXES = ("time/", "throughput/", "perf/")
-
-
-@dataclasses.dataclass
-class Run:
-    """The components of one training run (built once by `build_run`, then only read by the loop)."""
-    config: object
-    workdir: str
-    mesh: jax.sharding.Mesh
-    model_cfg: qwen.ModelConfig
-    codec: ChatCodec
-    data: pipeline.BatchIterator
-    verifier: math_reward.MathVerifier
-    updater: update_lib.Updater
-    rollout_cfg: rollout_lib.RolloutConfig
-    checkpointer: checkpointing.RunCheckpointer
-    writer: metrics_lib.MetricsWriter
-    eval_problems: list                  # this host's share of the held-out problems (config.eval.files)
-    engine: rollout_engine.RolloutEngine  # the sampler (config.rollout.engine), or a scripted policy
-
-
-def build_run(config, workdir: str, generate_fn: Callable | None = None) -> Run:
-    """Everything the loop needs: mesh, model, tokenizer, data, verifier, train step, checkpoints, logs."""
-    m = config.mesh
-    mesh_lib.initialize_distributed(m.coordinator_address or None, m.num_processes, m.process_id, auto=m.tpu_pod)
-    mesh = mesh_lib.make_mesh(m.shape)
-    fs.makedirs(workdir)
-    if jax.process_index() == 0:
-        checkpointing.write_config(config, workdir)
-    codec = load_codec(config.model.tokenizer_path)
-    rcfg = components.rollout_config(config)
-    try:  # data before the model: a bad file stops the start in seconds, not after loading the weights
-        eval_problems, eval_questions = run_problems.load_eval_problems(config)
-        problems, data_stats = run_problems.load_training_problems(config, codec, rcfg, exclude_questions=eval_questions)
-        failure = None
-    except errors.UserError as e:  # a malformed row in one host's share: every host must stop, not hang
-        problems, data_stats, failure = [], {}, str(e)
-    shares = multihost.allgather_json({"n": len(problems), "error": failure})
-    if any(sh["error"] for sh in shares):
-        raise errors.UserError(next(sh["error"] for sh in shares if sh["error"]))
-    shard_sizes = [sh["n"] for sh in shares]
-    if not min(shard_sizes):
-        raise errors.UserError(f"no training problems left for host(s) {[i for i, n in enumerate(shard_sizes) if not n]} "
-                               f"of {len(shard_sizes)} from {list(config.data.train_files)} (after data.max_prompt_length="
-                               f"{config.data.max_prompt_length}): each host trains on its own block of rows")
-    per_host = pipeline.per_host_batch_size(config.data.problems_per_step, jax.process_count())
-    data = pipeline.batches(problems, batch_size=per_host, seed=config.seed, shuffle=config.data.shuffle,
-                            sharded=True, shard_sizes=shard_sizes)
-    log.info("training problems: %d on this host of %d (%s)", len(problems), sum(shard_sizes), data_stats)
-    checkpointer = checkpointing.RunCheckpointer(fs.join(workdir, "checkpoints"),
-                                                 max_to_keep=config.checkpoint.max_to_keep)
-    ucfg = components.updater_config(config)
-    model_cfg = model_config_for(config)
-    params = None
-    # A resume restores the whole train state: the HF weights are read only for a fresh run, or for a
-    # LoRA run's frozen base (its checkpoints hold the adapters).
-    if checkpointer.latest_step() is None or ucfg.lora is not None:
-        model_cfg, params = qwen.from_pretrained(fs.local_copy(config.model.path), dtype=model_cfg.param_dtype,
-                                                 mesh=mesh, compute_dtype=model_cfg.dtype, remat=model_cfg.remat,
-                                                 attention_impl=model_cfg.attention_impl)
-    verifier = math_reward.MathVerifier(components.verifier_config(config))
-    updater = update_lib.Updater.create(ucfg, model_cfg, params, mesh, pad_id=codec.pad_id)
-    run_config = json.loads(json.dumps(config.to_dict(), default=str))  # as config.json holds it
-    writer = metrics_lib.MetricsWriter(workdir, use_tensorboard=config.log.tensorboard, use_wandb=config.log.wandb,
-                                       wandb_project=config.log.wandb_project, is_primary=jax.process_index() == 0,
-                                       wandb_config=run_config, hparams=run_config)
-    engine = (rollout_engine.FunctionEngine(generate_fn) if generate_fn is not None
-              else components.rollout_engine_for(config, model_cfg, codec.eos_ids, mesh))
-    return Run(config, workdir, mesh, model_cfg, codec, data, verifier, updater, rcfg, checkpointer, writer,
-               eval_problems, engine)
 
 
 def make_generate(run: Run, params, temperature: float | None = None) -> Callable:
@@ -127,44 +49,6 @@ def make_generate(run: Run, params, temperature: float | None = None) -> Callabl
     if temperature is None:
         return run.engine.generate
     return functools.partial(run.engine.generate, temperature=temperature)
-
-
-@dataclasses.dataclass
-class LoopState:
-    """Host-side state that checkpoints carry next to the train state."""
-    step: int = 0
-    switched_at: int = -1                      # step of the MASA-efficient switch-over (-1: not yet)
-    meta_reward_history: list = dataclasses.field(default_factory=list)
-    buffer: expert_lib.ExpertBuffer | None = None
-    train_time_s: float = 0.0                  # wall-clock of the RL steps so far (evaluations excluded)
-    evals: list = dataclasses.field(default_factory=list)  # held-out evaluations: {"step", "train_time_s", ...}
-
-    def to_json(self) -> dict:
-        """Every field but the expert buffer (one per host: the checkpoint stores those apart)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "buffer"}
-
-    @classmethod
-    def from_json(cls, fields: dict, buffer: expert_lib.ExpertBuffer) -> LoopState:
-        """`to_json`'s dict back; a field an older checkpoint lacks keeps its default."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"buffer"}
-        return cls(buffer=buffer, **{k: v for k, v in fields.items() if k in names})
-
-
-def efficient_active(config, loop: LoopState) -> bool:
-    """MASA-efficient's switch-over: at step k, or earlier once the meta-reward moving average passes
-    the configured threshold (when one is set)."""
-    if not config_lib.features(config).efficient:
-        return False
-    if loop.switched_at >= 0:
-        return True
-    e = config.efficient
-    hist = loop.meta_reward_history[-e.auto_switch_window:]
-    auto = (e.auto_switch_threshold > 0 and len(hist) >= e.auto_switch_window
-            and float(np.mean(hist)) >= e.auto_switch_threshold)
-    if loop.step >= e.switch_step or auto:
-        loop.switched_at = loop.step
-        return True
-    return False
 
 
 def collect_rollouts(run: Run, generate: Callable, active: bool, rng: jax.Array) -> rollout_lib.Rollouts:
@@ -259,7 +143,7 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
     config = config_lib.resolve(config)
     workdir = fs.absolute(workdir or default_workdir(config))
     check_inputs(config, workdir, allow_config_change)
-    created = _first_missing_dir(workdir)
+    created = first_missing_dir(workdir)
     try:
         run = build_run(config, workdir, generate_fn)
     except BaseException:
@@ -371,26 +255,6 @@ def _record_eval(run: Run, loop: LoopState, result: dict[str, float]) -> dict[st
     return result
 
 
-def check_inputs(config, workdir: str, allow_config_change: bool = False) -> None:
-    """UserErrors a run would otherwise meet only after building the model (or mid-way through its start)."""
-    errors.check_workdir(workdir)
-    checkpointing.check_config_change(config, workdir, allow_config_change)
-    errors.check_model_dir(config)
-    errors.check_data_file_names(config.data.train_files)
-    errors.check_data_file_names(config.eval.files, field="config.eval.files")
-
-
-def _first_missing_dir(path: str) -> str | None:
-    """The outermost directory that creating `path` would create (None: it exists). An object store has
-    no directories: there it is `path` itself unless something is stored under it."""
-    if fs.is_remote(path):
-        return None if fs.exists(path) else path
-    path, missing = os.path.abspath(path), None
-    while not os.path.exists(path):
-        path, missing = os.path.dirname(path), path
-    return missing
-
-
 def _append_calibration(run: Run, step: int, calibration: dict | None) -> None:
     """One JSON line per step in calibration.jsonl (all hosts' problems, written by process 0)."""
     if calibration is None:
@@ -403,11 +267,6 @@ def _append_calibration(run: Run, step: int, calibration: dict | None) -> None:
         kept = [r for r in metrics_lib.read_jsonl(path) if r["step"] < step]
         # Rewritten, so a resumed run drops the interrupted run's later lines.
         fs.write_text(path, "".join(json.dumps(r) + "\n" for r in kept + [record]))
-
-
-def default_workdir(config) -> str:
-    """runs/<algorithm> under the cwd: where a run without --workdir (or `train(config, "")`) writes."""
-    return os.path.join("runs", config.algorithm)
 
 
 def main(argv):

@@ -98,7 +98,8 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_one(tiny_model
 
     def no_weights(*a, **k):  # a resume restores the whole state into its abstract template (#20 item 2)
         raise AssertionError("a resume read the HF weights")
-    monkeypatch.setattr(train.qwen, "from_pretrained", no_weights)
+    from masa_jax.models import qwen
+    monkeypatch.setattr(qwen, "from_pretrained", no_weights)
     resumed = train.train(config, str(tmp_path / "split"))
     assert [h["step"] for h in resumed] == [1, 2, 3, 4]
     for a, b in zip(full[2:], resumed[2:]):
