@@ -43,10 +43,9 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
         return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
                              devices=devices)
     except NotImplementedError as e:  # mesh_utils: the logical shape does not tile the chips' torus
-        physical = getattr(devices[0], "coords", None) and sorted({tuple(d.coords) for d in devices})[-1]
-        raise UserError(f"config.mesh.shape={tuple(shape)} does not fit the {len(devices)} devices' physical "
-                        f"mesh{' (largest coords ' + str(physical) + ')' if physical else ''}: each axis must be a "
-                        f"product of physical axis sizes (jax: {str(e).split('. ')[0]})") from e
+        raise UserError(f"config.mesh.shape={tuple(shape)} does not fit the physical mesh of the {len(devices)} "
+                        f"devices: each axis must be a product of physical axis sizes "
+                        f"(jax: {str(e).split('. ')[0]})") from e
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

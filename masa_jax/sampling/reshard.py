@@ -73,15 +73,6 @@ def _is_q(x) -> bool:
     return isinstance(x, qwix.QArray)
 
 
-def _quantization(params: dict) -> str:
-    """The QLoRA base type of stacked or per-layer params ("" for a dense base)."""
-    layer = params["layers"][0] if is_sampling_params(params) else params["layers"]
-    for w in layer.values():
-        if _is_q(w):
-            return next(name for name, t in quantize.QTYPES.items() if t == w.qtype)
-    return ""
-
-
 def _cast(x, dtype):
     """Casts a dense weight; a quantized one stays as it is (the decoder dequantizes it per layer)."""
     return x if _is_q(x) or x.dtype == dtype else x.astype(dtype)
@@ -126,7 +117,7 @@ def to_sampling_params(cfg: ModelConfig, params: dict, *, mesh: jax.sharding.Mes
     quantized and the adapters unmerged, since a merged weight would be dense again."""
     dtype = jnp.dtype(dtype or cfg.dtype)
     attached = _attached_lora(params)
-    quantized = _quantization(params)
+    quantized = quantize.quantization(params)
     if merge_lora and quantized and attached is not None:
         raise ValueError(f"merge_lora=True on a {quantized} base: a merged weight is dense; the sampler keeps "
                          "a quantized base with the adapters unmerged (merge_lora=None or False)")

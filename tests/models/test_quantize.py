@@ -69,7 +69,7 @@ def test_the_model_on_a_quantized_base_is_the_model_on_its_dequantized_weights()
     dense_logits = np.asarray(qwen.forward(CFG, params, tokens))
     for qtype in ("int8", "int4", "nf4"):
         qp = quantize.quantize_base(params, qtype)
-        assert quantize.is_quantized(qp) and not quantize.is_quantized(params)
+        assert quantize.quantization(qp) == qtype and quantize.quantization(params) == ""
         assert qp["embed"] is params["embed"]  # embeddings and norms stay dense
         got = np.asarray(qwen.forward(CFG, qp, tokens))
         np.testing.assert_allclose(got, np.asarray(qwen.forward(CFG, _dequantized(qp), tokens)), atol=2e-6, rtol=0)

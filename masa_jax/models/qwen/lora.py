@@ -41,7 +41,6 @@ Params = dict
 
 # Projections LoRA can adapt: our param names, which are also PEFT's / HF's module names.
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_NUM_IN_DIMS = PROJECTION_IN_DIMS
 _HF_MODULE = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
               "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
               "down_proj": "mlp.down_proj"}
@@ -81,7 +80,7 @@ def adapter_shapes(cfg: ModelConfig, lcfg: LoraConfig) -> Params:
     layers = param_shapes(cfg)["layers"]
     out = {}
     for name in lcfg.targets:
-        shape, n_in = layers[name].shape, _NUM_IN_DIMS[name]
+        shape, n_in = layers[name].shape, PROJECTION_IN_DIMS[name]
         out[name] = {"a": jax.ShapeDtypeStruct(shape[:1 + n_in] + (lcfg.rank,), jnp.float32),
                      "b": jax.ShapeDtypeStruct(shape[:1] + (lcfg.rank,) + shape[1 + n_in:], jnp.float32)}
     return {"layers": out}
@@ -93,7 +92,7 @@ def adapter_logical_axes(cfg: ModelConfig, lcfg: LoraConfig) -> Params:
     axes = param_logical_axes(cfg)["layers"]
     out = {}
     for name in lcfg.targets:
-        ax, n_in = axes[name], _NUM_IN_DIMS[name]
+        ax, n_in = axes[name], PROJECTION_IN_DIMS[name]
         out[name] = {"a": ax[:1 + n_in] + (None,), "b": ax[:1] + (None,) + ax[1 + n_in:]}
     return {"layers": out}
 

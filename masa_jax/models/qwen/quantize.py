@@ -22,7 +22,7 @@ import qwix
 
 from masa_jax.models.qwen.config import ModelConfig
 from masa_jax.models.qwen.model import PROJECTION_IN_DIMS, param_logical_axes, param_shapes
-from masa_jax.parallel.rules import TRAIN_RULES, logical_to_spec
+from masa_jax.parallel.rules import TRAIN_RULES, tree_shardings
 
 Params = dict
 
@@ -69,11 +69,7 @@ def quantized_logical_axes(cfg: ModelConfig, qtype: str) -> Params:
 
 def quantized_shardings(cfg: ModelConfig, qtype: str, mesh: jax.sharding.Mesh, rules=TRAIN_RULES) -> Params:
     """NamedShardings of `quantize_base(params)` in the layout `rules` gives the dense params."""
-    axes = param_logical_axes(cfg)
-    shapes = quantized_shapes(cfg, qtype)
-    is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)  # noqa: E731
-    named = lambda ax, s: jax.sharding.NamedSharding(mesh, logical_to_spec(ax, rules, mesh, s.shape))  # noqa: E731
-    return jax.tree.map(lambda ax, sub: jax.tree.map(lambda s: named(ax, s), sub), axes, shapes, is_leaf=is_axes)
+    return tree_shardings(quantized_logical_axes(cfg, qtype), quantized_shapes(cfg, qtype), mesh, rules)
 
 
 def place_quantized(cfg: ModelConfig, params: Params, qtype: str, mesh: jax.sharding.Mesh) -> Params:
@@ -87,7 +83,10 @@ def place_quantized(cfg: ModelConfig, params: Params, qtype: str, mesh: jax.shar
     return jax.device_put(dict(params, layers=layers), sh)
 
 
-def is_quantized(params: Params) -> bool:
-    """True when the (stacked or per-layer) params hold quantized projection weights."""
+def quantization(params: Params) -> str:
+    """The quantized type of the (stacked or per-layer) params' projection weights ("" for a dense base)."""
     layer = params["layers"][0] if isinstance(params["layers"], (tuple, list)) else params["layers"]
-    return any(isinstance(w, qwix.QArray) for w in layer.values())
+    for w in layer.values():
+        if isinstance(w, qwix.QArray):
+            return next(name for name, t in QTYPES.items() if t == w.qtype)
+    return ""
