@@ -135,10 +135,10 @@ class Ours:
     def setup_update(self, batch: dict, optim: dict, loss: dict):
         """-> (one_step, first-step metrics, old log-probs [N, T]). one_step() runs an update to completion."""
         ts, jax = self.ts, self.jax
-        ocfg = ts.OptimConfig(learning_rate=optim["lr"], warmup_steps=0, weight_decay=optim["weight_decay"],
+        ocfg = ts.OptimConfig(lr=optim["lr"], warmup_steps=0, weight_decay=optim["weight_decay"],
                               clip_norm=optim["clip_norm"], b1=optim["b1"], b2=optim["b2"], eps=optim["eps"])
         lcfg = ts.LossConfig(clip_low=loss["clip_low"], clip_high=loss["clip_high"], clip_c=loss["clip_c"],
-                             agg="token-mean", temperature=loss["temperature"], chunk_size=self.args.chunk)
+                             loss_agg="token-mean", temperature=loss["temperature"], chunk_size=self.args.chunk)
         T = batch["tokens"].shape[1]
         ours = dict(tokens=batch["tokens"], attention_mask=np.ones_like(batch["tokens"], bool),
                     loss_mask=np.arange(T)[None, :].repeat(len(batch["tokens"]), 0) >= batch["prompt_len"],

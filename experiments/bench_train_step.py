@@ -147,7 +147,7 @@ def setup_torch(cfg: ModelConfig, preset: dict, optim: ts.OptimConfig, loss: ts.
     model = Qwen3ForCausalLM(hf_cfg).to(dev).float().train()
     if cfg.remat != "none":
         model.gradient_checkpointing_enable()
-    opt = torch.optim.AdamW(model.parameters(), lr=optim.learning_rate, betas=(optim.b1, optim.b2),
+    opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.b1, optim.b2),
                             eps=optim.eps, weight_decay=optim.weight_decay)
     b = make_batch(cfg, preset["batch"], preset["seq"])
     tokens = torch.tensor(b["tokens"], dtype=torch.long, device=dev)

@@ -265,7 +265,7 @@ def train(cfg: qwen.ModelConfig, params, batches: list[dict], *, lr: float, warm
           log_every: int = 25):
     """AdamW fine-tuning with masa_jax's update step and BC loss, one batch per step. Returns params."""
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    optim = ts.OptimConfig(learning_rate=lr, warmup_steps=warmup, weight_decay=weight_decay, clip_norm=1.0)
+    optim = ts.OptimConfig(lr=lr, warmup_steps=warmup, weight_decay=weight_decay, clip_norm=1.0)
     loss_fn = functools.partial(bc.bc_microbatch_loss, cfg, 512)
     lr_fn = lr_schedule(lr, warmup, len(batches))
     steps = {}  # one step function per batch size (the micro-batch is the whole batch)

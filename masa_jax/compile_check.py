@@ -437,7 +437,8 @@ def _check(config, topology, programs, on_program) -> CheckResult:
         record(p)
     if want("bc_step") and shp.bc_rows:
         batch = _batch(shp.bc_rows, T, ("tokens", "attention_mask", "loss_mask"), bsh)
-        fn = bc.make_bc_step(cfg, ocfg, mesh, mb, keep_reference=lcfg.keep_reference, chunk_size=config.rl.chunk_size,
+        fn = bc.make_bc_step(cfg, ocfg, mesh, mb, lr=config.bc.lr, keep_reference=lcfg.keep_reference,
+                             chunk_size=lcfg.chunk_size,
                              lora_cfg=lora_cfg)
         p, _ = _compile("bc_step", f"{shp.bc_rows} x {T}, micro-batch {mb}",
                         lambda: fn.jitted.lower(state, batch, flag))

@@ -1,68 +1,98 @@
 """Each component's frozen config, built from the run config in this one place: the rollout, the loss
-and the optimiser, the updates, the verifier pool and the sampler. The trainer, `evaluate` and the experiments call
-these, so a component runs the same way everywhere; its defaults live with the component.
+and the optimiser, BC, the updates, the verifier pool, the sampler and LoRA. The trainer, `evaluate` and
+the experiments call these, so a component runs the same way everywhere.
+
+One name per setting: a component field is filled from the run-config leaf of the same name in its
+sections (`SECTIONS`; config.py declares those leaves with `settings_of` the component, so the default
+is the component's too). Only values computed from several settings, or from outside the config (the
+tokenizer's EOS ids), are passed by hand.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 from masa_jax import config as config_lib
+from masa_jax.errors import UserError
 from masa_jax.models.qwen.lora import LoraConfig
 from masa_jax.rewards.math import VerifierConfig
-from masa_jax.rl.controls import ControlConfig
 from masa_jax.rl import rollout_engine
+from masa_jax.rl.bc import BCConfig
+from masa_jax.rl.controls import ControlConfig
 from masa_jax.rl.rollout import RolloutConfig
 from masa_jax.rl.train_step import LossConfig, OptimConfig
 from masa_jax.rl.update import UpdaterConfig
 from masa_jax.sampling.generate import SamplerConfig
 
+# component config -> the run-config sections whose leaves fill its fields, by name.
+SECTIONS = {
+    RolloutConfig: ("rollout", "meta", "prompts", "rl", "efficient"),
+    ControlConfig: ("efficient",),
+    SamplerConfig: ("rollout",),
+    LossConfig: ("rl",),
+    OptimConfig: ("rl",),
+    UpdaterConfig: ("rl",),
+    BCConfig: ("bc",),
+    VerifierConfig: ("reward",),
+    LoraConfig: ("lora",),
+}
+
+
+def build(component, config, **derived):
+    """`component` (a key of SECTIONS) from the leaves of its fields' names in its sections of the run
+    config, with `derived` for the fields computed elsewhere; a field with neither keeps its default.
+    The component's own validation (`__post_init__`) becomes a UserError naming the sections."""
+    sections = SECTIONS[component]
+    values = dict(derived)
+    for f in dataclasses.fields(component):
+        if f.name in derived:
+            continue
+        found = [s for s in sections if f.name in config[s]]
+        if len(found) > 1:  # config.py's _section keeps names unique within a section, not across
+            raise TypeError(f"{component.__name__}.{f.name} is a setting of several sections: {found}")
+        if found:
+            value = config[found[0]][f.name]
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+    try:
+        return component(**values)
+    except ValueError as e:
+        where = ", ".join(f"config.{s}" for s in sections)
+        raise UserError(f"{where}: {e}") from e
+
 
 def rollout_config(config) -> RolloutConfig:
     """One step's rollouts: both paths, the meta reward, the advantages, MASA-efficient's controls."""
-    e = config.efficient
-    return RolloutConfig(
-        num_meta=config.rollout.num_meta, num_solutions=config.rollout.num_solutions,
-        max_response_length=config.rollout.max_response_length,
-        meta_max_new_tokens=config.rollout.meta_max_new_tokens, use_meta=config_lib.uses_meta(config),
-        k=config.meta.k, base=config.meta.base, weights=tuple(config.meta.weights),
-        min_solution_length=config.prompts.min_solution_length, meta_template=config.prompts.meta_template,
-        solution_template=config.prompts.solution_template, advantage=config.rl.advantage,
-        adv_eps=config.rl.adv_eps,
-        control=ControlConfig(gate_std=e.gate_std, gate_tol=e.gate_tol, cutoff_factor=e.cutoff_factor,
-                                           max_hint_notions=e.max_hint_notions),
-        gating=e.gating, cutoff=e.cutoff, hints=e.hints)
+    return build(RolloutConfig, config, use_meta=config_lib.uses_meta(config),
+                 control=build(ControlConfig, config))
 
 
 def verifier_config(config) -> VerifierConfig:
     """The verifier pool of a run (training, its held-out evaluation and `evaluate` alike)."""
-    r = config.reward
-    return VerifierConfig(num_workers=r.num_workers, per_item_timeout_s=r.per_item_timeout_s,
-                                      batch_budget_s=r.batch_budget_s, fallback=r.answer_fallback)
+    return build(VerifierConfig, config)
 
 
 def loss_config(config) -> LossConfig:
     """The clipped policy loss (docs/method.md §3), scored at the rollout temperature."""
-    r = config.rl
-    return LossConfig(clip_low=r.clip_low, clip_high=r.clip_high, clip_c=r.clip_c, agg=r.loss_agg,
-                                 kl_coef=r.kl_coef, kl_estimator=r.kl_estimator,
-                                 temperature=config.rollout.temperature, chunk_size=r.chunk_size)
+    return build(LossConfig, config, temperature=config.rollout.temperature)
 
 
 def optim_config(config) -> OptimConfig:
-    """AdamW with warm-up for RL, and the constant BC learning rate on the same state."""
-    r = config.rl
-    return OptimConfig(learning_rate=r.lr, warmup_steps=r.warmup_steps, weight_decay=r.weight_decay,
-                                  clip_norm=r.clip_norm, bc_learning_rate=config.bc.lr)
+    """AdamW with warm-up for RL (BC's constant learning rate is `bc_config`'s, on the same state)."""
+    return build(OptimConfig, config)
+
+
+def bc_config(config) -> BCConfig:
+    """Behaviour cloning of the best meta-trajectories (masa / masa_efficient)."""
+    return build(BCConfig, config)
 
 
 def sampler_config(config, eos_ids: Sequence[int], *, temperature: float | None = None, top_p: float | None = None,
                    top_k: int | None = None) -> SamplerConfig:
     """The sampler of a run (training rollouts, held-out evaluation and `evaluate` alike): the rollout
     section's knobs, with the temperature / top-p / top-k overridden where given."""
-    r = config.rollout
-    pick = lambda value, default: default if value is None else value  # noqa: E731
-    return SamplerConfig(temperature=pick(temperature, r.temperature), top_p=pick(top_p, r.top_p),
-                         top_k=pick(top_k, r.top_k), eos_ids=tuple(eos_ids), num_slots=r.num_slots)
+    overrides = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k))
+                 if v is not None}
+    return build(SamplerConfig, config, eos_ids=tuple(eos_ids), **overrides)
 
 
 def rollout_engine_for(config, model_cfg, eos_ids: Sequence[int], mesh=None, params=None, *,
@@ -78,18 +108,18 @@ def rollout_engine_for(config, model_cfg, eos_ids: Sequence[int], mesh=None, par
 
 def updater_config(config) -> UpdaterConfig:
     """The run's updates: the loss and optimiser, PPO mini-batching, BC, LoRA."""
-    return UpdaterConfig(
-        loss=loss_config(config), optim=optim_config(config), micro_batch_size=config.rl.micro_batch_size,
-        max_len=config.data.max_prompt_length + max(config.rollout.max_response_length,
-                                                    config.rollout.meta_max_new_tokens),
-        mini_batch_size=config.rl.mini_batch_size, ppo_epochs=config.rl.ppo_epochs, bc_steps=config.bc.steps,
-        bc_chunk_size=config.rl.chunk_size, seed=config.seed, lora=lora_config(config))
+    return build(UpdaterConfig, config, loss=loss_config(config), optim=optim_config(config), bc=bc_config(config),
+                 max_len=config.data.max_prompt_length + max(config.rollout.max_response_length,
+                                                             config.rollout.meta_max_new_tokens),
+                 seed=config.seed, lora=lora_config(config))
 
 
 def lora_config(config) -> LoraConfig | None:
     """The run's LoRA adapters (config.lora), None for full fine-tuning (rank 0)."""
-    c = config.lora
-    if c.rank == 0:
-        return None
-    return LoraConfig(rank=int(c.rank), alpha=float(c.alpha), targets=tuple(c.targets),
-                      base_quantization=str(c.base_quantization))
+    return None if config.lora.rank == 0 else build(LoraConfig, config)
+
+
+def check(config) -> None:
+    """Builds every component config of `config` once, so a value a component refuses is a one-line
+    UserError at start-up (`config.resolve`), not a traceback when the component is first built."""
+    rollout_config(config), verifier_config(config), updater_config(config), sampler_config(config, ())

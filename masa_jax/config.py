@@ -15,17 +15,49 @@ import ml_collections as mlc
 from masa_jax.errors import UserError
 from masa_jax.rewards import meta as meta_lib
 from masa_jax.rl import prompts as prompts_lib
+from masa_jax.models.qwen.lora import LoraConfig
 from masa_jax.rewards.math import VerifierConfig
+from masa_jax.rl.bc import BCConfig
 from masa_jax.rl.controls import ControlConfig
 from masa_jax.rl.rollout import RolloutConfig
 from masa_jax.rl.train_step import LossConfig, OptimConfig
+from masa_jax.rl.update import UpdaterConfig
 from masa_jax.sampling.generate import SamplerConfig
 
-# A default that a component has lives with the component (its dataclass says why); the run config reads
-# it from there, so no default is written twice. The paper's values are those defaults (docs/method.md §5).
-_VERIFIER, _CONTROL, _LOSS, _OPTIM, _SAMPLER = (VerifierConfig(), ControlConfig(), LossConfig(), OptimConfig(),
-                                                SamplerConfig())
-_ROLLOUT = {f.name: f.default for f in dataclasses.fields(RolloutConfig)}
+
+def settings_of(component, *names: str, exclude: tuple[str, ...] = (), **run_defaults) -> dict:
+    """Run-config settings that are fields of `component` (a frozen dataclass): `names`, or all its fields
+    but `exclude` when none are named, each under the field's own name with the component's default,
+    unless `run_defaults` gives the run's. So a setting has one name and one default, and
+    `components.build` fills the component from the leaves of the same names (its dataclass documents them).
+    """
+    fields = {f.name: f for f in dataclasses.fields(component)}
+    chosen = names or tuple(n for n in fields if n not in exclude)
+    unknown = [n for n in (*chosen, *exclude, *run_defaults) if n not in fields]
+    if unknown or set(run_defaults) - set(chosen):
+        raise TypeError(f"{component.__name__} has no fields {unknown or sorted(set(run_defaults) - set(chosen))}")
+    out = {}
+    for name in chosen:
+        f = fields[name]
+        if name in run_defaults:
+            out[name] = run_defaults[name]
+        elif f.default is not dataclasses.MISSING:
+            out[name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[name] = f.default_factory()
+        else:
+            raise TypeError(f"{component.__name__}.{name} has no default: give the run's")
+    return out
+
+
+def _section(*parts: dict, **own) -> mlc.ConfigDict:
+    """A config section: component settings (`settings_of`) and the run's own (`own`)."""
+    merged: dict = {}
+    for part in (*parts, own):
+        if set(part) & set(merged):
+            raise TypeError(f"settings {sorted(set(part) & set(merged))} named twice in one section")
+        merged.update(part)
+    return mlc.ConfigDict(merged)
 
 @dataclasses.dataclass(frozen=True)
 class Features:
@@ -60,16 +92,13 @@ def base_config() -> mlc.ConfigDict:
     c.model.remat = "full"        # none | full | save_dots
     c.model.attention_impl = "xla"  # xla | cudnn | pallas (TPU kernels; falls back to xla elsewhere)
 
-    # LoRA (parameter-efficient RL, masa_jax/models/qwen/lora.py): rank 0 = off (full fine-tuning). With
-    # rank r >= 1 only the adapters A [in, r], B [r, out] of the target projections train (optimizer state
-    # for them alone), the base weights stay frozen at model.path and checkpoints hold the adapters only.
-    c.lora = mlc.ConfigDict()
-    c.lora.rank = 0
-    c.lora.alpha = 16.0           # scale alpha / rank (PEFT's lora_alpha)
-    c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    # QLoRA: "" keeps the frozen base in model.param_dtype; "int8" / "int4" / "nf4" store its seven
-    # projection weights quantized through qwix (models/qwen/quantize.py), dequantized per layer.
-    c.lora.base_quantization = ""
+    # LoRA (parameter-efficient RL, masa_jax/models/qwen/lora.py LoraConfig): rank 0 = off (full fine-tuning).
+    # With rank r >= 1 only the adapters A [in, r], B [r, out] of the target projections train (optimizer
+    # state for them alone), the base weights stay frozen at model.path and checkpoints hold the adapters
+    # only. alpha: the scale is alpha / rank (PEFT's lora_alpha). QLoRA: base_quantization "" keeps the frozen
+    # base in model.param_dtype; "int8" / "int4" / "nf4" store its seven projection weights quantized
+    # through qwix (models/qwen/quantize.py), dequantized per layer.
+    c.lora = _section(settings_of(LoraConfig, rank=0, alpha=16.0))
 
     c.mesh = mlc.ConfigDict()
     c.mesh.shape = (1, -1, 1)     # (data, fsdp, tensor); -1 = the remaining devices
@@ -90,85 +119,53 @@ def base_config() -> mlc.ConfigDict:
     c.data.shuffle = True
     c.data.tfds_data_dir = ""     # where tfds:<name> specs are prepared (local or gs://); "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
 
-    c.rollout = mlc.ConfigDict()
-    c.rollout.num_solutions = 16  # G
-    c.rollout.num_meta = 16       # M
-    c.rollout.max_response_length = 8192
     # The authors generate meta and solution rollouts in one vLLM call capped at the response length
     # (akatigre/MASA-RL masa_train/masa_ray_trainer.py:242-247, data.max_response_length=8192 in
     # train_masagrpo.sh:15,32), and their meta prompt asks for reasoning before the JSON: the same cap.
-    c.rollout.meta_max_new_tokens = 8192
-    c.rollout.temperature = _SAMPLER.temperature
-    c.rollout.top_p = _SAMPLER.top_p
-    c.rollout.top_k = _SAMPLER.top_k
-    c.rollout.num_slots = 256     # decode slots of the refill sampler, per host (each host samples its own problems)
-    c.rollout.engine = "native"   # the sampler (rl/rollout_engine.py ENGINES): masa_jax's refill engine
+    # num_slots: decode slots of the refill sampler, per host (each host samples its own problems).
+    c.rollout = _section(
+        settings_of(RolloutConfig, "num_solutions", "num_meta", "max_response_length", "meta_max_new_tokens",
+                    num_solutions=16, num_meta=16, max_response_length=8192, meta_max_new_tokens=8192),
+        settings_of(SamplerConfig, "temperature", "top_p", "top_k", "num_slots", num_slots=256),
+        engine="native")  # the sampler (rl/rollout_engine.py ENGINES): masa_jax's refill engine
 
-    c.prompts = mlc.ConfigDict()
-    c.prompts.meta_template = ""      # "" = the default templates of masa_jax.rl.prompts
-    c.prompts.solution_template = ""
-    c.prompts.min_solution_length = prompts_lib.MIN_SOLUTION_LENGTH
+    # Templates: "" = the default templates of masa_jax.rl.prompts.
+    c.prompts = _section(settings_of(RolloutConfig, "meta_template", "solution_template", "min_solution_length"))
 
-    c.meta = mlc.ConfigDict()
-    c.meta.k = _ROLLOUT["k"]              # pass_rate is an integer 0..k
-    c.meta.base = _ROLLOUT["base"]        # b of the difficulty reward b ** |d_pred - d_sol|
-    # One weight per reward component, in rewards/meta.py COMPONENTS order (length, difficulty, notion):
-    # the Figure-6 ablations.
-    c.meta.weights = meta_lib.default_weights()
+    # k: pass_rate is an integer 0..k; base: b of the difficulty reward b ** |d_pred - d_sol|; weights: one
+    # per reward component, in rewards/meta.py COMPONENTS order (length, difficulty, notion): the Figure-6
+    # ablations.
+    c.meta = _section(settings_of(RolloutConfig, "k", "base", "weights"))
 
-    c.efficient = mlc.ConfigDict()
-    c.efficient.switch_step = 120     # k: from this step on, meta first, then gating / cutoff / hints
-    c.efficient.auto_switch_threshold = -1.0  # > 0: switch once the meta-reward moving average passes it
-    c.efficient.auto_switch_window = 10
-    c.efficient.gate_std = _CONTROL.gate_std
-    c.efficient.gate_tol = _CONTROL.gate_tol
-    c.efficient.cutoff_factor = _CONTROL.cutoff_factor
-    c.efficient.gating = _ROLLOUT["gating"]
-    c.efficient.cutoff = _ROLLOUT["cutoff"]
-    c.efficient.hints = _ROLLOUT["hints"]
-    c.efficient.max_hint_notions = _CONTROL.max_hint_notions
+    # MASA-efficient. switch_step k: from this step on, meta first, then gating / cutoff / hints;
+    # auto_switch_threshold > 0: switch once the meta-reward moving average over auto_switch_window passes it.
+    c.efficient = _section(
+        settings_of(ControlConfig), settings_of(RolloutConfig, "gating", "cutoff", "hints"),
+        switch_step=120, auto_switch_threshold=-1.0, auto_switch_window=10)
 
-    c.bc = mlc.ConfigDict()
-    c.bc.enabled = True
-    c.bc.buffer_size = 128        # N_expert
-    c.bc.steps = 5                # E_bc
-    c.bc.lr = _OPTIM.bc_learning_rate
-    c.bc.min_notion_reward = 0.2
+    c.bc = _section(settings_of(BCConfig))  # behaviour cloning (rl/bc.py BCConfig)
 
-    c.rl = mlc.ConfigDict()
-    c.rl.lr = _OPTIM.learning_rate
-    c.rl.warmup_steps = _OPTIM.warmup_steps
-    c.rl.weight_decay = _OPTIM.weight_decay
-    c.rl.clip_norm = _OPTIM.clip_norm
-    c.rl.clip_low = _LOSS.clip_low
-    c.rl.clip_high = _LOSS.clip_high
-    c.rl.clip_c = _LOSS.clip_c
-    c.rl.loss_agg = _LOSS.agg
-    c.rl.advantage = _ROLLOUT["advantage"]
-    c.rl.adv_eps = _ROLLOUT["adv_eps"]
-    c.rl.kl_coef = _LOSS.kl_coef
-    c.rl.kl_estimator = _LOSS.kl_estimator
+    # The loss and AdamW (rl/train_step.py LossConfig, OptimConfig; the loss scores tokens at the rollout
+    # temperature), the advantage estimator, and the update's batching (rl/update.py UpdaterConfig).
     # PPO mini-batching as verl (ppo_mini_batch_size / ppo_epochs): each step's problems are shuffled and
     # split into ceil(problems / mini_batch_size) mini-batches, one optimizer update each, ppo_epochs
     # passes. Counted in PROBLEMS over all hosts (verl counts prompts too): a mini-batch holds all
     # solution and meta rollouts of its problems. 0 (or >= problems_per_step) = one update per step.
     # The paper gives no mini-batch size; the authors' script does (akatigre/MASA-RL train_masagrpo.sh:
     # data.train_batch_size=128, actor.ppo_mini_batch_size=128; verl's default ppo_epochs=1):
-    # 128 problems / step -> 1 update.
-    c.rl.mini_batch_size = 128
-    c.rl.ppo_epochs = 1
-    c.rl.micro_batch_size = 8     # sequences per gradient-accumulation micro-batch
-    c.rl.chunk_size = _LOSS.chunk_size    # log-prob chunk along the sequence
+    # 128 problems / step -> 1 update. micro_batch_size: sequences per gradient-accumulation micro-batch;
+    # chunk_size: the log-prob chunk along the sequence (RL and BC).
+    c.rl = _section(
+        settings_of(LossConfig, exclude=("temperature", "entropy_metric")), settings_of(OptimConfig),
+        settings_of(RolloutConfig, "advantage", "adv_eps"),
+        settings_of(UpdaterConfig, "mini_batch_size", "ppo_epochs", "micro_batch_size", mini_batch_size=128,
+                    micro_batch_size=8))
 
     c.dapo = mlc.ConfigDict()
     c.dapo.dynamic_sampling = False   # drop zero-variance solution groups, resample to fill the batch
     c.dapo.max_rounds = 3             # cap on extra sampling rounds per step
 
-    c.reward = mlc.ConfigDict()   # the verifier pool (rewards/math.py VerifierConfig: its defaults, its doc)
-    c.reward.num_workers = _VERIFIER.num_workers
-    c.reward.per_item_timeout_s = _VERIFIER.per_item_timeout_s   # CPU seconds of one answer check
-    c.reward.batch_budget_s = _VERIFIER.batch_budget_s
-    c.reward.answer_fallback = _VERIFIER.fallback   # boxed | answer_is | last_number (authors' code)
+    c.reward = _section(settings_of(VerifierConfig))  # the verifier pool (rewards/math.py VerifierConfig)
 
     c.eval = mlc.ConfigDict()     # held-out evaluation inside the training run (solution path, no hints)
     c.eval.files = ()             # held-out problems: files, tfds:... or "toy-heldout:<n>[:<seed>]"; () = none
@@ -215,6 +212,8 @@ def resolve(config: mlc.ConfigDict) -> mlc.ConfigDict:
                         f"{names}, got {c.meta.weights}")
     if not c.rl.mini_batch_size >= 0:
         raise UserError(f"config.rl.mini_batch_size must be >= 0 (0: the whole step), got {c.rl.mini_batch_size!r}")
+    from masa_jax import components  # it reads this module's features
+    components.check(c)
     c.lock()
     return c
 
@@ -223,7 +222,8 @@ def resolve(config: mlc.ConfigDict) -> mlc.ConfigDict:
 _COUNTS = ("total_steps", "data.problems_per_step", "data.max_prompt_length", "rollout.num_solutions",
            "rollout.max_response_length", "rollout.num_slots", "meta.k", "bc.buffer_size", "rl.ppo_epochs",
            "rl.micro_batch_size", "rl.chunk_size", "reward.num_workers", "checkpoint.every",
-           "checkpoint.max_to_keep", "efficient.auto_switch_window", "log.calibration_steps")
+           "checkpoint.max_to_keep", "efficient.auto_switch_window", "log.calibration_steps",
+           "reward.max_answer_chars", "reward.max_gold_chars", "reward.worker_memory_mb")
 _META_COUNTS = ("rollout.num_meta", "rollout.meta_max_new_tokens")  # only read when the meta path runs
 
 
@@ -278,6 +278,12 @@ def _check_ranges(c: mlc.ConfigDict) -> None:
     number("rl.clip_low", lambda v: 0 <= v < 1, "in [0, 1)")
     number("rl.clip_high", lambda v: v >= 0, "a finite number >= 0")
     number("rl.kl_coef", lambda v: v >= 0, "a finite number >= 0 (0: no KL term)")
+    number("rl.b1", lambda v: 0 <= v < 1, "in [0, 1)")
+    number("rl.b2", lambda v: 0 <= v < 1, "in [0, 1)")
+    number("rl.eps", lambda v: v > 0, "a finite number > 0")
+    number("rl.weight_decay", lambda v: v >= 0, "a finite number >= 0")
+    number("rl.clip_norm", lambda v: v > 0, "a finite number > 0")
+    number("efficient.gate_min_valid", lambda v: v >= 0 and v == int(v), "an integer >= 0")
     number("efficient.cutoff_factor", lambda v: v > 0, "a finite number > 0")
     number("efficient.gate_std", lambda v: v >= 0, "a finite number >= 0")
     number("efficient.gate_tol", lambda v: v >= 0, "a finite number >= 0")

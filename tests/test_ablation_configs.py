@@ -45,7 +45,7 @@ def test_dapo_ablations():
     assert masa_dapo.algorithm == "masa" and masa_dapo.dapo.dynamic_sampling
     assert components.rollout_config(masa_dapo).use_meta
     lc = components.loss_config(dapo)
-    assert (lc.clip_low, lc.clip_high, lc.agg) == (0.2, 0.28, "token-mean")  # DAPO's clip-higher, token-mean
+    assert (lc.clip_low, lc.clip_high, lc.loss_agg) == (0.2, 0.28, "token-mean")  # DAPO's clip-higher, token-mean
     assert not base.dapo.dynamic_sampling and base.algorithm == "masa_efficient"
     assert dapo.rl.lr == base.rl.lr and dapo.data.problems_per_step == base.data.problems_per_step == 128
 

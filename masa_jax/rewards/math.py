@@ -93,7 +93,7 @@ class VerifierConfig:
         interrupts math-verify, the item scores False and the worker lives on. It replaces
         math-verify's own ``signal.alarm`` timeout, which counts wall-clock time and so made rewards
         depend on host load.
-    fallback: "boxed" (last \\boxed / \\fbox only, the default), "answer_is" (else the last "the answer
+    answer_fallback: "boxed" (last \\boxed / \\fbox only, the default), "answer_is" (else the last "the answer
         is ..." phrase) or "last_number" (else the last number in the text, as the authors' code did;
         it rewards truncated rollouts, hence off by default).
     max_answer_chars / max_gold_chars: longer answers are not parsed (scored False, counted).
@@ -111,7 +111,7 @@ class VerifierConfig:
     per_item_timeout_s: float = 8.0
     batch_budget_s: float = 120.0
     mv_timeout_s: int = 2
-    fallback: str = "boxed"
+    answer_fallback: str = "boxed"
     max_answer_chars: int = 1000
     max_gold_chars: int = 2000
     worker_memory_mb: int = 2048
@@ -120,8 +120,8 @@ class VerifierConfig:
     startup_timeout_s: float = 60.0
 
     def __post_init__(self):
-        if self.fallback not in FALLBACK_MODES:
-            raise ValueError(f"fallback must be one of {FALLBACK_MODES}, got {self.fallback!r}")
+        if self.answer_fallback not in FALLBACK_MODES:
+            raise ValueError(f"answer_fallback must be one of {FALLBACK_MODES}, got {self.answer_fallback!r}")
         if self.start_method not in ("spawn", "forkserver"):
             raise ValueError("start_method must be 'spawn' or 'forkserver' (fork is unsafe under JAX)")
         if self.num_workers < 1 or self.chunk_size < 1 or self.mv_timeout_s < 1:
@@ -458,7 +458,7 @@ class MathVerifier:
         m = collections.Counter(n=n)
         tasks: dict[tuple[str, str], list[int]] = {}
         for i, (resp, gold) in enumerate(zip(responses, answers)):
-            pred = extract_answer(resp, cfg.fallback, cfg.max_answer_chars)
+            pred = extract_answer(resp, cfg.answer_fallback, cfg.max_answer_chars)
             gold = gold if isinstance(gold, str) else ""
             if pred is None:
                 has_box = isinstance(resp, str) and any(c in resp for c in _BOX_CMDS)

@@ -1,12 +1,13 @@
 """Behaviour cloning on expert meta-trajectories (docs/method.md §4, MASA-efficient).
 
 The BC step is the RL step's machinery (`train_step.make_update_step`) with the cross-entropy loss and
-its own constant learning rate (`OptimConfig.bc_learning_rate`) on the same optimizer state; it does not
+its own constant learning rate (`BCConfig.lr`) on the same optimizer state; it does not
 advance `TrainState.step`. Batch: tokens, attention_mask, loss_mask as in `train_step`'s layout, with
 the loss mask on the rewritten meta output only (prompt and padding masked).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Callable
@@ -21,6 +22,18 @@ from masa_jax.parallel import multihost
 from masa_jax.rl import expert_buffer as expert_lib
 from masa_jax.rl import grpo
 from masa_jax.rl.train_step import OptimConfig, make_update_step
+
+
+@dataclasses.dataclass(frozen=True)
+class BCConfig:
+    """Behaviour cloning of the best meta-trajectories (paper: N_expert 128, E_bc 5): the run config's
+    `bc` section, field for field."""
+
+    enabled: bool = True            # only where the meta path runs (masa, masa_efficient)
+    buffer_size: int = 128          # N_expert: trajectories (over all hosts) collected before the BC steps
+    steps: int = 5                  # E_bc: BC steps on a full buffer
+    lr: float = 1e-6                # constant, on the RL optimizer's state (see make_bc_step)
+    min_notion_reward: float = 0.2  # an expert's notion reward must reach this (select_experts)
 
 
 def bc_loss(logp: jax.Array, mask: jax.Array, *, num_tokens: jax.Array | None = None):
@@ -46,14 +59,15 @@ def bc_microbatch_loss(model_cfg: ModelConfig, chunk_size: int, params, ref_para
 
 
 def make_bc_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: jax.sharding.Mesh,
-                 micro_batch_size: int, *, keep_reference: bool = False, chunk_size: int = 512,
+                 micro_batch_size: int, *, lr: float, keep_reference: bool = False, chunk_size: int = 512,
                  lora_cfg=None):
     """Jitted `(state, batch) -> (state, metrics)`: one AdamW step on `bc_loss` at the constant
-    `optim_cfg.bc_learning_rate`, micro-batched like the RL step. `keep_reference` must match the state
+    learning rate `lr` (`BCConfig.lr`) with `optim_cfg`'s clipping / Adam / weight decay, micro-batched like
+    the RL step. `keep_reference` must match the state
     (`LossConfig.keep_reference`); the reference params pass through unchanged. `lora_cfg`: the state
     trains LoRA adapters (`make_update_step`).
     """
-    lr = jnp.float32(optim_cfg.bc_learning_rate)
+    lr = jnp.float32(lr)
     return make_update_step(model_cfg, optim_cfg, mesh, micro_batch_size,
                             functools.partial(bc_microbatch_loss, model_cfg, chunk_size),
                             lr_fn=lambda step: lr, advance_step=False, keep_reference=keep_reference,

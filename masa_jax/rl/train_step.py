@@ -30,7 +30,7 @@ Design:
   schedule of `state.step`, which counts RL steps (rollout batches), not optimizer updates: the step
   takes an `advance` flag, and `Updater.policy_update` sets it on the last of a step's PPO mini-batch
   updates only, so every update of a step has the same learning rate (verl steps its scheduler once per
-  training step). BC uses its own constant `bc_learning_rate` on the SAME optimizer state.
+  training step). BC uses its own constant learning rate (`bc.BCConfig.lr`) on the SAME optimizer state.
   Why shared: a second AdamW state costs two more float32 copies of the params (64 GB for 8B), the
   gradients Adam sees are global-norm clipped to the same bound in both cases, and BC steps do not
   advance `state.step`, so they leave the RL warm-up untouched.
@@ -75,12 +75,13 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """The RL loss (docs/method.md §3). Names follow masa_jax.config's `rl` section."""
+    """The RL loss (docs/method.md §3). Each field is the setting of the same name in the run config's `rl`
+    section (masa_jax/config.py), except `temperature` (the rollout's) and `entropy_metric` (benchmarks)."""
 
     clip_low: float = 0.2
     clip_high: float = 0.28
     clip_c: float | None = 10.0        # dual clip for A < 0; None disables it
-    agg: str = "token-mean"            # a key of grpo.LOSS_AGGREGATIONS
+    loss_agg: str = "token-mean"       # a key of grpo.LOSS_AGGREGATIONS
     kl_coef: float = 0.0               # > 0 keeps a frozen reference policy in the train state
     kl_estimator: str = "low_var_kl"   # a key of grpo.KL_ESTIMATORS
     temperature: float = 1.0           # the sampler's temperature: score tokens where they were drawn
@@ -94,16 +95,16 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warm-up and global-norm clipping (paper: 1e-6, 20 steps, wd 0.1, clip 1.0)."""
+    """AdamW with linear warm-up and global-norm clipping (paper: 1e-6, 20 steps, wd 0.1, clip 1.0): the
+    settings of the same names in the run config's `rl` section."""
 
-    learning_rate: float = 1e-6
+    lr: float = 1e-6
     warmup_steps: int = 20
     weight_decay: float = 0.1
     clip_norm: float = 1.0
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
-    bc_learning_rate: float = 1e-6     # constant, for BC steps on the same optimizer state
 
 
 @flax.struct.dataclass
@@ -120,7 +121,7 @@ class TrainState:
 
 
 def make_optimizer(optim_cfg: OptimConfig) -> optax.GradientTransformation:
-    """Clip -> Adam -> decoupled weight decay; the step multiplies the result by -learning_rate.
+    """Clip -> Adam -> decoupled weight decay; the step multiplies the result by -lr.
 
     Weight decay applies to every parameter, as torch AdamW in verl does.
     """
@@ -136,7 +137,7 @@ def learning_rate(optim_cfg: OptimConfig, step: jax.Array) -> jax.Array:
 
     (step + 1) so the first update already moves; with warmup_steps=20 update 19 is the first at full lr.
     """
-    lr = jnp.float32(optim_cfg.learning_rate)
+    lr = jnp.float32(optim_cfg.lr)
     if optim_cfg.warmup_steps <= 0:
         return lr
     frac = (jnp.asarray(step, jnp.float32) + 1.0) / optim_cfg.warmup_steps
@@ -475,14 +476,14 @@ def rl_loss(model_cfg: ModelConfig, loss_cfg: LossConfig, params: Params, ref_pa
                          return_entropy=loss_cfg.entropy_metric)
     logp, entropy = out if loss_cfg.entropy_metric else (out, None)
     loss, metrics = grpo.policy_loss(logp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
-                                     loss_cfg.clip_low, loss_cfg.clip_high, loss_cfg.clip_c, loss_cfg.agg,
+                                     loss_cfg.clip_low, loss_cfg.clip_high, loss_cfg.clip_c, loss_cfg.loss_agg,
                                      num_tokens=num_tokens, num_seqs=num_seqs, entropy=entropy)
     if loss_cfg.keep_reference:
         ref_logp = jax.lax.stop_gradient(token_logprobs(
             model_cfg, ref_params, mb["tokens"], mb["attention_mask"], temperature=loss_cfg.temperature,
             chunk_size=loss_cfg.chunk_size))
         kl = grpo.aggregate_loss(grpo.kl_penalty(logp, ref_logp, loss_cfg.kl_estimator), mb["loss_mask"],
-                                 loss_cfg.agg, num_tokens=num_tokens, num_seqs=num_seqs)
+                                 loss_cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
         loss = loss + loss_cfg.kl_coef * kl
         metrics["kl_loss"] = jax.lax.stop_gradient(kl)
     return loss, metrics
@@ -499,7 +500,7 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optim_cfg: Opt
     keep_reference=loss_cfg.keep_reference)`. Metrics: `grpo.policy_loss`'s, kl_loss when kl_coef > 0,
     and those of `make_update_step`.
     """
-    for name, table in (("agg", grpo.LOSS_AGGREGATIONS), ("kl_estimator", grpo.KL_ESTIMATORS)):
+    for name, table in (("loss_agg", grpo.LOSS_AGGREGATIONS), ("kl_estimator", grpo.KL_ESTIMATORS)):
         if getattr(loss_cfg, name) not in table:
             raise ValueError(f"LossConfig.{name}={getattr(loss_cfg, name)!r} unknown; known: {sorted(table)}")
     return make_update_step(model_cfg, optim_cfg, mesh, micro_batch_size,

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from masa_jax.models.qwen.config import ModelConfig
 from masa_jax.models.qwen.lora import LoraConfig
 from masa_jax.rl import batching, bc, train_step
+from masa_jax.rl.bc import BCConfig
 from masa_jax.rl.expert_buffer import Expert
 from masa_jax.rl.sequences import TrainingSequences
 
@@ -41,8 +42,7 @@ class UpdaterConfig:
     max_len: int              # the longest sequence (prompt + response): the largest length bucket
     mini_batch_size: int = 0  # problems per PPO mini-batch (0 = the whole step)
     ppo_epochs: int = 1
-    bc_steps: int = 0
-    bc_chunk_size: int = 512  # sequence chunk of the BC step's log-prob scan
+    bc: BCConfig = BCConfig(steps=0)  # its steps and learning rate; the log-prob chunk is loss.chunk_size
     seed: int = 0             # the adapters' initial A (fold_in 1) and, with state.step, the mini-batch shuffle
     lora: LoraConfig | None = None
 
@@ -84,11 +84,11 @@ class Updater:
         return cls(
             model_cfg=model_cfg, mesh=mesh, pad_id=pad_id, micro_batch_size=mb,
             mini_batch_size=ucfg.mini_batch_size, ppo_epochs=ucfg.ppo_epochs, seed=ucfg.seed,
-            bc_steps=ucfg.bc_steps,
+            bc_steps=ucfg.bc.steps,
             buckets=batching.default_buckets(ucfg.max_len),
             train_step=train_step.make_train_step(model_cfg, lcfg, ocfg, mesh, mb, lora_cfg=lora_cfg),
-            bc_step=bc.make_bc_step(model_cfg, ocfg, mesh, mb, keep_reference=lcfg.keep_reference,
-                                    chunk_size=ucfg.bc_chunk_size, lora_cfg=lora_cfg),
+            bc_step=bc.make_bc_step(model_cfg, ocfg, mesh, mb, lr=ucfg.bc.lr, keep_reference=lcfg.keep_reference,
+                                    chunk_size=lcfg.chunk_size, lora_cfg=lora_cfg),
             compute_logprobs=train_step.make_compute_logprobs(model_cfg, mesh, mb,
                                                               temperature=lcfg.temperature,
                                                               chunk_size=lcfg.chunk_size, lora_cfg=lora_cfg),

@@ -110,7 +110,7 @@ def test_the_lora_train_step_moves_only_the_adapters_by_the_chain_rule_gradient(
     mesh = mesh_lib.make_mesh((1, -1, 1))
     lcfg = lora.LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "v_proj", "down_proj"))
     loss_cfg = ts.LossConfig(kl_coef=0.0, chunk_size=8)
-    optim = ts.OptimConfig(learning_rate=1e-2, warmup_steps=0, weight_decay=0.0, clip_norm=1e9)
+    optim = ts.OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0, clip_norm=1e9)
     state = ts.create_train_state(CFG, params, optim, mesh, lora_cfg=lcfg, lora_rng=jax.random.key(3))
     # B != 0 so dL/dA is not zero either
     state = state.replace(params=jax.device_put(_nonzero_adapters(CFG, lcfg, seed=5), ts.adapter_shardings(CFG, lcfg, mesh)))
@@ -133,7 +133,7 @@ def test_the_lora_train_step_moves_only_the_adapters_by_the_chain_rule_gradient(
     def dense_loss(p):
         lp = token_logprobs(CFG, p, tokens, mask, chunk_size=8)
         return grpo.policy_loss(lp, old, jnp.asarray(adv), jnp.asarray(loss_mask), loss_cfg.clip_low,
-                                loss_cfg.clip_high, loss_cfg.clip_c, loss_cfg.agg, num_tokens=num_tokens,
+                                loss_cfg.clip_high, loss_cfg.clip_c, loss_cfg.loss_agg, num_tokens=num_tokens,
                                 num_seqs=num_seqs)[0]
 
     g_dense = jax.grad(dense_loss)(lora.merge(base_before, adapters0, lcfg))

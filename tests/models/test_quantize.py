@@ -89,7 +89,7 @@ def _batch(B=4, T=12):
 
 def test_a_lora_step_on_a_quantized_base_is_the_step_on_the_dequantized_dense_base():
     mesh = mesh_lib.make_mesh((1, -1, 1))
-    ocfg = ts.OptimConfig(learning_rate=1e-2, warmup_steps=0)
+    ocfg = ts.OptimConfig(lr=1e-2, warmup_steps=0)
     loss_cfg = ts.LossConfig()
     q_lc = lora.LoraConfig(rank=4, alpha=8.0, base_quantization="int8")
     d_lc = lora.LoraConfig(rank=4, alpha=8.0)

@@ -64,7 +64,7 @@ def test_fallback_modes():
     assert extract_answer("\\boxed{9} and the answer is 3", "answer_is") == "9"  # a box wins
     assert extract_answer(None) is None
     with pytest.raises(ValueError):
-        VerifierConfig(fallback="first_number")
+        VerifierConfig(answer_fallback="first_number")
 
 
 # ---- normalisation: one test per measured MATH miss -----------------------------------------------
@@ -198,12 +198,12 @@ def test_math_subset_accuracy_both_ways(verifier, math_rows, perturb):
 def test_module_level_verify_batch_uses_one_lazy_default_pool():
     try:
         ok = math_reward.verify_batch(["The answer is 5.", "\\boxed{5}"], ["5", "5"],
-                                      num_workers=1, fallback="answer_is")
+                                      num_workers=1, answer_fallback="answer_is")
         assert ok.tolist() == [True, True]
-        pool = math_reward.default_verifier(num_workers=1, fallback="answer_is")
-        assert pool is math_reward.default_verifier(num_workers=1, fallback="answer_is")
+        pool = math_reward.default_verifier(num_workers=1, answer_fallback="answer_is")
+        assert pool is math_reward.default_verifier(num_workers=1, answer_fallback="answer_is")
         ok, m = math_reward.verify_batch(["\\boxed{\\sqrt{4}}"], ["2"], return_metrics=True,
-                                         num_workers=1, fallback="answer_is")
+                                         num_workers=1, answer_fallback="answer_is")
         assert ok.tolist() == [True] and m["parsed_checks"] == 1
     finally:
         math_reward.close_default()

@@ -21,7 +21,8 @@ MICRO = 2  # 4 micro-batches of 2 sequences
 LOSS = ts.LossConfig(chunk_size=8)
 # Adam eps 1e-4 (not 1e-8) so comparisons of updates across accumulation orders are not dominated by
 # Adam normalising float32 noise in near-zero gradients (see sharded_step_main.py).
-OPTIM = ts.OptimConfig(learning_rate=1e-3, warmup_steps=0, eps=1e-4, bc_learning_rate=1e-3)
+OPTIM = ts.OptimConfig(lr=1e-3, warmup_steps=0, eps=1e-4)
+BC_LR = 1e-3  # the BC step's constant learning rate
 
 
 def make_batch(seed: int = 0, n: int = N, t: int = T) -> dict[str, np.ndarray]:
@@ -80,8 +81,13 @@ def rl_step(mesh1):
 
 
 @pytest.fixture(scope="session")
+def bc_lr():
+    return BC_LR
+
+
+@pytest.fixture(scope="session")
 def bc_step(mesh1):
-    return bc.make_bc_step(TINY, OPTIM, mesh1, MICRO, chunk_size=LOSS.chunk_size)
+    return bc.make_bc_step(TINY, OPTIM, mesh1, MICRO, lr=BC_LR, chunk_size=LOSS.chunk_size)
 
 
 @pytest.fixture(scope="session")

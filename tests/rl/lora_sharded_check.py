@@ -18,7 +18,7 @@ lc = lora.LoraConfig(rank=4, alpha=8.0, base_quantization=sys.argv[1] if len(sys
 res = {}
 for shape in [(1, 1, 1), (2, 2, 2)]:
     mesh = mesh_lib.make_mesh(shape) if shape != (1,1,1) else jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1,1,1), ("data","fsdp","tensor"))
-    optim = ts.OptimConfig(learning_rate=1e-2, warmup_steps=0)
+    optim = ts.OptimConfig(lr=1e-2, warmup_steps=0)
     st = ts.create_train_state(cfg, params, optim, mesh, lora_cfg=lc, lora_rng=jax.random.key(3))
     st = st.replace(params=jax.device_put(jax.tree.map(lambda x: x + 0.05, jax.device_get(st.params)), ts.adapter_shardings(cfg, lc, mesh)))
     rng = np.random.RandomState(0)

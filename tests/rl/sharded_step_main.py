@@ -23,7 +23,7 @@ LOSS = ts.LossConfig(chunk_size=8, kl_coef=0.05, entropy_metric=True)
 # Adam eps 1e-4, not 1e-8: with a tiny eps the first update is ~ g / |g| per element, which turns the
 # float32 reduction-order noise of gradients that cancel to ~1e-9 into full-size update differences;
 # that is Adam's conditioning, not the sharding's. Adam's first moment (the gradient) is compared too.
-OPTIM = ts.OptimConfig(learning_rate=1e-3, warmup_steps=0, eps=1e-4)
+OPTIM = ts.OptimConfig(lr=1e-3, warmup_steps=0, eps=1e-4)
 N, T, MICRO = 8, 16, 4   # micro-batch of 4 = the data-parallel size data x fsdp of the (2, 2, 2) mesh
 
 

@@ -86,7 +86,7 @@ def test_micro_batched_step_equals_one_batch_adamw_update(tiny, host_params, rl_
     with jax.set_mesh(mesh1):
         state, m = rl_step(ts.create_train_state(tiny, host_params, optim_cfg, mesh1), rl_batch)
     tx = optax.chain(optax.clip_by_global_norm(optim_cfg.clip_norm),
-                     optax.adamw(optim_cfg.learning_rate, optim_cfg.b1, optim_cfg.b2, optim_cfg.eps,
+                     optax.adamw(optim_cfg.lr, optim_cfg.b1, optim_cfg.b2, optim_cfg.eps,
                                  weight_decay=optim_cfg.weight_decay))
     updates, (_, (adam, _, _)) = tx.update(grads, tx.init(host_params), host_params)
     # Adam's first moment is (1 - b1) * the clipped gradient: the accumulated gradient itself, to 1e-5.
@@ -167,7 +167,7 @@ def test_learning_signal(tiny, host_params, mesh1, cfgs, rl_step, compute_logpro
     assert rl_step.jitted._cache_size() == 1  # NumPy batches and device old_logprobs: one compilation
 
 
-def test_bc_step_lowers_cross_entropy(tiny, host_params, mesh1, cfgs, bc_step, compute_logprobs, batch_fn):
+def test_bc_step_lowers_cross_entropy(tiny, host_params, mesh1, cfgs, bc_step, bc_lr, compute_logprobs, batch_fn):
     _, optim_cfg, _ = cfgs
     b = batch_fn(3)
     b = {k: b[k] for k in ("tokens", "attention_mask", "loss_mask")}
@@ -182,7 +182,7 @@ def test_bc_step_lowers_cross_entropy(tiny, host_params, mesh1, cfgs, bc_step, c
         ce4 = ce(compute_logprobs(state.params, b)[0])
     assert ce1 < ce0 and ce4 < ce1 - 0.05, (ce0, ce1, ce4)
     assert int(state.step) == 0  # BC leaves the RL warm-up counter alone
-    assert float(m["lr"]) == pytest.approx(optim_cfg.bc_learning_rate)
+    assert float(m["lr"]) == pytest.approx(bc_lr)
     # The loss reported by the step is the cross-entropy before its update.
     state2 = ts.create_train_state(tiny, host_params, optim_cfg, mesh1)
     with jax.set_mesh(mesh1):
@@ -231,10 +231,10 @@ def test_train_state_reference_params(tiny, host_params, mesh1, cfgs):
 
 
 def test_learning_rate_schedule():
-    cfg = ts.OptimConfig(learning_rate=1e-6, warmup_steps=20)
+    cfg = ts.OptimConfig(lr=1e-6, warmup_steps=20)
     lrs = [float(ts.learning_rate(cfg, s)) for s in (0, 9, 19, 100)]
     np.testing.assert_allclose(lrs, [5e-8, 5e-7, 1e-6, 1e-6], rtol=1e-6)
-    assert float(ts.learning_rate(ts.OptimConfig(learning_rate=2e-6, warmup_steps=0), 0)) == pytest.approx(2e-6)
+    assert float(ts.learning_rate(ts.OptimConfig(lr=2e-6, warmup_steps=0), 0)) == pytest.approx(2e-6)
 
 
 def test_microbatch_split_and_padding():
