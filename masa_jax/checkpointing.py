@@ -391,8 +391,10 @@ class PreemptionGuard:
 
 # -------- The run's config.json: what a resumed run must match ------------------------------------
 
-# Where a run's processes meet, not what they train: may differ between invocations and between hosts.
-_PLACEMENT_FIELDS = ("mesh.coordinator_address", "mesh.process_id")
+# Where a run's processes meet and where they cache executables, not what they train: may differ between
+# invocations and between hosts.
+_PLACEMENT_FIELDS = ("mesh.coordinator_address", "mesh.process_id", "compile_cache.enabled", "compile_cache.dir",
+                     "compile_cache.min_compile_time_s")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

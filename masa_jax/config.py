@@ -187,6 +187,14 @@ def base_config() -> mlc.ConfigDict:
                                     # TensorBoard text and a W&B table; 0 = none
     # Peak FLOP/s of one device for perf/mfu; 0 = masa_jax.perf's table by device kind (unknown: no MFU).
     c.log.peak_flops_per_device = 0.0
+
+    # JAX's persistent compilation cache (masa_jax/compile_cache.py): a rerun, a resume or an evaluation
+    # reads the executables back instead of compiling them. dir "" = $MASA_JAX_COMPILE_CACHE_DIR, else
+    # $XDG_CACHE_HOME (~/.cache)/masa_jax/xla; local or gs://. Not part of the run: a resume may change it.
+    c.compile_cache = mlc.ConfigDict()
+    c.compile_cache.enabled = True
+    c.compile_cache.dir = ""
+    c.compile_cache.min_compile_time_s = 0.0  # programs that compile faster are not written (0: all)
     c.lock()  # config files and overrides may change fields, never invent them (typos are errors)
     return c
 
@@ -292,6 +300,7 @@ def _check_ranges(c: mlc.ConfigDict) -> None:
     number("rollout.max_response_length", lambda v: v == int(v) and v <= 1 << 20, "an integer <= 1048576")
     number("reward.batch_budget_s", lambda v: v > 0, "a finite number of seconds > 0")
     number("reward.per_item_timeout_s", lambda v: v > 0, "a finite number of seconds > 0")
+    number("compile_cache.min_compile_time_s", lambda v: v >= 0, "a finite number of seconds >= 0")
     names = meta_lib.component_names()
     if len(c.meta.weights) != len(names) or not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0
                                                     for w in c.meta.weights):

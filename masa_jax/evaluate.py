@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 import jax
 
+from masa_jax import compile_cache
 from masa_jax import errors
 from masa_jax import fs
 from masa_jax.data import sources
@@ -63,6 +64,7 @@ def run_evaluation(F) -> dict:
 
     # Every user error before the model is loaded (or anything is created).
     config = config_lib.resolve(errors.config_from_flags(F))
+    compile_cache.enable(config.compile_cache)  # before the first compilation
     settings = paper.resolve_settings(config, {
         "n": F.n, "ks": F.k, "temperature": F.temperature, "top_p": F.top_p, "top_k": F.top_k,
         "max_new_tokens": F.max_new_tokens, "seed": F.seed, "limit": F.limit, "meta": F.meta,

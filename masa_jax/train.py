@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from masa_jax import checkpointing
+from masa_jax import compile_cache
 from masa_jax import config as config_lib
 from masa_jax import errors
 from masa_jax import fs
@@ -143,6 +144,7 @@ def train(config, workdir: str, *, generate_fn: Callable | None = None, stop_aft
     config = config_lib.resolve(config)
     workdir = fs.absolute(workdir or default_workdir(config))
     check_inputs(config, workdir, allow_config_change)
+    compile_cache.enable(config.compile_cache)  # before the first compilation
     created = first_missing_dir(workdir)
     try:
         run = build_run(config, workdir, generate_fn)

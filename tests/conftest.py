@@ -7,8 +7,10 @@ import tempfile
 import jax
 import pytest
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("MASA_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "masa_jax_xla_cache")))
+_CACHE = os.environ.get("MASA_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "masa_jax_xla_cache"))
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+# Runs the tests start as subprocesses (python -m masa_jax.train) cache there too, never in the user's ~/.cache.
+os.environ.setdefault("MASA_JAX_COMPILE_CACHE_DIR", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
