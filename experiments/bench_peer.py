@@ -24,6 +24,10 @@ Cases (each timed in rounds A B B A after --warmup untimed calls per side; media
              loss `tunix.rl.algo_core.grpo_loss_fn` under `nnx.value_and_grad` + `nnx.Optimizer`
              inside `nnx.jit(donate optimizer)` + `nnx.cached_partial`, exactly as
              `tunix.sft.peft_trainer.PeftTrainer._train_step` / `jit_train_and_eval_step` run it.
+             --update-groups 1,8: first with every row its own prompt (the issue's case), then with
+             the rows in GRPO groups of 8 sharing their prompt (2 prompts x 8 rollouts), where masa_jax
+             packs the shared-prefix layout the trainer uses (`batching.pack_shared`: each prompt's
+             forward once) and Tunix trains on the same 16 rows as always.
   compile    the first call of each side's sampler (batch 1, greedy): tracing + compilation + one run
              (masa_jax's comes first; JAX's backend is started before either).
 
@@ -122,6 +126,7 @@ class Ours:
         self.cfg, params = qwen.from_pretrained(ckpt, mesh=self.mesh, remat=args.remat)
         self.sp = sampling.to_sampling_params(self.cfg, params)
         self.params = params
+        self.host_params = jax.device_get(params)  # what every update case starts from
         self.args = args
         self.seed = 0
 
@@ -139,12 +144,20 @@ class Ours:
                               clip_norm=optim["clip_norm"], b1=optim["b1"], b2=optim["b2"], eps=optim["eps"])
         lcfg = ts.LossConfig(clip_low=loss["clip_low"], clip_high=loss["clip_high"], clip_c=loss["clip_c"],
                              loss_agg="token-mean", temperature=loss["temperature"], chunk_size=self.args.chunk)
-        T = batch["tokens"].shape[1]
-        ours = dict(tokens=batch["tokens"], attention_mask=np.ones_like(batch["tokens"], bool),
-                    loss_mask=np.arange(T)[None, :].repeat(len(batch["tokens"]), 0) >= batch["prompt_len"],
-                    advantages=batch["advantages"])
-        holder = {"state": ts.create_train_state(self.cfg, self.params, ocfg, self.mesh)}
+        T, P = batch["tokens"].shape[1], batch["prompt_len"]
         mb = self.args.micro_batch or len(batch["tokens"])
+        place = None
+        if batch["groups"] > 1:  # rows share prompts: the shared-prefix layout, as the trainer packs it
+            from masa_jax.rl import batching
+            ours, place = batching.pack_shared([r[:P].tolist() for r in batch["tokens"]],
+                                               [r[P:].tolist() for r in batch["tokens"]], pad_id=0,
+                                               rows_per_block=mb, advantages=batch["advantages"])
+        else:
+            ours = dict(tokens=batch["tokens"], attention_mask=np.ones_like(batch["tokens"], bool),
+                        loss_mask=np.arange(T)[None, :].repeat(len(batch["tokens"]), 0) >= P,
+                        advantages=batch["advantages"])
+        # From the host copy: each case's train state is donated by its steps.
+        holder = {"state": ts.create_train_state(self.cfg, self.host_params, ocfg, self.mesh)}
         clp = ts.make_compute_logprobs(self.cfg, self.mesh, mb, temperature=loss["temperature"],
                                        chunk_size=self.args.chunk)
         step = ts.make_train_step(self.cfg, lcfg, ocfg, self.mesh, mb)
@@ -161,7 +174,8 @@ class Ours:
 
         m = one_step()
         first = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])}
-        return one_step, first, np.asarray(old)[:, batch["prompt_len"]:]
+        old = np.asarray(old)
+        return one_step, first, old[place[:, 0], place[:, 1]] if place is not None else old[:, P:]
 
 
 # ---------------------------------------------------------------------------------------------- Tunix
@@ -314,6 +328,9 @@ def main(argv=None) -> int:
     ap.add_argument("--train-batch", type=int, default=None, help="update sequences (default 16)")
     ap.add_argument("--train-seq", type=int, default=None, help="update tokens per sequence (default 256)")
     ap.add_argument("--micro-batch", type=int, default=None, help="masa_jax micro-batch (default: whole batch)")
+    ap.add_argument("--update-groups", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="rollouts per prompt of the update cases (default 1,8: every row its own prompt, then "
+                         "GRPO groups of 8 sharing the first quarter of their tokens)")
     ap.add_argument("--chunk", type=int, default=512, help="masa_jax log-prob chunk (LossConfig.chunk_size)")
     ap.add_argument("--remat", default="none", help="masa_jax ModelConfig.remat (Tunix: RematConfig.NONE)")
     ap.add_argument("--rounds", type=int, default=None, help="A B B A rounds per case (default 3)")
@@ -325,8 +342,10 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint-dir", default=None, help="where to write the checkpoint (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the JSON record to this file")
     args = ap.parse_args(argv)
-    defaults = (dict(batches=[1, 4], prompt=16, new=16, train_batch=4, train_seq=64, rounds=1) if args.quick else
-                dict(batches=[1, 64], prompt=128, new=128, train_batch=16, train_seq=256, rounds=3))
+    defaults = (dict(batches=[1, 4], prompt=16, new=16, train_batch=4, train_seq=64, rounds=1, update_groups=[1, 2])
+                if args.quick else
+                dict(batches=[1, 64], prompt=128, new=128, train_batch=16, train_seq=256, rounds=3,
+                     update_groups=[1, 8]))
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -393,11 +412,13 @@ def main(argv=None) -> int:
                      f"{fc['tunix']:.1f} s", fc["tunix"] / fc["masa_jax"]))
         record["first_call_s"] = {f"{n}|batch{b}|T{t:g}": v for (n, b, t), v in first_calls.items()}
 
-    if "update" in cases:
+    for G in (args.update_groups if "update" in cases else ()):
         rng = np.random.default_rng(args.seed)
         N, T = args.train_batch, args.train_seq
-        batch = dict(tokens=rng.integers(0, SHAPE["vocab_size"], (N, T)).astype(np.int32), prompt_len=T // 4,
-                     advantages=rng.normal(size=N).astype(np.float32))
+        tokens = rng.integers(0, SHAPE["vocab_size"], (N, T)).astype(np.int32)
+        for g in range(0, N, G):  # the G rollouts of a prompt share its first T / 4 tokens
+            tokens[g:g + G, :T // 4] = tokens[g, :T // 4]
+        batch = dict(tokens=tokens, prompt_len=T // 4, groups=G, advantages=rng.normal(size=N).astype(np.float32))
         optim = dict(lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
         loss = dict(clip_low=0.2, clip_high=0.28, clip_c=10.0, temperature=1.0)
         steps, firsts, olds, setup_s = {}, {}, {}, {}
@@ -407,15 +428,17 @@ def main(argv=None) -> int:
         warm = {n: [timed(fn)[1] for _ in range(args.warmup - 1)] for n, fn in steps.items()}
         times = abba(steps, args.rounds)
         med = {n: float(np.median(v)) for n, v in times.items()}
-        label = f"GRPO update, {N} x {T} tokens (same loss settings, old log-probs precomputed)"
+        key = "update" if G == 1 else f"update_groups{G}"
+        label = (f"GRPO update, {N} x {T} tokens (same loss settings, old log-probs precomputed)" if G == 1 else
+                 f"GRPO update, {N} x {T} tokens, {N // G} prompts x {G} rollouts (masa_jax: shared prefix)")
         rows.append((label, f"{med['masa_jax']:.3f} s", f"{med['tunix']:.3f} s", med["tunix"] / med["masa_jax"]))
-        record["update"] = {"median_s": med, "times_s": times, "setup_and_first_step_s": setup_s,
+        record[key] = {"median_s": med, "times_s": times, "setup_and_first_step_s": setup_s,
                             "other_warmup_calls_s": warm, "first_step": firsts}
         print(f"{label}: " + "  ".join(f"{n} {v:.3f} s" for n, v in med.items()) +
               f"  (rounds s: {json.dumps({n: [round(t, 3) for t in v] for n, v in times.items()})})", flush=True)
         a, b = firsts["masa_jax"], firsts["tunix"]
         lp_gap = float(np.max(np.abs(olds["masa_jax"] - olds["tunix"])))
-        checks["update"] = {
+        checks[key] = {
             "loss": [a["loss"], b["loss"]], "grad_norm": [a["grad_norm"], b["grad_norm"]],
             "old_logprob_max_abs_diff": lp_gap,
             "ok": bool(np.isclose(a["loss"], b["loss"], **LOSS_TOL)
@@ -432,8 +455,8 @@ def main(argv=None) -> int:
         print(f"| {label} | {x} | {y} | {r:.2f} |")
     print("\ncross-check:")
     for k, v in checks.items():
-        if k == "update":
-            print(f"  first update: loss masa_jax {v['loss'][0]:.8f} / Tunix {v['loss'][1]:.8f}; grad norm "
+        if k.startswith("update"):
+            print(f"  first {k}: loss masa_jax {v['loss'][0]:.8f} / Tunix {v['loss'][1]:.8f}; grad norm "
                   f"{v['grad_norm'][0]:.7f} / {v['grad_norm'][1]:.7f}; old log-probs max |diff| "
                   f"{v['old_logprob_max_abs_diff']:.2e}  -> {'OK' if v['ok'] else 'MISMATCH'}")
         else:

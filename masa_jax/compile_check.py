@@ -262,6 +262,45 @@ def _compile(name: str, shapes: str, lower: Callable, resident: int = 0, residen
     return p, (compiled, lowered)
 
 
+@dataclasses.dataclass(frozen=True)
+class SharedShapes:
+    """The train step's largest mini-batch in the shared-prefix layout (`batching.pack_shared`)."""
+    blocks: int         # Bk: the mini-batch's rows / rows per block
+    rows: int           # n = micro_batch_size / data-parallel size
+    prompts: int        # u: prompts per block when groups are cut into blocks in order (see below)
+    prefix_len: int     # P: the bucket of data.max_prompt_length (the updater's fixed prefix bucket)
+    response_len: int   # S: the bucket of the longest response
+
+
+def shared_shapes(config, dp: int) -> SharedShapes:
+    """Groups of G solution / M meta rollouts cut in order into blocks of n rows: a block holds whole
+    groups and at most one cut at each end, so ceil((n - 1) / min group) + 1 prompts (1 when n divides
+    every group size), rounded up to a power of two as the packer does."""
+    from masa_jax.rl import batching
+    r, d, mb = config.rollout, config.data, config.rl.micro_batch_size
+    shp = step_shapes(config)
+    n = mb // dp
+    groups = [r.num_solutions] + ([r.num_meta] if config_lib.uses_meta(config) else [])
+    need = 1 if all(g % n == 0 for g in groups) else -(-(n - 1) // min(groups)) + 1
+    buckets = batching.default_buckets(shp.seq_len)
+    return SharedShapes(blocks=shp.minibatch_rows // n, rows=n, prompts=batching._bucket_pow2(min(need, n), n),
+                        prefix_len=batching.bucket_length(d.max_prompt_length, buckets),
+                        response_len=batching.bucket_length(shp.max_new_tokens, buckets))
+
+
+def _shared_batch(sb: SharedShapes, extra: tuple[str, ...], sharding) -> dict:
+    spec = {"prefix_tokens": ((sb.blocks, sb.prompts, sb.prefix_len), jnp.int32),
+            "prefix_mask": ((sb.blocks, sb.prompts, sb.prefix_len), jnp.bool_),
+            "prefix_index": ((sb.blocks, sb.rows), jnp.int32),
+            "tokens": ((sb.blocks, sb.rows, sb.response_len), jnp.int32),
+            "attention_mask": ((sb.blocks, sb.rows, sb.response_len), jnp.bool_),
+            "loss_mask": ((sb.blocks, sb.rows, sb.response_len), jnp.bool_),
+            "advantages": ((sb.blocks, sb.rows), jnp.float32),
+            "old_logprobs": ((sb.blocks, sb.rows, sb.response_len), jnp.float32)}
+    keys = ("prefix_tokens", "prefix_mask", "prefix_index", "tokens", "attention_mask", "loss_mask") + extra
+    return {k: jax.ShapeDtypeStruct(spec[k][0], spec[k][1], sharding=sharding) for k in keys}
+
+
 def _batch(rows: int, T: int, keys: tuple[str, ...], sharding) -> dict:
     dtypes = {"tokens": jnp.int32, "attention_mask": jnp.bool_, "loss_mask": jnp.bool_, "advantages": jnp.float32,
               "old_logprobs": jnp.float32, "sampler_logprobs": jnp.float32}
@@ -329,6 +368,10 @@ def _check(config, topology, programs, on_program) -> CheckResult:
     if attention.use_pallas(cfg):  # splash kernels for every length and per-shard head count used below
         heads = {cfg.num_heads // t for t in (1, mesh.shape["tensor"]) if cfg.num_heads % t == 0}
         attention.prebuild_splash_kernels(cfg, (shp.prompt_bucket, shp.seq_len), sorted(heads))
+        if config.rl.prefix_sharing and want("train_step_shared"):
+            sb = shared_shapes(config, dp)
+            attention.prebuild_splash_kernels(cfg, (sb.prefix_len,), sorted(heads))
+            attention.prebuild_shared_prefix_kernels(cfg, sb.prefix_len, sb.response_len, sorted(heads))
     out: list[ProgramMemory] = []
 
     def record(p):
@@ -423,16 +466,24 @@ def _check(config, topology, programs, on_program) -> CheckResult:
                         lambda: fn.jitted.lower(policy, batch), state_b - policy_b, "optimizer state")
         record(p)
     flag = jax.ShapeDtypeStruct((), jnp.bool_, sharding=NamedSharding(mesh, P()))
+    resident, what = 0, ""
+    if shp.num_minibatches > 1:  # the step's whole batch and its old log-probs stay while mini-batches run
+        resident += _per_device(_batch(shp.step_rows, T, ("tokens", "attention_mask", "loss_mask", "advantages",
+                                                          "old_logprobs"), bsh))
+        what = "the step's batch"
     if want("train_step"):
         batch = _batch(shp.minibatch_rows, T, ("tokens", "attention_mask", "loss_mask", "advantages", "old_logprobs"),
                        bsh)
-        resident, what = 0, ""
-        if shp.num_minibatches > 1:  # the step's whole batch and its old log-probs stay while mini-batches run
-            resident += _per_device(_batch(shp.step_rows, T, ("tokens", "attention_mask", "loss_mask", "advantages",
-                                                              "old_logprobs"), bsh))
-            what = "the step's batch"
         fn = ts.make_train_step(cfg, lcfg, ocfg, mesh, mb, lora_cfg=lora_cfg)
         p, _ = _compile("train_step", f"{shp.minibatch_rows} x {T}, micro-batch {mb}",
+                        lambda: fn.jitted.lower(state, batch, flag), resident, what)
+        record(p)
+    if want("train_step_shared") and config.rl.prefix_sharing:
+        sb = shared_shapes(config, dp)
+        batch = _shared_batch(sb, ("advantages", "old_logprobs"), bsh)
+        fn = ts.make_train_step(cfg, lcfg, ocfg, mesh, mb, lora_cfg=lora_cfg)
+        p, _ = _compile("train_step_shared", f"{sb.blocks} blocks x ({sb.prompts} x {sb.prefix_len} prompt + "
+                        f"{sb.rows} x {sb.response_len} response), micro-batch {mb}",
                         lambda: fn.jitted.lower(state, batch, flag), resident, what)
         record(p)
     if want("bc_step") and shp.bc_rows:

@@ -111,7 +111,7 @@ def updater_config(config) -> UpdaterConfig:
     return build(UpdaterConfig, config, loss=loss_config(config), optim=optim_config(config), bc=bc_config(config),
                  max_len=config.data.max_prompt_length + max(config.rollout.max_response_length,
                                                              config.rollout.meta_max_new_tokens),
-                 seed=config.seed, lora=lora_config(config))
+                 max_prompt_len=config.data.max_prompt_length, seed=config.seed, lora=lora_config(config))
 
 
 def lora_config(config) -> LoraConfig | None:

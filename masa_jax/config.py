@@ -154,12 +154,14 @@ def base_config() -> mlc.ConfigDict:
     # The paper gives no mini-batch size; the authors' script does (akatigre/MASA-RL train_masagrpo.sh:
     # data.train_batch_size=128, actor.ppo_mini_batch_size=128; verl's default ppo_epochs=1):
     # 128 problems / step -> 1 update. micro_batch_size: sequences per gradient-accumulation micro-batch;
-    # chunk_size: the log-prob chunk along the sequence (RL and BC).
+    # chunk_size: the log-prob chunk along the sequence (RL and BC). prefix_sharing: the update computes
+    # each prompt once per block of micro_batch_size / data-parallel rows that share it (the G solution
+    # and M meta rollouts of a problem), exactly the same loss and gradients (rl/update.py).
     c.rl = _section(
         settings_of(LossConfig, exclude=("temperature", "entropy_metric")), settings_of(OptimConfig),
         settings_of(RolloutConfig, "advantage", "adv_eps"),
-        settings_of(UpdaterConfig, "mini_batch_size", "ppo_epochs", "micro_batch_size", mini_batch_size=128,
-                    micro_batch_size=8))
+        settings_of(UpdaterConfig, "mini_batch_size", "ppo_epochs", "micro_batch_size", "prefix_sharing",
+                    mini_batch_size=128, micro_batch_size=8))
 
     c.dapo = mlc.ConfigDict()
     c.dapo.dynamic_sampling = False   # drop zero-variance solution groups, resample to fill the batch

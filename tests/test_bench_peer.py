@@ -33,9 +33,11 @@ def test_quick_run_cross_check_passes(tmp_path):
     for B in record["args"]["batches"]:
         c = checks[f"greedy_batch{B}"]
         assert c["masa_jax==tunix"] == c["masa_jax==transformers"] == c["rows"] == B
-    update = checks["update"]
-    (ours, peer), (gn_ours, gn_peer) = update["loss"], update["grad_norm"]
-    assert gn_ours > 0 and abs(gn_ours - gn_peer) <= 1e-4 * gn_peer  # a real gradient, the same on both sides
-    assert abs(ours - peer) <= 1e-5 * max(1.0, abs(peer))
-    assert update["old_logprob_max_abs_diff"] <= 1e-4
+    # The update with every row its own prompt, and with groups of 2 sharing it (masa_jax: shared prefix).
+    for key in ("update", "update_groups2"):
+        update = checks[key]
+        (ours, peer), (gn_ours, gn_peer) = update["loss"], update["grad_norm"]
+        assert gn_ours > 0 and abs(gn_ours - gn_peer) <= 1e-4 * gn_peer  # a real gradient, the same on both sides
+        assert abs(ours - peer) <= 1e-5 * max(1.0, abs(peer))
+        assert update["old_logprob_max_abs_diff"] <= 1e-4
     assert "| masa_jax / Tunix (speed) |" in proc.stdout  # the table

@@ -94,7 +94,8 @@ def test_tiny_config_compiles_for_v5e_2x2_with_xla_sizes():
     r = compile_check.check(_tiny())
     assert r.slice.topology == "v5e:2x2" and r.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
     names = [p.name for p in r.programs]
-    assert names == ["reshard", "prefill", "insert", "resize", "decode", "old_logprobs", "train_step", "bc_step"]
+    assert names == ["reshard", "prefill", "insert", "resize", "decode", "old_logprobs", "train_step",
+                     "train_step_shared", "bc_step"]
     for p in r.programs:
         assert p.error is None and p.argument > 0 and p.code > 0, p
         assert compile_check.program_peak(p) >= p.argument + p.output - p.alias

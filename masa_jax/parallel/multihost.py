@@ -19,7 +19,8 @@ from masa_jax.parallel.mesh import MESH_AXES
 
 # Metrics that add up over hosts; every other metric is averaged over the hosts that report it.
 SUMMED_PREFIXES = ("tokens/", "flops/", "problems", "bc/experts", "bc/new_experts", "bc/buffer_size",
-                   "cutoff/tokens_saved", "cutoff/would_save_tokens", "dapo/kept_groups", "dapo/kept_meta_groups", "actor/batch_rows")
+                   "cutoff/tokens_saved", "cutoff/would_save_tokens", "dapo/kept_groups", "dapo/kept_meta_groups", "actor/batch_rows",
+                   "actor/forward_tokens")
 
 
 def allgather_json(obj: Any) -> list[Any]:

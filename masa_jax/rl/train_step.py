@@ -10,6 +10,20 @@ Batch layout (a dict of arrays; N sequences of T tokens):
     old_logprobs      f32   [N, T]   from `make_compute_logprobs` with the pre-update params
     sampler_logprobs  f32   [N, T]   optional, read by `make_compute_logprobs` only (gap metric)
 
+Shared-prefix layout (`batching.pack_shared`, `rl.prefix_sharing`; the RL step and the old-log-prob
+pass take either): blocks of n rows whose responses continue prompts stored once per block,
+
+    prefix_tokens     int32 [Bk, u, P]   a block's distinct prompts, right-padded
+    prefix_mask       bool  [Bk, u, P]
+    prefix_index      int32 [Bk, n]      which of the block's prompts row j continues
+    tokens            int32 [Bk, n, S]   the responses only, right-padded; attention_mask / loss_mask
+                                         bool [Bk, n, S] True on response tokens
+    advantages        f32   [Bk, n];     old_logprobs / sampler_logprobs f32 [Bk, n, S], response-aligned
+
+A micro-batch is micro_batch_size / n blocks (one per data-parallel device); the forward computes each
+prompt once per block (`model.shared_prefix_hidden_states`) with the unshared rows' log-probs and
+gradients, so the loss is the same function of the same sequences in either layout.
+
 The BC step (`masa_jax.rl.bc.make_bc_step`) reads tokens, attention_mask and loss_mask only.
 N must be a multiple of `micro_batch_size`, and `micro_batch_size` a multiple of the data-parallel size
 (mesh data x fsdp). Fill a batch up with `pad_batch`: all-False rows change no loss, gradient or metric.
@@ -62,10 +76,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from masa_jax.models.qwen import lora, quantize
 from masa_jax.models.qwen.config import ModelConfig
-from masa_jax.models.qwen.logprobs import token_logprobs
+from masa_jax.models.qwen.logprobs import shared_prefix_logprobs, token_logprobs
 from masa_jax.models.qwen.model import param_logical_axes, param_shapes
 from masa_jax.parallel.rules import constrain, logical_to_spec, tree_shardings
-from masa_jax.rl import grpo
+from masa_jax.rl import batching, grpo
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -313,11 +327,32 @@ def merge_microbatches(x: jax.Array) -> jax.Array:
 
 
 def _num_micro(batch: Batch, micro_batch_size: int) -> int:
+    if batching.is_shared(batch):
+        blocks, rows = batch["tokens"].shape[:2]
+        if micro_batch_size <= 0 or micro_batch_size % rows or (blocks * rows) % micro_batch_size:
+            raise ValueError(f"shared-prefix batch of {blocks} blocks x {rows} rows does not split into "
+                             f"micro-batches of {micro_batch_size} rows (whole blocks): pack it with "
+                             "rows_per_block = micro_batch_size / data-parallel size")
+        return blocks * rows // micro_batch_size
     n = batch["tokens"].shape[0]
     if micro_batch_size <= 0 or n % micro_batch_size:
         raise ValueError(f"batch of {n} sequences is not a multiple of micro_batch_size={micro_batch_size}; "
                          "fill it up with pad_batch")
     return n // micro_batch_size
+
+
+SHARED_KEYS = ("prefix_tokens", "prefix_mask", "prefix_index")
+
+
+def batch_logprobs(model_cfg: ModelConfig, params: Params, mb: Batch, *, temperature: float, chunk_size: int,
+                   return_entropy: bool = False):
+    """Log-probs (and entropy) of a micro-batch in either layout, shaped like its loss_mask."""
+    if batching.is_shared(mb):
+        return shared_prefix_logprobs(model_cfg, params, mb["prefix_tokens"], mb["prefix_mask"], mb["tokens"],
+                                      mb["attention_mask"], mb["prefix_index"], temperature=temperature,
+                                      chunk_size=chunk_size, return_entropy=return_entropy)
+    return token_logprobs(model_cfg, params, mb["tokens"], mb["attention_mask"], temperature=temperature,
+                          chunk_size=chunk_size, return_entropy=return_entropy)
 
 
 def _combine(acc: dict, new: dict) -> dict:
@@ -471,18 +506,20 @@ def rl_loss(model_cfg: ModelConfig, loss_cfg: LossConfig, params: Params, ref_pa
             mb: Batch, num_tokens: jax.Array, num_seqs: jax.Array):
     """Policy loss (+ kl_coef * KL to the reference) of one micro-batch, normalised by whole-batch
     counts. Returns (loss, metrics)."""
-    out = token_logprobs(model_cfg, params, mb["tokens"], mb["attention_mask"],
-                         temperature=loss_cfg.temperature, chunk_size=loss_cfg.chunk_size,
-                         return_entropy=loss_cfg.entropy_metric)
+    logprobs = functools.partial(batch_logprobs, model_cfg, mb=mb, temperature=loss_cfg.temperature,
+                                 chunk_size=loss_cfg.chunk_size)
+    out = logprobs(params, return_entropy=loss_cfg.entropy_metric)
     logp, entropy = out if loss_cfg.entropy_metric else (out, None)
-    loss, metrics = grpo.policy_loss(logp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
-                                     loss_cfg.clip_low, loss_cfg.clip_high, loss_cfg.clip_c, loss_cfg.loss_agg,
-                                     num_tokens=num_tokens, num_seqs=num_seqs, entropy=entropy)
+    # The losses see rows [N, T] in either layout (shared: the blocks' rows, response-aligned).
+    rows = lambda x: None if x is None else x.reshape((-1,) + x.shape[-1:])  # noqa: E731
+    mask, old = rows(mb["loss_mask"]), rows(mb["old_logprobs"])
+    adv = mb["advantages"].reshape(-1) if batching.is_shared(mb) else mb["advantages"]
+    logp, entropy = rows(logp), rows(entropy)
+    loss, metrics = grpo.policy_loss(logp, old, adv, mask, loss_cfg.clip_low, loss_cfg.clip_high, loss_cfg.clip_c,
+                                     loss_cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, entropy=entropy)
     if loss_cfg.keep_reference:
-        ref_logp = jax.lax.stop_gradient(token_logprobs(
-            model_cfg, ref_params, mb["tokens"], mb["attention_mask"], temperature=loss_cfg.temperature,
-            chunk_size=loss_cfg.chunk_size))
-        kl = grpo.aggregate_loss(grpo.kl_penalty(logp, ref_logp, loss_cfg.kl_estimator), mb["loss_mask"],
+        ref_logp = rows(jax.lax.stop_gradient(logprobs(ref_params)))
+        kl = grpo.aggregate_loss(grpo.kl_penalty(logp, ref_logp, loss_cfg.kl_estimator), mask,
                                  loss_cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
         loss = loss + loss_cfg.kl_coef * kl
         metrics["kl_loss"] = jax.lax.stop_gradient(kl)
@@ -515,7 +552,8 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optim_cfg: Opt
 def make_compute_logprobs(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, micro_batch_size: int, *,
                           temperature: float = 1.0, chunk_size: int = 512,
                           lora_cfg: lora.LoraConfig | None = None):
-    """Jitted `(params, batch) -> (logprobs f32 [N, T], metrics)`: the old log-probs for the update.
+    """Jitted `(params, batch) -> (logprobs f32 like loss_mask, metrics)`: the old log-probs for the update
+    (either layout: [N, T], or [Bk, n, S] response-aligned for a shared-prefix batch).
 
     Runs the chunked forward micro-batch by micro-batch (no gradient) with the same shardings as the
     train step; `params` may be the master params or the reference params. logprobs are 0 off
@@ -529,13 +567,12 @@ def make_compute_logprobs(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, micro
 
     def fn(params, batch):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            micro = split_microbatches({k: batch[k] for k in ("tokens", "attention_mask")},
-                                       _num_micro(batch, micro_batch_size))
+            micro = split_microbatches({k: batch[k] for k in ("tokens", "attention_mask") + SHARED_KEYS
+                                        if k in batch}, _num_micro(batch, micro_batch_size))
 
             def body(_, mb):
-                return None, token_logprobs(model_cfg, params, mb["tokens"], mb["attention_mask"],
-                                            temperature=temperature, chunk_size=chunk_size,
-                                            return_entropy=True)
+                return None, batch_logprobs(model_cfg, params, mb, temperature=temperature,
+                                            chunk_size=chunk_size, return_entropy=True)
 
             _, (logp, ent) = jax.lax.scan(body, None, micro)
             mask = batch["loss_mask"].astype(bool)

@@ -11,6 +11,13 @@ all processes), and each mini-batch (all solution and meta sequences of its prob
 split) gets one optimizer update, gradient-accumulated over micro-batches and normalised by its own
 token count. The first update is on-policy (ratio 1: plain REINFORCE with the group baseline); the
 later ones see ratio != 1, where clip-higher and the dual clip act.
+
+Prefix sharing (`rl.prefix_sharing`, on by default): the RL batches are packed in the shared-prefix
+layout (`batching.pack_shared`: each prompt once per block of micro_batch_size / data-parallel rows), so
+the old-log-prob pass and the update compute each prompt once per block instead of once per rollout,
+with the same loss and gradients (tests/rl/test_shared_prefix.py) - whenever that computes fewer tokens
+than the row layout (a step whose rows share no prompts keeps rows; `actor/prefix_shared` says which). The BC batches (one row per expert,
+prompts distinct) keep the row layout.
 """
 from __future__ import annotations
 
@@ -40,11 +47,13 @@ class UpdaterConfig:
     optim: train_step.OptimConfig
     micro_batch_size: int
     max_len: int              # the longest sequence (prompt + response): the largest length bucket
+    max_prompt_len: int = 0   # the longest prompt: the shared-prefix layout's one prefix bucket (0: per batch)
     mini_batch_size: int = 0  # problems per PPO mini-batch (0 = the whole step)
     ppo_epochs: int = 1
     bc: BCConfig = BCConfig(steps=0)  # its steps and learning rate; the log-prob chunk is loss.chunk_size
     seed: int = 0             # the adapters' initial A (fold_in 1) and, with state.step, the mini-batch shuffle
     lora: LoraConfig | None = None
+    prefix_sharing: bool = True  # each prompt's forward once per block of rows that continue it
 
 
 @dataclasses.dataclass
@@ -65,6 +74,9 @@ class Updater:
     state: train_step.TrainState | None
     lora_cfg: object = None   # LoraConfig of a LoRA run (state.params are then the adapters), else None
     abstract_state: object = None  # the train state's ShapeDtypeStructs with shardings (restore template)
+    prefix_sharing: bool = False   # RL batches in the shared-prefix layout (module docstring)
+    max_prompt_len: int = 0        # the shared layout's prefix bucket is at least this one's
+    data_parallel: int = 1         # mesh data x fsdp: blocks per micro-batch in the shared layout
 
     @classmethod
     def create(cls, ucfg: UpdaterConfig, model_cfg: ModelConfig, params, mesh: jax.sharding.Mesh, *,
@@ -93,7 +105,8 @@ class Updater:
                                                               temperature=lcfg.temperature,
                                                               chunk_size=lcfg.chunk_size, lora_cfg=lora_cfg),
             state=state, lora_cfg=lora_cfg,
-            abstract_state=train_step.abstract_train_state(model_cfg, ocfg, mesh, lcfg.keep_reference, lora_cfg))
+            abstract_state=train_step.abstract_train_state(model_cfg, ocfg, mesh, lcfg.keep_reference, lora_cfg),
+            prefix_sharing=ucfg.prefix_sharing, data_parallel=dp, max_prompt_len=ucfg.max_prompt_len)
 
     def restore_template(self):
         """What a checkpoint restores into: the abstract `checkpoint_view` of the train state."""
@@ -113,15 +126,32 @@ class Updater:
         return batching.pack_sequences(prompt_ids, response_ids, pad_id=self.pad_id,
                                        row_multiple=self.micro_batch_size, buckets=self.buckets, **kw)
 
+    def pack_shared(self, seqs: TrainingSequences, **per_row) -> tuple[dict, np.ndarray]:
+        """This process's shared-prefix batch of `seqs` (blocks of micro_batch_size / data-parallel rows,
+        a multiple of the data-parallel size of them) and each sequence's (block, slot)."""
+        return batching.pack_shared(seqs.prompt_ids, seqs.response_ids, pad_id=self.pad_id,
+                                    rows_per_block=self.micro_batch_size // self.data_parallel,
+                                    block_multiple=self.data_parallel, buckets=self.buckets,
+                                    min_prefix_len=self.max_prompt_len, advantages=seqs.advantages, **per_row)
+
     def to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """One global batch from every process's local block, sharded over (data, fsdp)."""
+        """One global batch from every process's local block, sharded over (data, fsdp). Processes pad
+        every dimension of their arrays to the largest over processes (at the end: local indices into a
+        block stay valid)."""
         sharding = train_step.batch_sharding(self.mesh)
         if jax.process_count() == 1:
             return jax.device_put(local, sharding)
-        n, t = local["tokens"].shape
-        n_max, t_max = np.max(multihost_utils.process_allgather(np.array([n, t])), axis=0)
-        local = {k: _pad_to(v, int(n_max), int(t_max)) for k, v in local.items()}
-        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+        keys = sorted(local)
+        dims = np.concatenate([np.asarray(local[k].shape, np.int64) for k in keys])
+        top = np.max(np.asarray(multihost_utils.process_allgather(dims)).reshape(-1, len(dims)), axis=0)
+        out, at = {}, 0
+        for k in keys:
+            v = local[k]
+            shape = top[at:at + v.ndim]
+            at += v.ndim
+            out[k] = jax.make_array_from_process_local_data(
+                sharding, np.pad(v, [(0, int(m) - d) for m, d in zip(shape, v.shape)]))
+        return out
 
     # ------------------------------------------------------------------------------------ updates
     def policy_update(self, state: train_step.TrainState, seqs: TrainingSequences
@@ -136,6 +166,11 @@ class Updater:
             return state, {"actor/empty_batch": 1.0}
         local = self.pack(seqs.prompt_ids, seqs.response_ids, advantages=seqs.advantages,
                           sampler_logprobs=seqs.sampler_logprobs)
+        shared = False
+        if self.prefix_sharing:
+            shared_local, place = self.pack_shared(seqs, sampler_logprobs=seqs.sampler_logprobs)
+            shared = _fewer_forward_tokens(shared_local, local)
+            local = shared_local if shared else local
         batch = self.to_global(local)
         old_logprobs, lp_metrics = self.compute_logprobs(self.policy_params(state), batch)
         batch = {k: v for k, v in batch.items() if k != "sampler_logprobs"}
@@ -144,6 +179,10 @@ class Updater:
         num_mb = min(num_minibatches(n_problems, self.mini_batch_size), host_max_problems)
         if num_mb == 1:  # the whole step is one mini-batch: no shuffle, no repacking
             minibatches = [batch] * self.ppo_epochs
+        elif shared:
+            old_local = _local_part(old_logprobs)
+            old_rows = [old_local[b, j, :len(r)] for (b, j), r in zip(place, seqs.response_ids)]
+            minibatches = self._shared_minibatches(seqs, old_rows, num_mb, int(state.step))
         else:
             minibatches = self._minibatches(local, old_logprobs, seqs.problem, num_mb, int(state.step))
         per_update = []
@@ -155,9 +194,21 @@ class Updater:
         metrics.update(_combine_updates(jax.device_get(per_update), "actor/"))
         metrics["actor/num_updates"] = float(len(per_update))
         metrics["actor/num_minibatches"] = float(num_mb)
-        metrics["actor/batch_rows"] = float(local["tokens"].shape[0])
-        metrics["actor/batch_len"] = float(local["tokens"].shape[1])
+        rows, length, forward_tokens = _batch_size(local)
+        metrics["actor/batch_rows"] = float(rows)
+        metrics["actor/batch_len"] = float(length)  # a row's padded prompt + response
+        metrics["actor/forward_tokens"] = float(forward_tokens)  # one forward over this process's batch
+        metrics["actor/prefix_shared"] = float(shared)
         return state, metrics
+
+    def _shared_minibatches(self, seqs: TrainingSequences, old_rows: list[np.ndarray], num_mb: int, step: int):
+        """`_minibatches` in the shared-prefix layout: each mini-batch's sequences packed afresh, with
+        their old log-probs."""
+        rng = np.random.default_rng([self.seed, step])
+        for _ in range(self.ppo_epochs):
+            for rows in shuffled_minibatches(seqs.problem, num_mb, rng):
+                local, _ = self.pack_shared(seqs.take(rows), old_logprobs=[old_rows[i] for i in rows])
+                yield self.to_global(local)
 
     def _minibatches(self, local: dict[str, np.ndarray], old_logprobs: jax.Array, problem_of_row: np.ndarray,
                      num_mb: int, step: int):
@@ -227,13 +278,36 @@ def _global_counts(problem_of_row: np.ndarray) -> tuple[int, int, int]:
     return int(every[:, 0].sum()), int(every[:, 1].sum()), int(every[:, 1].max())
 
 
-def _local_rows(x: jax.Array, n: int, t: int) -> np.ndarray:
-    """The first n rows and t columns of this process's block of a batch-sharded global array (the
-    block `to_global` put there)."""
+def _local_part(x: jax.Array) -> np.ndarray:
+    """This process's block of a batch-sharded global array (the block `to_global` put there, padded)."""
     if jax.process_count() == 1:
-        return np.asarray(jax.device_get(x))[:n, :t]
+        return np.asarray(jax.device_get(x))
     shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}  # replicas share a start
-    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])[:n, :t]
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+def _local_rows(x: jax.Array, n: int, t: int) -> np.ndarray:
+    """The first n rows and t columns of this process's block of a batch-sharded global array."""
+    return _local_part(x)[:n, :t]
+
+
+def _fewer_forward_tokens(shared: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> bool:
+    """Whether the shared-prefix layout computes fewer tokens than the row layout, over all processes
+    (they must agree: the two layouts are different programs). Rows that share no prompt (every prompt
+    distinct, e.g. one rollout per problem) pay the two layouts' separate length buckets for nothing."""
+    counts = np.array([_batch_size(shared)[2], _batch_size(rows)[2]], np.int64)
+    if jax.process_count() > 1:
+        counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(axis=0)
+    return bool(counts[0] < counts[1])
+
+
+def _batch_size(local: dict[str, np.ndarray]) -> tuple[int, int, int]:
+    """(rows, padded row length, tokens one forward over the batch computes) of a packed batch in either
+    layout."""
+    if batching.is_shared(local):
+        blocks, n, S = local["tokens"].shape
+        return blocks * n, local["prefix_tokens"].shape[2] + S, local["prefix_tokens"].size + blocks * n * S
+    return local["tokens"].shape[0], local["tokens"].shape[1], local["tokens"].size
 
 
 def _combine_updates(per_update: list[dict], prefix: str) -> dict[str, float]:
@@ -246,7 +320,3 @@ def _combine_updates(per_update: list[dict], prefix: str) -> dict[str, float]:
         out[prefix + k] = float(vals[-1]) if k == "num_skipped" else float(agg(vals))
     return out
 
-
-def _pad_to(x: np.ndarray, n: int, t: int) -> np.ndarray:
-    pad = [(0, n - x.shape[0])] + ([(0, t - x.shape[1])] if x.ndim > 1 else [])
-    return np.pad(x, pad)

@@ -10,6 +10,7 @@ Splash blocks are multiples of 128 (the kernel's minimum), so sequences are padd
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
@@ -20,6 +21,8 @@ import pytest
 from masa_jax import sampling
 from masa_jax.models import qwen
 from masa_jax.models.qwen import attention as attn_lib
+from masa_jax.models.qwen.logprobs import shared_prefix_logprobs
+from masa_jax.rl import batching
 from masa_jax.sampling import kv_cache
 
 CFG = qwen.ModelConfig(family="qwen3", vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -195,3 +198,29 @@ def test_pallas_kernels_on_a_mesh():
         # their last float32 bit between the two programs to neighbouring bfloat16 values; one decode
         # step on the same cache agrees to float32 rounding (checked by the kernel diffs above).
         assert x["max_logprob_diff"] <= 1e-3
+
+
+def test_shared_prefix_splash_matches_xla():
+    """The shared-prefix forward's attention (`shared_prefix_attention`: prefixes causal, each response
+    over its own prefix and causally over itself) with splash (prefix and suffix lengths padded to 128
+    apart, a causal mask offset by the padded prefix) against XLA: log-probs and gradients."""
+    rng = np.random.RandomState(3)
+    prompts = [rng.randint(1, CFG.vocab_size, n).tolist() for n in (5, 9)]
+    seqs = [(prompts[i % 2], rng.randint(1, CFG.vocab_size, int(rng.randint(1, 7))).tolist()) for i in range(6)]
+    b, place = batching.pack_shared([p for p, _ in seqs], [r for _, r in seqs], pad_id=0, rows_per_block=3)
+    params = qwen.init_params(CFG, jax.random.key(2), std=0.1)
+    mask = jnp.asarray(b["attention_mask"])
+
+    def loss(p, cfg):
+        lp = shared_prefix_logprobs(cfg, p, b["prefix_tokens"], b["prefix_mask"], b["tokens"], b["attention_mask"],
+                                    b["prefix_index"], chunk_size=8)
+        return jnp.sum(jnp.where(mask, lp, 0.0)), lp
+
+    pallas_cfg = dataclasses.replace(CFG, **PALLAS)
+    (l_x, lp_x), g_x = jax.value_and_grad(loss, has_aux=True)(params, CFG)
+    (l_p, lp_p), g_p = jax.value_and_grad(loss, has_aux=True)(params, pallas_cfg)
+    np.testing.assert_allclose(np.asarray(lp_p)[b["attention_mask"]], np.asarray(lp_x)[b["attention_mask"]],
+                               rtol=1e-4, atol=1e-5)
+    for a, c in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_x)):
+        np.testing.assert_allclose(a, c, atol=1e-4 * float(np.max(np.abs(c))) + 1e-7)
+    assert np.all(np.isfinite(np.asarray(lp_p)))

@@ -11,7 +11,7 @@ import numpy as np
 
 from masa_jax.models.qwen import ModelConfig, init_params
 from masa_jax.parallel.mesh import make_mesh
-from masa_jax.rl import train_step as ts
+from masa_jax.rl import batching, train_step as ts
 
 assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "")
 assert jax.device_count() == 8, jax.devices()
@@ -40,10 +40,22 @@ def make_batch():
                 advantages=rng.normal(size=N).astype(np.float32))
 
 
-def run(mesh, params, batch):
+def grouped_sequences():
+    """4 problems x 4 rollouts sharing each problem's prompt (the shared-prefix layout's case)."""
+    rng = np.random.default_rng(1)
+    prompts, responses = [], []
+    for _ in range(4):
+        prompt = rng.integers(1, CFG.vocab_size, int(rng.integers(3, 8))).tolist()
+        for _ in range(4):
+            prompts.append(prompt)
+            responses.append(rng.integers(1, CFG.vocab_size, int(rng.integers(2, 8))).tolist())
+    return prompts, responses, rng.normal(size=len(prompts)).astype(np.float32)
+
+
+def run(mesh, params, batch, micro=MICRO):
     state = ts.create_train_state(CFG, params, OPTIM, mesh, keep_reference=True)
-    clp = ts.make_compute_logprobs(CFG, mesh, MICRO, chunk_size=LOSS.chunk_size)
-    step = ts.make_train_step(CFG, LOSS, OPTIM, mesh, MICRO)
+    clp = ts.make_compute_logprobs(CFG, mesh, micro, chunk_size=LOSS.chunk_size)
+    step = ts.make_train_step(CFG, LOSS, OPTIM, mesh, micro)
     metrics, grads = [], []
     with jax.set_mesh(mesh):
         for _ in range(2):
@@ -70,6 +82,14 @@ def main():
     s1, m1, g1, _, c1 = run(make_mesh((1, 1, 1), devices=jax.devices()[:1]), params, batch)
     s8, m8, g8, same8, c8 = run(make_mesh((2, 2, 2)), params, batch)
     q = s8.params["layers"]["q_proj"]
+    # The shared-prefix layout on the (2, 2, 2) mesh (blocks of 2 rows, one per data-parallel device per
+    # micro-batch of 8) against the row layout on one device: the same two updates.
+    prompts, responses, adv = grouped_sequences()
+    rows = batching.pack_sequences(prompts, responses, pad_id=0, row_multiple=8, advantages=adv)
+    shared, _ = batching.pack_shared(prompts, responses, pad_id=0, rows_per_block=2, block_multiple=4,
+                                     advantages=adv)
+    r1, rm1, rg1, _, _ = run(make_mesh((1, 1, 1), devices=jax.devices()[:1]), params, rows, micro=8)
+    p8, pm8, pg8, psame8, pc8 = run(make_mesh((2, 2, 2)), params, shared, micro=8)
     out = {
         "devices": jax.device_count(),
         "grad_err": max(jax.tree.leaves(jax.tree.map(rel_err, g8, g1))),
@@ -95,6 +115,13 @@ def main():
         "q_proj_shape": list(q.shape),
         "compiles_1": c1,
         "compiles_8": c8,
+        "shared_blocks": list(shared["tokens"].shape[:2]) + [int(shared["prefix_tokens"].shape[1])],
+        "shared_grad_err": max(jax.tree.leaves(jax.tree.map(rel_err, pg8, rg1))),
+        "shared_param_err": max(jax.tree.leaves(jax.tree.map(rel_err, p8.params, r1.params))),
+        "shared_metrics_differing": [(k, float(a[k]), float(b[k])) for a, b in zip(pm8, rm1) for k in b
+                                     if not abs(float(a[k]) - float(b[k])) <= 1e-5 * abs(float(b[k])) + 1e-6],
+        "shared_shardings_as_configured": psame8,
+        "shared_compiles_8": pc8,
     }
     print("RESULT " + json.dumps(out))
 

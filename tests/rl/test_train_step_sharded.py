@@ -1,5 +1,5 @@
 """The sharded step on 8 fake CPU devices equals the 1-device step, keeps params / optimizer state /
-reference params sharded as configured, and compiles once. Runs sharded_step_main.py in a subprocess
+reference params sharded as configured, and compiles once; so does the shared-prefix layout. Runs sharded_step_main.py in a subprocess
 because the device count must be fixed before jax is imported."""
 import json
 import os
@@ -42,3 +42,10 @@ def test_sharded_step_matches_single_device():
 
     # compute_logprobs and the RL step each compiled once for their fixed shapes.
     assert r["compiles_1"] == [1, 1] and r["compiles_8"] == [1, 1]
+
+    # The shared-prefix layout sharded over the 4 data-parallel devices (8 blocks of 2 rows, 1 prompt
+    # each) gives the 1-device row layout's two updates.
+    assert r["shared_blocks"] == [8, 2, 1]
+    assert r["shared_grad_err"] <= 1e-5 and r["shared_param_err"] <= 1e-5, r
+    assert r["shared_metrics_differing"] == [], r
+    assert r["shared_shardings_as_configured"] and r["shared_compiles_8"] == [1, 1]

@@ -9,7 +9,7 @@ import pytest
 
 from masa_jax import components
 from masa_jax.config import base_config
-from masa_jax.rl import grpo, train_step as ts, update
+from masa_jax.rl import batching, grpo, train_step as ts, update
 from masa_jax.rl.sequences import TrainingSequences
 
 P, G, M = 4, 2, 2  # problems, solution and meta rollouts per problem: 16 sequences, 4 per problem
@@ -34,20 +34,31 @@ def updater(config, tiny, host_params, mesh1):
     return update.Updater.create(components.updater_config(config), tiny, host_params, mesh1, pad_id=0)
 
 
+@pytest.fixture(scope="module")
+def updater_rows(config, tiny, host_params, mesh1):
+    c = config.copy_and_resolve_references()
+    c.rl.prefix_sharing = False
+    return update.Updater.create(components.updater_config(c), tiny, host_params, mesh1, pad_id=0)
+
+
 @pytest.fixture
 def fresh_state(config, tiny, host_params, mesh1):
     return lambda: ts.create_train_state(tiny, host_params, components.optim_config(config), mesh1)
 
 
-def fake_rollouts(seed: int = 0):
+def fake_rollouts(seed: int = 0, shared_prompts: bool = True):
     """Solution rollouts of every problem, then meta rollouts (the Rollouts order); each prompt starts
-    with token 1 + its problem index, so a mini-batch's problems can be read off its tokens."""
+    with token 1 + its problem index, so a mini-batch's problems can be read off its tokens. The rollouts
+    of one problem and path share their prompt (as in a run), or with shared_prompts=False each has its own."""
     rng = np.random.default_rng(seed)
     prompts, responses, logps, adv, problem = [], [], [], [], []
     for kind, n in ((0, G), (1, M)):
         for p in range(P):
+            prompt = [1 + p] + rng.integers(10, 64, int(rng.integers(30, 60))).tolist()
             for i in range(n):
-                prompts.append([1 + p] + rng.integers(10, 64, int(rng.integers(2, 8))).tolist())
+                if not shared_prompts:
+                    prompt = [1 + p] + rng.integers(10, 64, int(rng.integers(30, 60))).tolist()
+                prompts.append(prompt)
                 responses.append(rng.integers(10, 64, int(rng.integers(3, 12))).tolist())
                 logps.append(-rng.random(len(responses[-1])).astype(np.float32))
                 adv.append(1.0 if (i + p + kind) % 2 else -1.0)  # both signs in every group
@@ -64,10 +75,19 @@ class Spy:
 
     def __call__(self, state, batch, advance=True):
         state, m = self.step(state, batch, advance)
-        tokens, attn = np.asarray(batch["tokens"]), np.asarray(batch["attention_mask"])
-        problems = tokens[attn[:, 0], 0] - 1
-        self.calls.append(dict(problems=problems, advance=advance, metrics=jax.device_get(m)))
+        self.calls.append(dict(problems=problems_of(batch), advance=advance, metrics=jax.device_get(m)))
         return state, m
+
+
+def problems_of(batch) -> np.ndarray:
+    """The problem of every real row of a packed batch (either layout), read off its prompt's first token."""
+    if batching.is_shared(batch):
+        prefixes, index = np.asarray(batch["prefix_tokens"]), np.asarray(batch["prefix_index"])
+        real = np.asarray(batch["attention_mask"]).any(axis=-1)              # [Bk, n]
+        first = np.take_along_axis(prefixes[:, :, 0], index, axis=1)         # [Bk, n]
+        return first[real] - 1
+    tokens, attn = np.asarray(batch["tokens"]), np.asarray(batch["attention_mask"])
+    return tokens[attn[:, 0], 0] - 1
 
 
 def spied(updater, **fields):
@@ -92,8 +112,8 @@ def test_one_minibatch_is_the_plain_step(updater, fresh_state, mini_batch_size):
     state, m = up.policy_update(fresh_state(), ro)
 
     ref = fresh_state()
-    local = up.pack(ro.prompt_ids, ro.response_ids, advantages=ro.advantages,
-                    sampler_logprobs=ro.sampler_logprobs)
+    assert up.prefix_sharing  # the default
+    local, _ = up.pack_shared(ro, sampler_logprobs=ro.sampler_logprobs)
     batch = up.to_global(local)
     old, _ = up.compute_logprobs(ref.params, batch)
     batch = {k: v for k, v in batch.items() if k != "sampler_logprobs"}
@@ -165,6 +185,42 @@ def test_same_step_same_shuffle_same_params(updater, fresh_state):
     assert runs[0][1] == runs[1][1]
     assert_trees_equal(runs[0][0].params, runs[1][0].params)
     assert runs[0][1][:P] != runs[0][1][P:]  # the second epoch is a new shuffle of the 4 problems
+
+
+@pytest.mark.parametrize("mini_batch_size", [0, 2])
+def test_prefix_sharing_on_and_off_give_the_same_update(updater, updater_rows, fresh_state, mini_batch_size):
+    """rl.prefix_sharing changes how the batch is laid out and computed, not the update: the same
+    mini-batches (same shuffle), losses, gradient norms and params within float32 rounding, with fewer
+    tokens through the forward."""
+    ro = fake_rollouts(2)
+    out = {}
+    for name, base in (("shared", updater), ("rows", updater_rows)):
+        up = spied(base, mini_batch_size=mini_batch_size, ppo_epochs=1)
+        state, m = up.policy_update(fresh_state(), ro)
+        out[name] = (jax.device_get(state.params), m, [sorted(c["problems"].tolist()) for c in up.train_step.calls])
+    (p_s, m_s, calls_s), (p_r, m_r, calls_r) = out["shared"], out["rows"]
+    assert calls_s == calls_r and len(calls_s) == (1 if mini_batch_size == 0 else 2)
+    for k in ("actor/loss", "actor/grad_norm", "actor/entropy", "actor/ppo_kl", "actor/clip_fraction"):
+        assert m_s[k] == pytest.approx(m_r[k], rel=1e-4, abs=1e-7), k
+    assert m_s["actor/num_tokens"] == m_r["actor/num_tokens"] and m_s["actor/batch_rows"] == m_r["actor/batch_rows"]
+    assert m_s["actor/forward_tokens"] < m_r["actor/forward_tokens"]
+    assert m_s["actor/prefix_shared"] == 1.0 and m_r["actor/prefix_shared"] == 0.0
+    # One update: rounding-level. Two: the second Adam step (lr 0.025, near sign-like) divides rounding
+    # differences in near-zero gradients by their own tiny second moments: the row layout with micro-batch
+    # 8 instead of 4 (only the summation order changes) already moves these params 0.7 % of the step
+    # apart (measured 2026-12-04), so two updates are compared at 2 %.
+    tol = 1e-4 if mini_batch_size == 0 else 2e-2
+    p0 = jax.device_get(fresh_state().params)
+    for a, b, c in zip(jax.tree.leaves(p_s), jax.tree.leaves(p_r), jax.tree.leaves(p0)):
+        np.testing.assert_allclose(a - c, b - c, atol=tol * float(np.max(np.abs(b - c))) + 1e-7)
+
+
+def test_rows_that_share_no_prompt_keep_the_row_layout(updater, updater_rows, fresh_state):
+    ro = fake_rollouts(3, shared_prompts=False)
+    _, m = updater.policy_update(fresh_state(), ro)
+    _, m_rows = updater_rows.policy_update(fresh_state(), ro)
+    assert m["actor/prefix_shared"] == 0.0
+    assert m["actor/loss"] == m_rows["actor/loss"] and m["actor/forward_tokens"] == m_rows["actor/forward_tokens"]
 
 
 def test_empty_step_changes_nothing(updater, fresh_state):

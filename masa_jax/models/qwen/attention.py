@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from typing import Any, Callable
 
 import jax
@@ -102,6 +103,54 @@ def sequence_attention(cfg: ModelConfig, valid: jax.Array) -> Attend:
         return attention(cfg, q, k, v, mask), None
 
     return attend
+
+
+def shared_prefix_attention(cfg: ModelConfig, prefix_valid: jax.Array, valid: jax.Array,
+                            prefix_index: jax.Array) -> Attend:
+    """Attention of the shared-prefix forward (`model.shared_prefix_hidden_states`): each layer sees one
+    stream per block, the block's u prefixes of P tokens then its n suffixes of S tokens, flattened
+    ([Bk, u * P + n * S, ...]). A prefix attends causally to itself; a suffix attends to all real tokens of
+    its own prefix (`prefix_index` [Bk, n] into the block's u) and causally to itself, so each suffix
+    token sees exactly what it sees in the unshared row prompt ++ response.
+
+    prefix_valid bool [Bk, u, P] (real prompt tokens, right-padded), valid bool [Bk, n, S] (real response
+    tokens). The prefix's K / V reach the suffixes by a gather with a batch dimension (block), which the
+    SPMD partitioner keeps on the block's device; its transpose sums each suffix's key / value gradients
+    back into the shared prefix, so gradients are those of the unshared rows.
+    """
+    Bk, u, P = prefix_valid.shape
+    n, S = valid.shape[1:]
+    gather = jax.vmap(lambda x, i: jnp.take(x, i, axis=0))      # per block: [u, ...] at [n] -> [n, ...]
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])              # [Bk, m, L, ...] -> [Bk * m, L, ...]
+    own_prefix_valid = flat(gather(prefix_valid, prefix_index))  # [Bk * n, P]
+    if use_pallas(cfg):
+        return _splash_shared_prefix_attention(cfg, prefix_valid, valid, own_prefix_valid, prefix_index)
+    prefix_mask = causal_mask(flat(prefix_valid))                                   # [Bk * u, P, P]
+    suffix_mask = jnp.concatenate([jnp.broadcast_to(own_prefix_valid[:, None, :], (Bk * n, S, P)),
+                                   causal_mask(flat(valid))], axis=-1)              # [Bk * n, S, P + S]
+
+    def attend(q, k, v):
+        (qp, qs), (kp, ks), (vp, vs) = (split_streams(x, u, P, n, S) for x in (q, k, v))
+        out_p = attention(cfg, flat(qp), flat(kp), flat(vp), prefix_mask)
+        keys = jnp.concatenate([flat(gather(kp, prefix_index)), flat(ks)], axis=1)
+        values = jnp.concatenate([flat(gather(vp, prefix_index)), flat(vs)], axis=1)
+        out_s = attention(cfg, flat(qs), keys, values, suffix_mask)
+        return join_streams(out_p.reshape(qp.shape), out_s.reshape(qs.shape)), None
+
+    return attend
+
+
+def split_streams(x: jax.Array, u: int, P: int, n: int, S: int) -> tuple[jax.Array, jax.Array]:
+    """[Bk, u * P + n * S, ...] -> prefixes [Bk, u, P, ...], suffixes [Bk, n, S, ...]."""
+    Bk, rest = x.shape[0], x.shape[2:]
+    return x[:, :u * P].reshape((Bk, u, P) + rest), x[:, u * P:].reshape((Bk, n, S) + rest)
+
+
+def join_streams(prefixes: jax.Array, suffixes: jax.Array) -> jax.Array:
+    """Inverse of `split_streams`."""
+    Bk = prefixes.shape[0]
+    return jnp.concatenate([prefixes.reshape((Bk, -1) + prefixes.shape[3:]),
+                            suffixes.reshape((Bk, -1) + suffixes.shape[3:])], axis=1)
 
 
 # ------------------------------------------------------------------------------------ per-shard runs
@@ -224,6 +273,77 @@ def _splash_sequence_attention(cfg: ModelConfig, valid: jax.Array) -> Attend:
         # nothing downstream (e.g. a gradient through a masked loss) can pick it up.
         out = jnp.where(valid[:, :, None, None], out, jnp.zeros((), out.dtype))
         return constrain(out, ("batch", "seq", "act_heads", None)), None
+
+    return attend
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_offset_kernel(num_heads: int, Tq: int, Tk: int, block: int, interpret: bool):
+    """Splash kernel for Tq queries over Tk = offset + Tq keys, query s seeing keys <= offset + s (the
+    suffix queries of the shared-prefix forward over [own prefix | own suffix])."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    mask = sa.MultiHeadMask([sa.CausalMask((Tq, Tk), offset=Tk - Tq) for _ in range(num_heads)])
+    b = block
+    sizes = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                          block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    with jax.ensure_compile_time_eval():
+        return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _shared_prefix_kernel_shape(P: int, S: int) -> tuple[int, int, int]:
+    """(padded prefix, padded response, block) of the suffix kernel for prefixes of P and responses of S."""
+    Pp, Sp = -(-P // 128) * 128, -(-S // 128) * 128
+    return Pp, Sp, splash_block(math.gcd(Pp, Sp))[1]
+
+
+def prebuild_shared_prefix_kernels(cfg: ModelConfig, P: int, S: int, head_counts) -> None:
+    """`prebuild_splash_kernels` for the responses' kernel of the shared-prefix forward."""
+    Pp, Sp, block = _shared_prefix_kernel_shape(P, S)
+    for heads in head_counts:
+        _splash_offset_kernel(heads, Sp, Pp + Sp, block, cfg.pallas_interpret)
+
+
+def _splash_shared_prefix_attention(cfg: ModelConfig, prefix_valid, valid, own_prefix_valid, prefix_index
+                                    ) -> Attend:
+    """`shared_prefix_attention` with splash: the prefixes as in `_splash_sequence_attention`; each
+    suffix over [its prefix padded to a multiple of 128 | itself padded likewise] with a causal mask offset
+    by the padded prefix, segment 1 on real tokens and 0 on padding (a padding query sees padding keys,
+    itself among them, so no softmax row is empty; its output is zeroed)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    Bk, u, P = prefix_valid.shape
+    n, S = valid.shape[1:]
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])
+    gather = jax.vmap(lambda x, i: jnp.take(x, i, axis=0))
+    prefix_attend = _splash_sequence_attention(cfg, flat(prefix_valid))
+    Pp, Sp, block = _shared_prefix_kernel_shape(P, S)
+    pad_to = lambda x, L: jnp.pad(x, ((0, 0), (0, L - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+    q_seg = pad_to(flat(valid).astype(jnp.int32), Sp)
+    kv_seg = jnp.concatenate([pad_to(own_prefix_valid.astype(jnp.int32), Pp), q_seg], axis=1)
+    suffix_valid = flat(valid)
+
+    def attend(q, k, v):
+        (qp, qs), (kp, ks), (vp, vs) = (split_streams(x, u, P, n, S) for x in (q, k, v))
+        out_p, _ = prefix_attend(flat(qp), flat(kp), flat(vp))
+        hd = qs.shape[-1]
+        qf = (pad_to(flat(qs), Sp).astype(jnp.float32) * hd ** -0.5).astype(qs.dtype)
+        kf = jnp.concatenate([pad_to(flat(gather(kp, prefix_index)), Pp), pad_to(flat(ks), Sp)], axis=1)
+        vf = jnp.concatenate([pad_to(flat(gather(vp, prefix_index)), Pp), pad_to(flat(vs), Sp)], axis=1)
+        qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (qf, kf, vf))
+
+        def local(qt, kt, vt, qseg, kseg):
+            kernel = _splash_offset_kernel(qt.shape[1], Sp, Pp + Sp, block, cfg.pallas_interpret)
+            one = lambda q1, k1, v1, s1, s2: kernel(q1, k1, v1, segment_ids=sa.SegmentIds(q=s1, kv=s2))
+            return jax.vmap(one)(qt, kt, vt, qseg, kseg)
+
+        heads = lambda name: ("batch", name, "seq", None)
+        out = _run_per_shard(local, (qt, kt, vt, q_seg, kv_seg),
+                             (heads("act_heads"), heads("act_kv_heads"), heads("act_kv_heads"), ("batch", "seq"),
+                              ("batch", "seq")), TRAIN_RULES)
+        out_s = jnp.swapaxes(out, 1, 2)[:, :S].astype(qs.dtype)
+        out_s = jnp.where(suffix_valid[:, :, None, None], out_s, jnp.zeros((), out_s.dtype))
+        return join_streams(out_p.reshape(qp.shape), out_s.reshape(qs.shape)), None
 
     return attend
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from masa_jax.models.qwen.config import ModelConfig
-from masa_jax.models.qwen.model import Params, hidden_states, unembed
+from masa_jax.models.qwen.model import Params, hidden_states, shared_prefix_hidden_states, unembed
 
 
 def logprobs_from_hidden(cfg: ModelConfig, params: Params, hidden: jax.Array, targets: jax.Array, *,
@@ -66,3 +66,25 @@ def token_logprobs(cfg: ModelConfig, params: Params, tokens: jax.Array, attentio
     if return_entropy:
         return pad0(out[0]), pad0(out[1])
     return pad0(out)
+
+
+def shared_prefix_logprobs(cfg: ModelConfig, params: Params, prefix_tokens: jax.Array, prefix_mask: jax.Array,
+                           tokens: jax.Array, attention_mask: jax.Array, prefix_index: jax.Array, *,
+                           temperature: float = 1.0, chunk_size: int = 256, return_entropy: bool = False):
+    """`token_logprobs` of the responses of a shared-prefix batch (`model.shared_prefix_hidden_states`):
+    float32 [Bk, n, S], out[b, j, s] = log p(tokens[b, j, s] | prompt, tokens[b, j, :s]) (and the entropy).
+
+    The first response token is scored from its prompt's last hidden state, the others from the
+    response's own, so every response token gets the log-prob the unshared row gives it.
+    """
+    hp, hs = shared_prefix_hidden_states(cfg, params, prefix_tokens, prefix_mask, tokens, attention_mask,
+                                         prefix_index)
+    Bk, n, S, D = hs.shape
+    last = jnp.maximum(jnp.sum(prefix_mask, axis=-1, dtype=jnp.int32) - 1, 0)         # [Bk, u]
+    prefix_last = jnp.take_along_axis(hp, last[:, :, None, None], axis=2)[:, :, 0]      # [Bk, u, D]
+    own_last = jnp.take_along_axis(prefix_last, prefix_index[..., None], axis=1)        # [Bk, n, D]
+    h = jnp.concatenate([own_last[:, :, None], hs[:, :, :-1]], axis=2).reshape(Bk * n, S, D)
+    out = logprobs_from_hidden(cfg, params, h, tokens.reshape(Bk * n, S), temperature=temperature,
+                               chunk_size=chunk_size, return_entropy=return_entropy)
+    shape = lambda x: x.reshape(Bk, n, S)
+    return (shape(out[0]), shape(out[1])) if return_entropy else shape(out)

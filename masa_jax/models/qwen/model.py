@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-from masa_jax.models.qwen.attention import Attend, attention, causal_mask, sequence_attention  # noqa: F401
+from masa_jax.models.qwen.attention import (Attend, attention, causal_mask, join_streams,  # noqa: F401
+                                           sequence_attention, shared_prefix_attention, split_streams)
 from masa_jax.models.qwen.config import ModelConfig
 from masa_jax.parallel.rules import constrain
 
@@ -262,8 +263,11 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, attention
         positions = positions_from_mask(attention_mask)
     rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
     attend = sequence_attention(cfg, attention_mask)
-    x = embed(cfg, params, tokens)
+    return _scan_layers(cfg, params, embed(cfg, params, tokens), rope, attend)
 
+
+def _scan_layers(cfg: ModelConfig, params: Params, x: jax.Array, rope, attend: Attend) -> jax.Array:
+    """The decoder layers over x [B, T, D] (scanned; remat per `cfg.remat`), then the final norm."""
     # attend is bound (not an argument): jax.checkpoint only takes arrays.
     layer = functools.partial(decoder_layer, cfg, attend=attend)
     if cfg.remat != "none":
@@ -274,6 +278,33 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, attention
 
     x, _ = jax.lax.scan(body, x, params["layers"])
     return rms_norm(x, params["final_norm"].astype(cfg.jnp_dtype), cfg.rms_norm_eps)
+
+
+def shared_prefix_hidden_states(cfg: ModelConfig, params: Params, prefix_tokens: jax.Array,
+                                prefix_mask: jax.Array, tokens: jax.Array, attention_mask: jax.Array,
+                                prefix_index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The forward of rows prompt ++ response where rows share prompts, each prompt computed once.
+
+    Blocks of rows (the leading axis Bk, sharded like a batch): a block's u prompts prefix_tokens
+    [Bk, u, P] (right-padded, prefix_mask True on real tokens) and its n responses tokens [Bk, n, S]
+    (right-padded, attention_mask True on real tokens), response j continuing prompt prefix_index[:, j].
+    Every layer runs once over the block's u * P + n * S tokens (`attention.shared_prefix_attention`),
+    instead of n * (P + S) for the unshared rows; positions are those of the unshared row (prompt 0 ..
+    p-1, response p ..). Returns final-normed hidden states (prefixes [Bk, u, P, D], responses
+    [Bk, n, S, D]); each real token's equals the unshared row's, and so do the gradients.
+    """
+    Bk, u, P = prefix_tokens.shape
+    n, S = tokens.shape[1:]
+    prefix_len = jnp.sum(prefix_mask, axis=-1, dtype=jnp.int32)                      # [Bk, u]
+    own_len = jnp.take_along_axis(prefix_len, prefix_index, axis=1)                 # [Bk, n]
+    prefix_pos = positions_from_mask(prefix_mask)                                   # [Bk, u, P]
+    suffix_pos = own_len[..., None] + jnp.arange(S, dtype=jnp.int32)                # [Bk, n, S]
+    positions = join_streams(prefix_pos[..., None], suffix_pos[..., None])[..., 0]  # [Bk, u P + n S]
+    rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    attend = shared_prefix_attention(cfg, prefix_mask.astype(bool), attention_mask.astype(bool), prefix_index)
+    x = embed(cfg, params, join_streams(prefix_tokens[..., None], tokens[..., None])[..., 0])
+    h = _scan_layers(cfg, params, x, rope, attend)
+    return split_streams(h, u, P, n, S)
 
 
 def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, attention_mask: jax.Array | None = None,
