@@ -90,6 +90,7 @@ def base_config() -> mlc.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.dtype = "bfloat16"    # compute dtype
     c.model.remat = "full"        # none | full | save_dots
+    c.model.scan_unroll = 1       # layers per layer-scan iteration (ModelConfig.scan_unroll; CPU: num_layers is faster)
     c.model.attention_impl = "xla"  # xla | cudnn | pallas (TPU kernels; falls back to xla elsewhere)
 
     # LoRA (parameter-efficient RL, masa_jax/models/qwen/lora.py LoraConfig): rank 0 = off (full fine-tuning).
@@ -233,7 +234,7 @@ _COUNTS = ("total_steps", "data.problems_per_step", "data.max_prompt_length", "r
            "rollout.max_response_length", "rollout.num_slots", "meta.k", "bc.buffer_size", "rl.ppo_epochs",
            "rl.micro_batch_size", "rl.chunk_size", "reward.num_workers", "checkpoint.every",
            "checkpoint.max_to_keep", "efficient.auto_switch_window", "log.calibration_steps",
-           "reward.max_answer_chars", "reward.max_gold_chars", "reward.worker_memory_mb")
+           "reward.max_answer_chars", "reward.max_gold_chars", "reward.worker_memory_mb", "model.scan_unroll")
 _META_COUNTS = ("rollout.num_meta", "rollout.meta_max_new_tokens")  # only read when the meta path runs
 
 

@@ -138,3 +138,28 @@ def test_remat_policies_agree(setup):
         rel = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max() / jnp.abs(b).max()), grads, ref_grads)
         assert max(jax.tree.leaves(rel)) <= 1e-5, rel
     assert float(jnp.abs(ref_grads["layers"]["down_proj"]).max()) > 1e-2
+
+
+@pytest.mark.parametrize("unroll", [2, 5])
+def test_scan_unroll_changes_nothing(setup, unroll):
+    """ModelConfig.scan_unroll (2 = num_layers, 5 > num_layers: fully unrolled) gives the scanned model's
+    log-probs and gradients."""
+    params, tokens, mask = setup
+    unrolled = CFG.replace(scan_unroll=unroll)
+
+    def loss(cfg, p):
+        return jnp.sum(qwen.token_logprobs(cfg, p, tokens, mask, chunk_size=4) * mask)
+
+    base = jax.jit(jax.value_and_grad(functools.partial(loss, CFG)))(params)
+    other = jax.jit(jax.value_and_grad(functools.partial(loss, unrolled)))(params)
+    np.testing.assert_allclose(other[0], base[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(other[1]), jax.tree.leaves(base[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b))))
+    # and the unrolled program really has lost its layer loop (the log-prob chunk scan stays)
+    loops = lambda cfg: jax.jit(functools.partial(loss, cfg)).lower(params).as_text().count("stablehlo.while")
+    assert loops(unrolled) == loops(CFG) - 1
+
+
+def test_scan_unroll_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match="scan_unroll"):
+        CFG.replace(scan_unroll=0)

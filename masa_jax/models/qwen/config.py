@@ -48,6 +48,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"  # one of REMAT_POLICIES; applied per scanned layer
+    # Layers per iteration of the layer scan (lax.scan's unroll; >= num_layers: fully unrolled). 1 keeps
+    # compile time flat in depth (accelerators); on XLA CPU the scan's stacking of per-layer residuals
+    # and gradients costs ~15 % of a small model's backward, which unrolling removes (docs/benchmarks.md).
+    scan_unroll: int = 1
     # "xla" / "cudnn": jax.nn.dot_product_attention (decode: einsums over the dense cache). "pallas":
     # Pallas TPU kernels, splash attention for training / prefill and paged attention for decode; on
     # other backends it falls back to "xla" with a warning (see models/qwen/attention.py).
@@ -63,6 +67,8 @@ class ModelConfig:
             raise UnsupportedConfigError(f"unknown model family {self.family!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if isinstance(self.scan_unroll, bool) or not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
+            raise ValueError(f"scan_unroll must be an integer >= 1, got {self.scan_unroll!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.num_heads % self.num_kv_heads:

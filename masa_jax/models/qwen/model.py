@@ -276,7 +276,7 @@ def _scan_layers(cfg: ModelConfig, params: Params, x: jax.Array, rope, attend: A
     def body(x, lp):
         return layer(x, lp, rope)[0], None
 
-    x, _ = jax.lax.scan(body, x, params["layers"])
+    x, _ = jax.lax.scan(body, x, params["layers"], unroll=min(cfg.scan_unroll, cfg.num_layers))
     return rms_norm(x, params["final_norm"].astype(cfg.jnp_dtype), cfg.rms_norm_eps)
 
 
