@@ -25,12 +25,11 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_prefix_sharing import SHAPE  # noqa: E402  the sampler-side benchmark's model
 from masa_jax.models import qwen  # noqa: E402
 from masa_jax.parallel.mesh import make_mesh  # noqa: E402
 from masa_jax.rl import batching, train_step as ts  # noqa: E402
-
-SHAPE = dict(family="qwen3", vocab_size=1024, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
-             num_kv_heads=2, head_dim=64, tie_word_embeddings=True, max_position_embeddings=40960)
 
 
 def main() -> None:
