@@ -283,7 +283,7 @@ def shared_shapes(config, dp: int) -> SharedShapes:
     groups = [r.num_solutions] + ([r.num_meta] if config_lib.uses_meta(config) else [])
     need = 1 if all(g % n == 0 for g in groups) else -(-(n - 1) // min(groups)) + 1
     buckets = batching.default_buckets(shp.seq_len)
-    return SharedShapes(blocks=shp.minibatch_rows // n, rows=n, prompts=batching._bucket_pow2(min(need, n), n),
+    return SharedShapes(blocks=shp.minibatch_rows // n, rows=n, prompts=batching.pow2_bucket(min(need, n), n),
                         prefix_len=batching.bucket_length(d.max_prompt_length, buckets),
                         response_len=batching.bucket_length(shp.max_new_tokens, buckets))
 

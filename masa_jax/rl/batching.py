@@ -38,15 +38,21 @@ def default_buckets(max_len: int, smallest: int = 64) -> tuple[int, ...]:
     return tuple(out)
 
 
+def rows_shape(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], *, row_multiple: int = 1,
+               buckets: Sequence[int] = ()) -> tuple[int, int]:
+    """(N, T) of the batch `pack_sequences` builds, without building it."""
+    n = len(prompt_ids)
+    longest = max([len(p) + len(r) for p, r in zip(prompt_ids, response_ids)] + [1])
+    return (max(row_multiple, -(-n // row_multiple) * row_multiple),
+            bucket_length(longest, buckets) if buckets else longest)
+
+
 def pack_sequences(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], *, pad_id: int,
                    row_multiple: int = 1, buckets: Sequence[int] = (), advantages: np.ndarray | None = None,
                    sampler_logprobs: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Padded numpy batch: tokens int32 [N, T], attention_mask / loss_mask bool [N, T],
     advantages float32 [N] (if given), sampler_logprobs float32 [N, T] aligned with tokens (if given)."""
-    n = len(prompt_ids)
-    rows = max(row_multiple, -(-n // row_multiple) * row_multiple)
-    longest = max([len(p) + len(r) for p, r in zip(prompt_ids, response_ids)] + [1])
-    T = bucket_length(longest, buckets) if buckets else longest
+    rows, T = rows_shape(prompt_ids, response_ids, row_multiple=row_multiple, buckets=buckets)
     tokens = np.full((rows, T), pad_id, np.int32)
     attn = np.zeros((rows, T), bool)
     loss = np.zeros((rows, T), bool)
@@ -62,14 +68,15 @@ def pack_sequences(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[S
     batch = {"tokens": tokens, "attention_mask": attn, "loss_mask": loss}
     if advantages is not None:
         adv = np.zeros(rows, np.float32)
-        adv[:n] = advantages
+        adv[:len(prompt_ids)] = advantages
         batch["advantages"] = adv
     if sampler_logprobs is not None:
         batch["sampler_logprobs"] = slp
     return batch
 
 
-def _bucket_pow2(n: int, cap: int) -> int:
+def pow2_bucket(n: int, cap: int) -> int:
+    """The smallest power of two >= n, at most cap."""
     b = 1
     while b < n:
         b *= 2
@@ -104,7 +111,7 @@ def pack_shared(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequ
     blocks = [order[b:b + n] for b in range(0, N, n)] or [[]]
     num_blocks = -(-len(blocks) // block_multiple) * block_multiple
     block_prompts = [list(dict.fromkeys(keys[i] for i in rows)) for rows in blocks]
-    u = _bucket_pow2(max(len(p) for p in block_prompts), n) if N else 1
+    u = pow2_bucket(max(len(p) for p in block_prompts), n)
     longest_p = max([len(k) for k in keys] + [1, min_prefix_len])
     longest_s = max([len(r) for r in response_ids] + [1])
     P = bucket_length(longest_p, buckets) if buckets else longest_p

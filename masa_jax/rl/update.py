@@ -16,8 +16,8 @@ Prefix sharing (`rl.prefix_sharing`, on by default): the RL batches are packed i
 layout (`batching.pack_shared`: each prompt once per block of micro_batch_size / data-parallel rows), so
 the old-log-prob pass and the update compute each prompt once per block instead of once per rollout,
 with the same loss and gradients (tests/rl/test_shared_prefix.py) - whenever that computes fewer tokens
-than the row layout (a step whose rows share no prompts keeps rows; `actor/prefix_shared` says which). The BC batches (one row per expert,
-prompts distinct) keep the row layout.
+than the row layout (a step whose rows share no prompts keeps rows; `actor/prefix_shared` says which).
+The BC batches (one row per expert, prompts distinct) keep the row layout.
 """
 from __future__ import annotations
 
@@ -164,13 +164,15 @@ class Updater:
         n_seqs, n_problems, host_max_problems = _global_counts(seqs.problem)
         if n_seqs == 0:  # every problem gated: nothing to learn from this step
             return state, {"actor/empty_batch": 1.0}
-        local = self.pack(seqs.prompt_ids, seqs.response_ids, advantages=seqs.advantages,
-                          sampler_logprobs=seqs.sampler_logprobs)
         shared = False
         if self.prefix_sharing:
-            shared_local, place = self.pack_shared(seqs, sampler_logprobs=seqs.sampler_logprobs)
-            shared = _fewer_forward_tokens(shared_local, local)
-            local = shared_local if shared else local
+            local, place = self.pack_shared(seqs, sampler_logprobs=seqs.sampler_logprobs)
+            rows, length = batching.rows_shape(seqs.prompt_ids, seqs.response_ids,
+                                               row_multiple=self.micro_batch_size, buckets=self.buckets)
+            shared = _fewer_forward_tokens(_batch_size(local)[2], rows * length)
+        if not shared:
+            local = self.pack(seqs.prompt_ids, seqs.response_ids, advantages=seqs.advantages,
+                              sampler_logprobs=seqs.sampler_logprobs)
         batch = self.to_global(local)
         old_logprobs, lp_metrics = self.compute_logprobs(self.policy_params(state), batch)
         batch = {k: v for k, v in batch.items() if k != "sampler_logprobs"}
@@ -291,11 +293,11 @@ def _local_rows(x: jax.Array, n: int, t: int) -> np.ndarray:
     return _local_part(x)[:n, :t]
 
 
-def _fewer_forward_tokens(shared: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> bool:
+def _fewer_forward_tokens(shared_tokens: int, row_tokens: int) -> bool:
     """Whether the shared-prefix layout computes fewer tokens than the row layout, over all processes
     (they must agree: the two layouts are different programs). Rows that share no prompt (every prompt
     distinct, e.g. one rollout per problem) pay the two layouts' separate length buckets for nothing."""
-    counts = np.array([_batch_size(shared)[2], _batch_size(rows)[2]], np.int64)
+    counts = np.array([shared_tokens, row_tokens], np.int64)
     if jax.process_count() > 1:
         counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(axis=0)
     return bool(counts[0] < counts[1])
