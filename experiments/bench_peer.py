@@ -123,7 +123,8 @@ class Ours:
         from masa_jax.rl import train_step as ts
         self.jax, self.sampling, self.ts = jax, sampling, ts
         self.mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
-        self.cfg, params = qwen.from_pretrained(ckpt, mesh=self.mesh, remat=args.remat, scan_unroll=args.scan_unroll)
+        self.cfg, params = qwen.from_pretrained(ckpt, mesh=self.mesh, remat=args.remat, scan_unroll=args.scan_unroll,
+                                                scan_layers=args.scan_layers)
         self.sp = sampling.to_sampling_params(self.cfg, params)
         self.params = params
         self.host_params = jax.device_get(params)  # what every update case starts from
@@ -334,8 +335,11 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=512, help="masa_jax log-prob chunk (LossConfig.chunk_size)")
     ap.add_argument("--remat", default="none", help="masa_jax ModelConfig.remat (Tunix: RematConfig.NONE)")
     ap.add_argument("--scan-unroll", type=int, default=1,
-                    help="masa_jax ModelConfig.scan_unroll (default 1: the scanned layers every config ships; "
-                         "4 = the model's depth: unrolled, as Tunix's Python loop over layers)")
+                    help="masa_jax ModelConfig.scan_unroll with --scan-layers true (default 1; 4 = the model's "
+                         "depth: the scan unrolled)")
+    ap.add_argument("--scan-layers", type=lambda s: {"true": True, "false": False}[s.lower()], default=False,
+                    help="masa_jax ModelConfig.scan_layers (default false, as configs/tiny.py, the CPU config: "
+                         "a Python loop over the layers; true: lax.scan, what the accelerator configs run)")
     ap.add_argument("--rounds", type=int, default=None, help="A B B A rounds per case (default 3)")
     ap.add_argument("--warmup", type=int, default=2,
                     help="untimed calls per side before the rounds (the first compiles; Tunix's update "

@@ -5,9 +5,10 @@
 bench_peer's model (hidden 256, ffn 768, 4 layers, 4 / 2 heads, head_dim 64, vocab 1024, tied, float32,
 random weights), 16 x 256 tokens. Times (medians of --reps calls after two warm-up calls) of the jitted
 forward and forward + backward of the summed squared final hidden states, with the layers
-  scan          as the model runs them (`lax.scan`, ModelConfig.scan_unroll = 1),
+  scan          the layer scan (`lax.scan`, ModelConfig.scan_unroll = 1: the accelerator configs),
   scan_unroll   `scan_unroll = num_layers` (lax.scan unrolled),
-  python_loop   a static Python loop over the stacked layers (what Tunix does; not used by masa_jax),
+  layer_loop    ModelConfig.scan_layers = False: a Python loop over the stacked layers (configs/tiny.py,
+                the CPU config; Tunix loops over its layers too),
   no_attention  the scan with attention replaced by a copy of V (how much of it is attention),
 plus the chunked log-probs' forward (`token_logprobs`). Last line: a JSON record.
 """
@@ -50,15 +51,8 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    def layers_then_norm(p, x, rope, attend, python_loop=False, cfg=CFG):
-        if python_loop:
-            for i in range(cfg.num_layers):
-                x = qmodel.decoder_layer(cfg, x, jax.tree.map(lambda a: a[i], p["layers"]), rope, attend)[0]
-        else:
-            def body(x, lp):
-                return qmodel.decoder_layer(cfg, x, lp, rope, attend)[0], None
-            x, _ = jax.lax.scan(body, x, p["layers"], unroll=min(cfg.scan_unroll, cfg.num_layers))
-        return jnp.sum(qmodel.rms_norm(x, p["final_norm"], cfg.rms_norm_eps) ** 2)
+    def layers_then_norm(p, x, rope, attend, cfg=CFG):  # the model's own layer stack and final norm
+        return jnp.sum(qmodel._scan_layers(cfg, p, x, rope, attend) ** 2)
 
     def variant(name):
         def f(p):
@@ -68,14 +62,13 @@ def main() -> None:
                 copy_v = lambda q, k, v: (jnp.repeat(v, CFG.num_heads // CFG.num_kv_heads, axis=2), None)  # noqa
                 return layers_then_norm(p, x, rope, copy_v)
             attend = sequence_attention(CFG, mask)
-            if name == "python_loop":
-                return layers_then_norm(p, x, rope, attend, python_loop=True)
-            cfg = CFG.replace(scan_unroll=CFG.num_layers) if name == "scan_unroll" else CFG
+            cfg = {"scan_unroll": CFG.replace(scan_unroll=CFG.num_layers),
+                   "layer_loop": CFG.replace(scan_layers=False)}.get(name, CFG)
             return layers_then_norm(p, x, rope, attend, cfg=cfg)
         return f
 
     out = {}
-    for name in ("scan", "scan_unroll", "python_loop", "no_attention"):
+    for name in ("scan", "scan_unroll", "layer_loop", "no_attention"):
         fwd, grad = jax.jit(variant(name)), jax.jit(jax.value_and_grad(variant(name)))
         out[name] = {"forward_s": timed(lambda: jax.block_until_ready(fwd(params))),
                      "forward_backward_s": timed(lambda: jax.block_until_ready(grad(params)))}

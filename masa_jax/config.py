@@ -90,7 +90,8 @@ def base_config() -> mlc.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.dtype = "bfloat16"    # compute dtype
     c.model.remat = "full"        # none | full | save_dots
-    c.model.scan_unroll = 1       # layers per layer-scan iteration (ModelConfig.scan_unroll; CPU: num_layers is faster)
+    c.model.scan_unroll = 1       # layers per layer-scan iteration (ModelConfig.scan_unroll)
+    c.model.scan_layers = True    # False: the training forward loops over the layers in Python (faster on CPU)
     c.model.attention_impl = "xla"  # xla | cudnn | pallas (TPU kernels; falls back to xla elsewhere)
 
     # LoRA (parameter-efficient RL, masa_jax/models/qwen/lora.py LoraConfig): rank 0 = off (full fine-tuning).
@@ -317,6 +318,11 @@ def _check_ranges(c: mlc.ConfigDict) -> None:
     for name, valid in choices.items():
         if c[name] not in valid:
             raise UserError(f"config.{name} must be one of {valid}, got {c[name]!r}")
+    if not isinstance(c.model.scan_layers, bool):
+        raise UserError(f"config.model.scan_layers must be True or False, got {c.model.scan_layers!r}")
+    if not c.model.scan_layers and c.model.scan_unroll != 1:
+        raise UserError(f"config.model.scan_unroll={c.model.scan_unroll} unrolls the layer scan, but "
+                        "config.model.scan_layers=False runs no scan: set scan_unroll to 1")
     for name, fields in (("prompts.meta_template", prompts_lib.META_FIELDS),
                          ("prompts.solution_template", prompts_lib.SOLUTION_FIELDS)):
         _check_template(name, c[name], fields)

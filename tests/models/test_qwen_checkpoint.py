@@ -57,6 +57,19 @@ def test_logits_match_transformers_with_left_padding(kind, hf_models, loaded, fo
     assert np.abs(ours[mask]).max() > 0.1  # a real signal, not an all-zero model
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_logits_match_transformers_on_rows_long_enough_for_the_cpu_paths(scan_layers, hf_models, hf_logits_fn,
+                                                                        padded_batch):
+    """128-token rows (causal attention in two query blocks), 4 x 128 = 512 tokens (the MLP's stacked
+    gate / up matmul), the layers scanned or looped: still transformers' logits."""
+    model, path = hf_models["qwen3_tied"]
+    cfg, params = qwen.from_pretrained(path, scan_layers=scan_layers)
+    tokens, mask = padded_batch((128, 100, 63, 17), 128, cfg.vocab_size, seed=3)
+    ours = np.asarray(jax.jit(qwen.forward, static_argnums=0)(cfg, params, jnp.asarray(tokens), jnp.asarray(mask)))
+    assert np.abs(ours - hf_logits_fn(model, tokens, mask))[mask].max() <= 1e-4
+    assert np.abs(ours[mask]).max() > 0.1
+
+
 def test_compute_dtype_and_overrides(hf_models):
     _, d = hf_models["qwen2"]
     cfg, params = qwen.from_pretrained(d, dtype=jnp.bfloat16, remat="full")  # compute dtype follows dtype

@@ -273,10 +273,11 @@ def test_mixed_precision_layout(tiny, host_params, rl_batch, mesh1, cfgs):
     eqns = list(_eqns(jax.make_jaxpr(grad_fn)(host_params).jaxpr))
     dot_dtypes = {tuple(str(v.aval.dtype) for v in e.invars) for e in eqns if e.primitive.name == "dot_general"}
     assert ("bfloat16", "bfloat16") in dot_dtypes and ("float32", "float32") not in dot_dtypes, dot_dtypes
-    # Full remat adds the per-layer checkpoint to the log-prob chunk's one.
+    # Full remat adds the per-layer checkpoint (to the log-prob chunk's one, which this batch's small
+    # logits do not need: logprobs.REMAT_LOGITS_BYTES).
     f32_grad_fn = jax.value_and_grad(lambda p: ts.rl_loss(tiny, loss_cfg, p, None, rl_batch, nt, ns), has_aux=True)
     n_remat = lambda es: sum(e.primitive.name.startswith("remat") for e in es)
-    assert n_remat(eqns) > n_remat(_eqns(jax.make_jaxpr(f32_grad_fn)(host_params).jaxpr)) > 0
+    assert n_remat(eqns) > n_remat(_eqns(jax.make_jaxpr(f32_grad_fn)(host_params).jaxpr)) >= 0
     (loss, _), grads = jax.eval_shape(grad_fn, host_params)
     assert loss.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
     state = ts.create_train_state(bf16, host_params, optim_cfg, mesh1)

@@ -12,8 +12,8 @@ outside `lax.scan` / `jax.checkpoint`), so masks and segment ids are computed on
 
 Implementations, chosen by `ModelConfig.attention_impl`:
 
-* "xla" / "cudnn": `jax.nn.dot_product_attention` with a dense [B, T, T] mask; decode reads the dense
-  cache with two einsums (`kv_cache.decode_attention`).
+* "xla" / "cudnn": `jax.nn.dot_product_attention` with a dense [B, T, T] mask ("xla": in causal query
+  blocks, `causal_attention`); decode reads the dense cache with two einsums (`kv_cache.decode_attention`).
 * "pallas": JAX's Pallas TPU kernels. Training and prefill use splash attention (causal mask + segment
   ids for the padding, GQA native, fully-masked blocks skipped); decode uses the paged-attention decode
   kernel over the cache viewed as pages (ragged per-slot lengths). On a backend other than TPU it falls
@@ -92,6 +92,37 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: 
     return constrain(out, ("batch", "seq", "act_heads", None))
 
 
+# Query blocks of the XLA causal attention: at most this many, of at least MIN_QUERY_BLOCK tokens each.
+MAX_QUERY_BLOCKS = 8
+MIN_QUERY_BLOCK = 64
+
+
+def query_blocks(T: int) -> int:
+    """How many equal query blocks `causal_attention` cuts T queries into (1: not cut)."""
+    for n in range(MAX_QUERY_BLOCKS, 1, -1):
+        if T % n == 0 and T // n >= MIN_QUERY_BLOCK:
+            return n
+    return 1
+
+
+def causal_attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     key_offset: int = 0) -> jax.Array:
+    """`attention` under a mask that is causal with an offset: query t sees no key at or after
+    key_offset + t + 1 (mask [B, T, key_offset + T], False there). Cut into query blocks
+    (`query_blocks`), each attending only to the keys before its own end, which skips the scores the
+    mask zeroes (n blocks compute (n + 1) / 2n of them) and keeps each block's scores in cache. Equal
+    to `attention` over the whole mask: the skipped keys get exactly zero weight there."""
+    T = q.shape[1]
+    n = query_blocks(T) if cfg.attention_impl == "xla" else 1
+    if n == 1:
+        return attention(cfg, q, k, v, mask)
+    C = T // n
+    ends = [key_offset + (j + 1) * C for j in range(n)]
+    outs = [attention(cfg, qj, k[:, :end], v[:, :end], mj[:, :, :end])
+            for qj, mj, end in zip(jnp.split(q, n, axis=1), jnp.split(mask, n, axis=1), ends)]
+    return constrain(jnp.concatenate(outs, axis=1), ("batch", "seq", "act_heads", None))
+
+
 def sequence_attention(cfg: ModelConfig, valid: jax.Array) -> Attend:
     """Causal self-attention over whole padded sequences (the training forward and prefill).
     valid bool [B, T]: real tokens (left padding in training, right padding in prefill)."""
@@ -100,7 +131,7 @@ def sequence_attention(cfg: ModelConfig, valid: jax.Array) -> Attend:
     mask = causal_mask(valid)
 
     def attend(q, k, v):
-        return attention(cfg, q, k, v, mask), None
+        return causal_attention(cfg, q, k, v, mask), None
 
     return attend
 
@@ -131,10 +162,10 @@ def shared_prefix_attention(cfg: ModelConfig, prefix_valid: jax.Array, valid: ja
 
     def attend(q, k, v):
         (qp, qs), (kp, ks), (vp, vs) = (split_streams(x, u, P, n, S) for x in (q, k, v))
-        out_p = attention(cfg, flat(qp), flat(kp), flat(vp), prefix_mask)
+        out_p = causal_attention(cfg, flat(qp), flat(kp), flat(vp), prefix_mask)
         keys = jnp.concatenate([flat(gather(kp, prefix_index)), flat(ks)], axis=1)
         values = jnp.concatenate([flat(gather(vp, prefix_index)), flat(vs)], axis=1)
-        out_s = attention(cfg, flat(qs), keys, values, suffix_mask)
+        out_s = causal_attention(cfg, flat(qs), keys, values, suffix_mask, key_offset=P)
         return join_streams(out_p.reshape(qp.shape), out_s.reshape(qs.shape)), None
 
     return attend

@@ -52,6 +52,10 @@ class ModelConfig:
     # compile time flat in depth (accelerators); on XLA CPU the scan's stacking of per-layer residuals
     # and gradients costs ~15 % of a small model's backward, which unrolling removes (docs/benchmarks.md).
     scan_unroll: int = 1
+    # False: the training forward runs the layers in a Python loop (params keep their stacked layout), so
+    # each layer's residuals are separate buffers instead of slices of stacked ones that XLA CPU copies
+    # and indexes: a faster update on CPU (docs/benchmarks.md), compile time growing with depth.
+    scan_layers: bool = True
     # "xla" / "cudnn": jax.nn.dot_product_attention (decode: einsums over the dense cache). "pallas":
     # Pallas TPU kernels, splash attention for training / prefill and paged attention for decode; on
     # other backends it falls back to "xla" with a warning (see models/qwen/attention.py).
@@ -69,6 +73,11 @@ class ModelConfig:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if isinstance(self.scan_unroll, bool) or not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
             raise ValueError(f"scan_unroll must be an integer >= 1, got {self.scan_unroll!r}")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"scan_layers must be True or False, got {self.scan_layers!r}")
+        if not self.scan_layers and self.scan_unroll != 1:
+            raise ValueError(f"scan_unroll={self.scan_unroll} unrolls the layer scan, but scan_layers=False "
+                             "runs no scan: set one of them")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.num_heads % self.num_kv_heads:

@@ -2,7 +2,8 @@
 
 With Qwen's 152k vocabulary a 10k-token rollout has 1.5G logits per sequence: the full tensor never fits.
 We scan over sequence chunks; each chunk's logits [B, C, V] exist only inside a rematerialised scan
-body, so neither the forward nor the backward pass stores more than one chunk of them.
+body (when the whole batch's would exceed REMAT_LOGITS_BYTES), so neither the forward nor the backward
+pass stores more than one chunk of them.
 """
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ import jax.numpy as jnp
 
 from masa_jax.models.qwen.config import ModelConfig
 from masa_jax.models.qwen.model import Params, hidden_states, shared_prefix_hidden_states, unembed
+
+
+# Float32 logits of a whole batch above this size are recomputed chunk by chunk in the backward rather than
+# kept for it; below it (small vocabularies, short sequences) keeping them costs little memory and saves
+# a matmul.
+REMAT_LOGITS_BYTES = 64 << 20
 
 
 def logprobs_from_hidden(cfg: ModelConfig, params: Params, hidden: jax.Array, targets: jax.Array, *,
@@ -30,8 +37,6 @@ def logprobs_from_hidden(cfg: ModelConfig, params: Params, hidden: jax.Array, ta
     h_chunks = hidden.reshape(B, n, C, D).swapaxes(0, 1)
     t_chunks = targets.reshape(B, n, C).swapaxes(0, 1)
 
-    # Checkpointed body: the backward pass recomputes the chunk's logits instead of saving them.
-    @jax.checkpoint
     def chunk_logprobs(h, t):
         logits = unembed(cfg, params, h) / temperature
         lse = jax.nn.logsumexp(logits, axis=-1)
@@ -42,6 +47,10 @@ def logprobs_from_hidden(cfg: ModelConfig, params: Params, hidden: jax.Array, ta
         else:
             ent = jnp.zeros_like(lse)
         return picked - lse, ent
+
+    if B * n * C * cfg.vocab_size * 4 > REMAT_LOGITS_BYTES:
+        # The backward pass recomputes each chunk's logits instead of saving them all.
+        chunk_logprobs = jax.checkpoint(chunk_logprobs)
 
     def body(_, xs):
         return None, chunk_logprobs(*xs)

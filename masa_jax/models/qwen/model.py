@@ -22,6 +22,7 @@ attends differs between them, passed in as an `attend` closure (`attention.py`).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -146,13 +147,17 @@ def project(lp: Params, name: str, equation: str, x: jax.Array) -> jax.Array:
     """x through the layer's projection `name` (`equation`: the einsum of x and the weight), plus the
     low-rank LoRA path x @ A @ B when the layer carries attached adapters (`lora.attach`: lp["lora"],
     B already scaled by alpha / r), so no merged weight is formed."""
-    y = jnp.einsum(equation, x, lp[name])
+    return with_lora(lp, name, x, jnp.einsum(equation, x, lp[name]))
+
+
+def with_lora(lp: Params, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """y (x through the base weight of projection `name`) plus its LoRA path, if the layer has one."""
     adapter = lp.get("lora", {}).get(name)
-    if adapter is not None:
-        a, b = adapter["a"], adapter["b"]
-        low = jnp.tensordot(x, a, axes=a.ndim - 1)  # [B, T, r]: contracts x's input dims with A's
-        y = y + jnp.tensordot(low, b, axes=1).astype(y.dtype)
-    return y
+    if adapter is None:
+        return y
+    a, b = adapter["a"], adapter["b"]
+    low = jnp.tensordot(x, a, axes=a.ndim - 1)  # [B, T, r]: contracts x's input dims with A's
+    return y + jnp.tensordot(low, b, axes=1).astype(y.dtype)
 
 
 def project_qkv(cfg: ModelConfig, lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array):
@@ -176,9 +181,21 @@ def attention_output(lp: Params, attn: jax.Array) -> jax.Array:
     return project(lp, "o_proj", "btnh,nhd->btd", attn)
 
 
+# From this many tokens on, the MLP's gate and up projections run as one matmul against the two weights
+# stacked (a copy of them per call, small next to the matmul): one input-gradient and one weight-gradient
+# matmul in the backward instead of two each, ~10 % of a small model's update on XLA CPU. Decode steps
+# (a few tokens per call) keep two matmuls, as the copy would cost them a second read of the weights.
+FUSED_GATE_UP_MIN_TOKENS = 512
+
+
 def mlp(lp: Params, h: jax.Array) -> jax.Array:
-    gate = project(lp, "gate_proj", "btd,df->btf", h)
-    up = project(lp, "up_proj", "btd,df->btf", h)
+    if math.prod(h.shape[:-1]) >= FUSED_GATE_UP_MIN_TOKENS:
+        gate_up = jnp.einsum("btd,dkf->btkf", h, jnp.stack([lp["gate_proj"], lp["up_proj"]], axis=1))
+        gate, up = (y[:, :, 0] for y in jnp.split(gate_up, 2, axis=2))  # split: its gradient concatenates
+        gate, up = with_lora(lp, "gate_proj", h, gate), with_lora(lp, "up_proj", h, up)
+    else:
+        gate = project(lp, "gate_proj", "btd,df->btf", h)
+        up = project(lp, "up_proj", "btd,df->btf", h)
     act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
     return project(lp, "down_proj", "btf,fd->btd", act)
 
@@ -267,16 +284,24 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, attention
 
 
 def _scan_layers(cfg: ModelConfig, params: Params, x: jax.Array, rope, attend: Attend) -> jax.Array:
-    """The decoder layers over x [B, T, D] (scanned; remat per `cfg.remat`), then the final norm."""
+    """The decoder layers over x [B, T, D] (scanned, or a Python loop when `cfg.scan_layers` is False;
+    remat per `cfg.remat`), then the final norm."""
     # attend is bound (not an argument): jax.checkpoint only takes arrays.
     layer = functools.partial(decoder_layer, cfg, attend=attend)
     if cfg.remat != "none":
         layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat))
 
-    def body(x, lp):
-        return layer(x, lp, rope)[0], None
+    if cfg.scan_layers:
+        def body(x, lp):
+            return layer(x, lp, rope)[0], None
 
-    x, _ = jax.lax.scan(body, x, params["layers"], unroll=min(cfg.scan_unroll, cfg.num_layers))
+        x, _ = jax.lax.scan(body, x, params["layers"], unroll=min(cfg.scan_unroll, cfg.num_layers))
+    else:  # each layer's residuals are their own buffers, not slices of stacked ones
+        # One split per weight (its gradient: one concatenation, not a padded add per layer).
+        split = jax.tree.map(lambda w: jnp.split(w, cfg.num_layers), params["layers"])
+        for i in range(cfg.num_layers):
+            x = layer(x, jax.tree.map(lambda parts: parts[i][0], split, is_leaf=lambda v: isinstance(v, list)),
+                      rope)[0]
     return rms_norm(x, params["final_norm"].astype(cfg.jnp_dtype), cfg.rms_norm_eps)
 
 

@@ -35,7 +35,8 @@ def preset(name: str, **overrides) -> ModelConfig:
 def model_config_for(config) -> ModelConfig:
     """The run's ModelConfig from the checkpoint's config.json, or from `model.preset` without one."""
     overrides = dict(param_dtype=config.model.param_dtype, dtype=config.model.dtype, remat=config.model.remat,
-                     scan_unroll=config.model.scan_unroll, attention_impl=config.model.attention_impl)
+                     scan_unroll=config.model.scan_unroll, scan_layers=config.model.scan_layers,
+                     attention_impl=config.model.attention_impl)
     cfg_path = fs.join(config.model.path, "config.json")
     if config.model.path and fs.exists(cfg_path):
         return ModelConfig.from_hf_dict(json.loads(fs.read_text(cfg_path)), **overrides)
