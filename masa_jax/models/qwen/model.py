@@ -178,7 +178,12 @@ def project_qkv(cfg: ModelConfig, lp: Params, h: jax.Array, cos: jax.Array, sin:
 
 
 def attention_output(lp: Params, attn: jax.Array) -> jax.Array:
-    return project(lp, "o_proj", "btnh,nhd->btd", attn)
+    # As one [H * hd, D] matmul: with the two contracted axes kept apart, XLA CPU transposed the weight
+    # (to the attention output's layout) in every decode step.
+    B, T, H, hd = attn.shape
+    w = lp["o_proj"]
+    y = jnp.einsum("btf,fd->btd", attn.reshape(B, T, H * hd), w.reshape((H * hd,) + w.shape[2:]))
+    return with_lora(lp, "o_proj", attn, y)
 
 
 # From this many tokens on, the MLP's gate and up projections run as one matmul against the two weights
@@ -222,16 +227,13 @@ def embed(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
     return constrain(x, ("batch", "seq", "act_embed"))
 
 
-def unembed_matrix(cfg: ModelConfig, params: Params) -> jax.Array:
-    """[D, V] output projection (the transposed embedding when tied)."""
-    return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-
-
 def unembed(cfg: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
     """Final-normed hidden [..., D] -> float32 logits [..., V] (f32 accumulation from compute dtype)."""
-    w = unembed_matrix(cfg, params).astype(cfg.jnp_dtype)
-    logits = jnp.einsum("...d,dv->...v", h.astype(cfg.jnp_dtype), w, preferred_element_type=jnp.float32)
-    return logits
+    h = h.astype(cfg.jnp_dtype)
+    if cfg.tie_word_embeddings:  # the table as it is ([V, D]): a transposed copy of it cost every decode step
+        return jnp.einsum("...d,vd->...v", h, params["embed"].astype(cfg.jnp_dtype),
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", h, params["lm_head"].astype(cfg.jnp_dtype), preferred_element_type=jnp.float32)
 
 
 def remat_policy(name: str):
