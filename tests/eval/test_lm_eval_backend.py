@@ -80,7 +80,9 @@ def test_loglikelihood_is_batch_independent(lm):
     alone = lm.loglikelihood([mk(*pair)])[0]
     mixed = lm.loglikelihood([mk("A much longer context that pads the short one on the left. " * 2, " ok"),
                               mk(*pair), mk("x", "yz")])[1]
-    assert abs(alone[0] - mixed[0]) < 1e-5 and alone[1] == mixed[1]
+    # Equal to float32 rounding: the batches' shapes take different matmul / attention-block paths
+    # (measured 6e-7 relative); padding leaking into the score would be orders of magnitude more.
+    assert abs(alone[0] - mixed[0]) <= 2e-6 * abs(alone[0]) and alone[1] == mixed[1]
     (full,) = lm.loglikelihood_rolling([Instance(request_type="loglikelihood_rolling", doc={},
                                                  arguments=("hello world",), idx=0)])
     ll, _ = lm.loglikelihood([mk("", "hello world")])[0]  # empty context: conditioned on the prefix token

@@ -23,7 +23,9 @@ def test_lora_step_and_merge_on_a_sharded_mesh_match_one_device(base_quantizatio
     r = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
     assert r["devices"] == 8
     assert abs(r["loss"][0] - r["loss"][1]) <= 1e-6 and r["loss"][0] != 0.0
-    assert abs(r["grad_norm"][0] - r["grad_norm"][1]) <= 1e-5 * r["grad_norm"][0] and r["grad_norm"][0] > 0.05
+    # float32 rounding of sharded reductions (measured up to 1.04e-5 relative since o_proj and the tied
+    # logits became plain 2-D matmuls, which reordered them); a mis-sharded gradient is off by O(1).
+    assert abs(r["grad_norm"][0] - r["grad_norm"][1]) <= 3e-5 * r["grad_norm"][0] and r["grad_norm"][0] > 0.05
     assert r["moved"] > 1e-3               # the update moved the adapters...
     assert r["adapter_err"] <= 1e-4, r     # ...the same way on both meshes (Adam at lr 1e-2: sign-like steps)
     assert r["merged_q_err"] <= 1e-4, r    # and the sampling weights agree (adapter_err, merged)
