@@ -52,6 +52,18 @@ def hf_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.n
     return out.logits.float().numpy()
 
 
+def random_params(cfg, rng: np.random.RandomState, std: float = 0.2):
+    """float32 params of `cfg` from numpy (no compile of a jax RNG graph): weights ~ N(0, std), norm weights
+    1 + N(0, std), away from 1 so their gradients are not special; std 0.2 gives peaked, varied logits."""
+    import jax
+    import jax.numpy as jnp
+    from masa_jax.models import qwen
+
+    return jax.tree.map_with_path(
+        lambda path, s: jnp.asarray(("norm" in jax.tree_util.keystr(path)) + std * rng.randn(*s.shape), jnp.float32),
+        qwen.param_shapes(cfg))
+
+
 def left_padded_batch(lengths, T: int, vocab: int, seed: int = 0):
     """int32 tokens [B, T] and bool mask [B, T] with row b's last lengths[b] tokens real."""
     rng = np.random.RandomState(seed)
@@ -83,6 +95,11 @@ def write_sharded(state: dict, directory, n_files: int, config: dict) -> list[st
 @pytest.fixture(scope="session")
 def hf_logits_fn():
     return hf_logits
+
+
+@pytest.fixture(scope="session")
+def random_params_fn():
+    return random_params
 
 
 @pytest.fixture(scope="session")

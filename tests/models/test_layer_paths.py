@@ -28,11 +28,9 @@ B, T = 4, 128
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(random_params_fn):
     rng = np.random.RandomState(0)
-    params = jax.tree.map_with_path(
-        lambda path, s: jnp.asarray(("norm" in jax.tree_util.keystr(path)) + 0.2 * rng.randn(*s.shape), jnp.float32),
-        qwen.param_shapes(CFG))
+    params = random_params_fn(CFG, rng)
     tokens = jnp.asarray(rng.randint(0, CFG.vocab_size, (B, T)), jnp.int32)
     mask = np.ones((B, T), bool)
     mask[1, :40] = False   # left padding, across the first query block's boundary

@@ -27,13 +27,10 @@ def naive_logprobs(cfg, params, tokens, mask, temperature=1.0):
 
 
 @pytest.fixture(scope="module")
-def setup():
-    # numpy init (no compile of a jax RNG graph); std 0.2 gives peaked, varied distributions, and norm
-    # weights away from 1 so their gradients are not special. Everything below is jitted.
+def setup(random_params_fn):
+    # Everything below is jitted.
     rng = np.random.RandomState(0)
-    params = jax.tree.map_with_path(
-        lambda path, s: jnp.asarray(("norm" in jax.tree_util.keystr(path)) + 0.2 * rng.randn(*s.shape), jnp.float32),
-        qwen.param_shapes(CFG))
+    params = random_params_fn(CFG, rng)
     tokens = jnp.asarray(rng.randint(0, CFG.vocab_size, (3, 11)), jnp.int32)
     mask = np.ones((3, 11), bool)
     mask[1, :4] = False  # left padding
